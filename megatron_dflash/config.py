@@ -1,0 +1,204 @@
+"""DFlash configuration: what the draft is, checked against its target before any tensor exists.
+
+`DFlashConfig` holds the DFlash-specific choices (block size, tapped target layers, mask token,
+loss decay) and optional draft-architecture overrides; everything left `None` is inherited from
+the target. `resolve()` fills those defaults and validates every field at once, raising one
+`ValueError` that names the field and its allowed range. `draft_transformer_config()` then turns
+the resolved config into the megatron `TransformerConfig` the draft layers are built from.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+# Loss decay gamma of the paper (App. A.1) for the block sizes it trained.
+_PAPER_GAMMA = ((8, 4.0), (10, 5.0), (16, 7.0))
+
+
+def build_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """The reference layer choice: `num_draft_layers` ids spread over [1, L-3] (z-lab `model.py`).
+
+    Python's `round` is banker's rounding, as in the reference, so 7.5 -> 8 and 20.5 -> 20.
+    """
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    span = end - start
+    return [round(start + i * span / (num_draft_layers - 1)) for i in range(num_draft_layers)]
+
+
+def default_loss_gamma(block_size: int) -> float:
+    """gamma of the loss weights exp(-(k-1)/gamma): the paper's 4/5/7 for blocks 8/10/16, and a
+    linear interpolation through those points (extended past the ends, at least 1) otherwise."""
+    pts = _PAPER_GAMMA
+    if block_size <= pts[0][0]:
+        (b0, g0), (b1, g1) = pts[0], pts[1]
+    elif block_size >= pts[-1][0]:
+        (b0, g0), (b1, g1) = pts[-2], pts[-1]
+    else:
+        (b0, g0), (b1, g1) = next((p, q) for p, q in zip(pts, pts[1:]) if p[0] <= block_size <= q[0])
+    return max(1.0, g0 + (g1 - g0) * (block_size - b0) / (b1 - b0))
+
+
+@dataclass
+class DFlashConfig:
+    """DFlash drafter settings. `None` means "inherit from the target" (or the reference default)."""
+
+    block_size: int = 16
+    """Tokens per draft block: the anchor plus block_size-1 MASK slots predicted in one forward."""
+    num_draft_layers: int = 5
+    """Number of draft transformer layers."""
+    target_layer_ids: list[int] | None = None
+    """0-based target layers whose outputs feed the draft; default `build_target_layer_ids`."""
+    mask_token_id: int | None = None
+    """Token id embedded (with the target's frozen embedding) at every MASK slot. Required."""
+    num_attention_heads: int | None = None
+    """Draft query heads (default: target's)."""
+    num_key_value_heads: int | None = None
+    """Draft key/value heads for GQA (default: target's query groups)."""
+    head_dim: int | None = None
+    """Draft head dimension; may differ from hidden/heads (default: target's kv_channels)."""
+    ffn_hidden_size: int | None = None
+    """Draft SwiGLU intermediate size (default: target's)."""
+    rope_theta: float | None = None
+    """Draft RoPE base (default: target's)."""
+    norm_eps: float | None = None
+    """RMSNorm epsilon of every draft norm (default: target's)."""
+    hidden_size: int | None = None
+    """Must equal the target's hidden size (shared embedding and LM head); default: target's."""
+    loss_gamma: float | None = None
+    """Decay of the per-position loss weight exp(-(k-1)/gamma); default by block size (7/5/4 for 16/10/8)."""
+    num_anchors: int = 512
+    """Anchors (blocks) sampled per sequence per step."""
+
+    def resolve(self, target_config: TransformerConfig, *, vocab_size: int,
+                target_rope_theta: float) -> "DFlashConfig":
+        """Return a copy with every default filled from the target, after validating all fields."""
+        t = target_config
+        r = dataclasses.replace(
+            self,
+            target_layer_ids=(list(self.target_layer_ids) if self.target_layer_ids is not None
+                              else None),
+            num_attention_heads=_default(self.num_attention_heads, t.num_attention_heads),
+            num_key_value_heads=_default(self.num_key_value_heads,
+                                         t.num_query_groups or t.num_attention_heads),
+            head_dim=_default(self.head_dim, t.kv_channels),
+            ffn_hidden_size=_default(self.ffn_hidden_size, t.ffn_hidden_size),
+            rope_theta=_default(self.rope_theta, target_rope_theta),
+            norm_eps=_default(self.norm_eps, t.layernorm_epsilon),
+            hidden_size=_default(self.hidden_size, t.hidden_size),
+        )
+        _check_int(r, "block_size", lo=2)
+        _check_int(r, "num_draft_layers", lo=1)
+        if r.target_layer_ids is None:
+            if r.num_draft_layers > t.num_layers:
+                raise ValueError(
+                    f"num_draft_layers={r.num_draft_layers}: the default target_layer_ids need "
+                    f"num_draft_layers <= the target's {t.num_layers} layers; pass target_layer_ids")
+            r.target_layer_ids = build_target_layer_ids(t.num_layers, r.num_draft_layers)
+        _check_layer_ids(r.target_layer_ids, t.num_layers)
+        if r.mask_token_id is None:
+            raise ValueError(f"mask_token_id is required: an id in [0, {vocab_size - 1}] that the "
+                             "target's embedding holds and your data never uses")
+        _check_int(r, "mask_token_id", lo=0, hi=vocab_size - 1)
+        if r.hidden_size != t.hidden_size:
+            raise ValueError(f"hidden_size={r.hidden_size} must equal the target's hidden size "
+                             f"{t.hidden_size} (the draft shares its embedding and LM head)")
+        tp = t.tensor_model_parallel_size
+        _check_int(r, "num_attention_heads", lo=1)
+        _check_int(r, "num_key_value_heads", lo=1, hi=r.num_attention_heads)
+        if r.num_attention_heads % r.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={r.num_key_value_heads} must divide "
+                             f"num_attention_heads={r.num_attention_heads}")
+        if r.num_attention_heads % tp:
+            raise ValueError(f"num_attention_heads={r.num_attention_heads} must be divisible by the "
+                             f"tensor-parallel size {tp}")
+        if r.num_key_value_heads % tp and tp % r.num_key_value_heads:
+            raise ValueError(f"num_key_value_heads={r.num_key_value_heads} must divide or be divisible "
+                             f"by the tensor-parallel size {tp}")
+        _check_int(r, "head_dim", lo=2)
+        if r.head_dim % 2:
+            raise ValueError(f"head_dim={r.head_dim} must be even (rotary embedding)")
+        _check_int(r, "ffn_hidden_size", lo=1)
+        if r.ffn_hidden_size % tp:
+            raise ValueError(f"ffn_hidden_size={r.ffn_hidden_size} must be divisible by the "
+                             f"tensor-parallel size {tp}")
+        for name in ("rope_theta", "norm_eps"):
+            if not _is_number(getattr(r, name)) or getattr(r, name) <= 0:
+                raise ValueError(f"{name}={getattr(r, name)!r} must be a number > 0")
+        if r.loss_gamma is None:
+            r.loss_gamma = default_loss_gamma(r.block_size)
+        elif not _is_number(r.loss_gamma) or r.loss_gamma <= 0:
+            raise ValueError(f"loss_gamma={r.loss_gamma!r} must be a number > 0")
+        _check_int(r, "num_anchors", lo=1)
+        return r
+
+
+def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerConfig,
+                             **overrides) -> TransformerConfig:
+    """The draft's TransformerConfig: Qwen3-style layers on the target's TP/SP, dtype and init.
+
+    The draft lives on one pipeline stage, so every pipeline-split field is reset; the loss is
+    summed per token (`calculate_per_token_loss`) so micro-batches with different numbers of
+    supervised tokens are weighted correctly.
+    """
+    if dflash.head_dim is None:
+        raise ValueError("draft_transformer_config needs a resolved DFlashConfig (call resolve())")
+    return dataclasses.replace(
+        target_config,
+        num_layers=dflash.num_draft_layers,
+        hidden_size=dflash.hidden_size,
+        num_attention_heads=dflash.num_attention_heads,
+        num_query_groups=dflash.num_key_value_heads,
+        kv_channels=dflash.head_dim,
+        ffn_hidden_size=dflash.ffn_hidden_size,
+        layernorm_epsilon=dflash.norm_eps,
+        normalization="RMSNorm",
+        qk_layernorm=True,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None,
+        pipeline_model_parallel_layout=None,
+        num_layers_in_first_pipeline_stage=None,
+        num_layers_in_last_pipeline_stage=None,
+        account_for_embedding_in_pipeline_split=False,
+        account_for_loss_in_pipeline_split=False,
+        calculate_per_token_loss=True,
+        **overrides,
+    )
+
+
+def _default(value, fallback):
+    return fallback if value is None else value
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_int(cfg, name, lo, hi=None):
+    v = getattr(cfg, name)
+    ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+    if not ok:
+        rng = f"[{lo}, {hi}]" if hi is not None else f">= {lo}"
+        raise ValueError(f"{name}={v!r} must be an integer {rng}")
+
+
+def _check_layer_ids(ids, num_layers):
+    if not isinstance(ids, (list, tuple)) or not ids:
+        raise ValueError(f"target_layer_ids={ids!r} must be a non-empty list of layer indices")
+    for i in ids:
+        if not isinstance(i, int) or isinstance(i, bool) or not 0 <= i < num_layers:
+            raise ValueError(f"target_layer_ids={list(ids)}: {i!r} is outside the target's layers "
+                             f"[0, {num_layers - 1}]")
+    if any(a >= b for a, b in zip(ids, ids[1:])):
+        raise ValueError(f"target_layer_ids={list(ids)} must be strictly increasing "
+                         "(sorted, no repeats): features are concatenated in this order")

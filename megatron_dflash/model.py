@@ -1,0 +1,118 @@
+"""DFlashDraftModel: the block-diffusion drafter as a megatron module.
+
+    context = hidden_norm(fc(concat of K tapped target hidden states))     once per forward
+    x       = target_embedding([anchor token, MASK, ..., MASK] per block)   frozen, vocab-parallel
+    x       = TransformerBlock of DFlash layers (K/V = [context ; x]), final norm
+    logits  = target_output_layer(x)                                        frozen, vocab-parallel
+
+The target's embedding and output layer are *borrowed* (`borrow_target_head`): they are not
+registered as submodules, so they are never trained, never in the draft's optimizer and never in
+its checkpoint. Tensors use megatron's [sequence, batch, hidden] layout; under sequence
+parallelism the features and block embeddings are sharded along the sequence.
+"""
+from __future__ import annotations
+
+from itertools import chain
+from typing import Callable
+
+import torch
+from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dflash.config import DFlashConfig
+from megatron_dflash.specs import DFlashModelSubmodules
+
+
+class DFlashDraftModel(MegatronModule):
+    """DFlash drafter: fc + hidden_norm, DFlash layers, final norm; borrows the target's head.
+
+    Args:
+        config: the draft's TransformerConfig (`draft_transformer_config`).
+        submodules: from `get_dflash_model_spec(...)`.
+        dflash_config: a resolved `DFlashConfig`.
+        pg_collection: process groups (default: megatron's global ones).
+    """
+
+    def __init__(self, config: TransformerConfig, submodules: DFlashModelSubmodules,
+                 dflash_config: DFlashConfig, pg_collection: ProcessGroupCollection | None = None):
+        super().__init__(config=config)
+        if pg_collection is None:
+            pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+        self.pg_collection = pg_collection
+        self.tp_group = pg_collection.tp
+        self.dflash_config = dflash_config
+        hidden = config.hidden_size
+        self.fc = build_module(submodules.fc, len(dflash_config.target_layer_ids) * hidden, hidden,
+                               config=config, init_method=config.init_method, bias=False,
+                               skip_bias_add=False)
+        self.hidden_norm = build_module(submodules.hidden_norm, config=config, hidden_size=hidden,
+                                        eps=config.layernorm_epsilon)
+        # fc/hidden_norm are replicated over TP but see a sequence shard each under SP.
+        for p in chain(self.fc.parameters(), self.hidden_norm.parameters()):
+            p.sequence_parallel = config.sequence_parallel
+        self.decoder = TransformerBlock(config=config, spec=submodules.decoder, pre_process=True,
+                                        post_process=True, pg_collection=pg_collection)
+        self.rotary_pos_emb = RotaryEmbedding(
+            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_interleaved=False,
+            rotary_base=dflash_config.rope_theta,
+            use_cpu_initialization=config.use_cpu_initialization)
+        self._head: tuple[Callable, Callable] | None = None
+
+    def borrow_target_head(self, embed: Callable[[torch.Tensor], torch.Tensor],
+                           output: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        """Use the target's frozen token embedding (`ids [b, s] -> [s(/tp), b, h]`) and output layer
+        (`[s(/tp), b, h] -> vocab-parallel logits [s, b, V/tp]`). See `target_head(gpt_model)`."""
+        self._head = (embed, output)
+
+    def _rotary(self, position_ids: torch.Tensor, num_context: int):
+        """RoPE frequencies for explicit positions: context at 0..S-1, each block at its anchor's
+        positions. Returns (query [Q, b, 1, d], key [S+Q, b, 1, d]) for `Attention.forward`."""
+        inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
+        freqs = position_ids.t().unsqueeze(-1).float() * inv_freq
+        emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)
+        return emb[num_context:], emb
+
+    def forward(self, block_input_ids: torch.Tensor, features: torch.Tensor,
+                attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
+                return_hidden: bool = False) -> torch.Tensor:
+        """
+        Args:
+            block_input_ids: [b, Q] block tokens, Q = blocks x block_size, each block
+                `[token at anchor, MASK, ..., MASK]`.
+            features: [S, b, K*H] captured target hidden states ([S/tp, ...] under SP).
+            attention_mask: [b, 1, Q, S+Q] bool, True = masked (None: everything visible).
+            position_ids: [b, S+Q] positions of the S context tokens, then of the Q block tokens.
+            return_hidden: return the final-norm hidden states instead of logits.
+        Returns:
+            vocab-parallel logits [Q, b, V/tp], or hidden states [Q(/tp), b, H].
+        """
+        if self._head is None:
+            raise RuntimeError("call borrow_target_head(...) before the first forward")
+        embed, output = self._head
+        hidden = embed(block_input_ids)
+        context = self.hidden_norm(self.fc(features)[0])
+        num_context = position_ids.shape[1] - block_input_ids.shape[1]
+        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, context=context,
+                              rotary_pos_emb=self._rotary(position_ids, num_context))
+        return hidden if return_hidden else output(hidden)
+
+
+def target_head(gpt_model) -> tuple[Callable, Callable]:
+    """(embed, output) of a megatron GPTModel, frozen and vocab-parallel, for `borrow_target_head`.
+
+    The embedding reduce-scatters to sequence shards under SP; the output layer gathers them and
+    returns this rank's vocabulary slice (`parallel_output`), tied weights included.
+    """
+    def embed(ids):
+        return gpt_model.embedding(input_ids=ids, position_ids=None)
+
+    def output(hidden):
+        weight = (gpt_model.shared_embedding_or_output_weight()
+                  if gpt_model.share_embeddings_and_output_weights else None)
+        return gpt_model.output_layer(hidden, weight=weight)[0]
+
+    return embed, output

@@ -1,0 +1,80 @@
+"""Test harness: megatron-core on CPU with gloo, megatron's own unit-test style.
+
+  pytest tests/unit_tests                                   world of one
+  torchrun --nproc-per-node N -m pytest tests/distributed   every rank runs every test in lockstep
+
+A test marked `@pytest.mark.world(n)` runs only in a world of n processes (others deselect it), so
+each parallel layout is exercised exactly once by the README's test command.
+"""
+import datetime
+import os
+import sys
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import cpu_compat  # noqa: E402
+
+cpu_compat.apply()
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "world(n): run only under a torchrun world of n processes")
+
+
+def _world_size():
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def pytest_collection_modifyitems(config, items):
+    keep, drop = [], []
+    for item in items:
+        m = item.get_closest_marker("world")
+        (keep if (m.args[0] if m else 1) == _world_size() else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
+@pytest.fixture(scope="session", autouse=True)
+def gloo_world():
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(20000 + os.getpid() % 20000))
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    yield
+    dist.barrier()
+    cpu_compat.destroy_model_parallel_and_groups()
+    dist.destroy_process_group()
+
+
+class Utils:
+    """Set up and tear down model-parallel state (megatron's tests/unit_tests Utils, on gloo)."""
+
+    @staticmethod
+    def initialize_model_parallel(tp=1, pp=1, seed=123):
+        from megatron.core import parallel_state, tensor_parallel
+
+        cpu_compat.destroy_model_parallel_and_groups()
+        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
+                                                 pipeline_model_parallel_size=pp)
+        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+    @staticmethod
+    def destroy_model_parallel():
+        if dist.is_initialized():
+            dist.barrier()
+        cpu_compat.destroy_model_parallel_and_groups()
+
+
+@pytest.fixture
+def utils():
+    yield Utils
+    Utils.destroy_model_parallel()

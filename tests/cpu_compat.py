@@ -1,0 +1,128 @@
+"""Run megatron-core 0.19.2 on a CPU-only machine (gloo). Test-side only: the package never imports it.
+
+`apply()` is a no-op when CUDA is available, so the same tests run unchanged on a GPU machine.
+Each patch answers one concrete failure (measured in ../shared/docs/cpu_megatron.md §4):
+  * torch.cuda.current_device() -> cpu: buffers, RoPE inv_freq and TP collectives allocate on it;
+  * a CPU RNG tracker: attention/dropout always fork the model-parallel CUDA RNG state;
+  * stream/event/synchronize no-ops: megatron DDP touches torch.cuda.current_stream();
+  * CudaToCpuMode: hard-coded device="cuda" in schedules, optimizer, clip_grads, dist_checkpointing,
+    and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the string).
+"""
+import contextlib
+import gc
+
+import torch
+
+_CPU = torch.device("cpu")
+_applied = False
+
+
+class _NullStream:
+    """Stand-in for torch.cuda.Stream/Event: every synchronisation is a no-op on CPU."""
+
+    def __init__(self, *a, **k):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *a, **k: None
+
+    def query(self):
+        return True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+def _is_cuda(device):
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, torch.device) and device.type == "cuda"
+
+
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Redirect every request for a CUDA tensor to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if _is_cuda(kwargs.get("device")):
+            kwargs = dict(kwargs, device=_CPU)
+        name = getattr(func, "__name__", "")
+        if name in ("cuda", "pin_memory") and args and isinstance(args[0], torch.Tensor):
+            return args[0]
+        if name == "to" and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        if name == "type" and len(args) == 1 and not kwargs and isinstance(args[0], torch.Tensor):
+            t = func(*args)
+            return t.replace("torch.", "torch.cuda.", 1) if not t.startswith("torch.cuda.") else t
+        return func(*args, **kwargs)
+
+
+def _install_cpu_rng_tracker():
+    from megatron.core.tensor_parallel import random as mrandom
+
+    class CpuRNGStatesTracker(mrandom.CudaRNGStatesTracker):
+        """CudaRNGStatesTracker bookkeeping on torch's CPU generator."""
+
+        def add(self, name, seed):
+            self._is_initialized = True
+            if seed in self.seeds_ or name in self.states_:
+                raise Exception(f"rng state {name}/{seed} already exists")
+            self.seeds_.add(seed)
+            orig = torch.get_rng_state()
+            torch.manual_seed(seed)
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+        @contextlib.contextmanager
+        def fork(self, name=mrandom._MODEL_PARALLEL_RNG_TRACKER_NAME):
+            if name not in self.states_:
+                raise Exception(f"rng state {name} is not added")
+            orig = torch.get_rng_state()
+            torch.set_rng_state(self.states_[name])
+            try:
+                yield
+            finally:
+                self.states_[name] = torch.get_rng_state()
+                torch.set_rng_state(orig)
+
+    def initialize_rng_tracker(*args, force_reset=False, **kwargs):
+        if force_reset or not isinstance(mrandom._CUDA_RNG_STATE_TRACKER, CpuRNGStatesTracker):
+            mrandom._CUDA_RNG_STATE_TRACKER = CpuRNGStatesTracker()
+            mrandom._CUDA_RNG_STATE_TRACKER_INITIALIZED = True
+
+    mrandom.initialize_rng_tracker = initialize_rng_tracker
+    initialize_rng_tracker(force_reset=True)
+
+
+def apply():
+    global _applied
+    if _applied or torch.cuda.is_available():
+        return
+    torch.cuda.current_device = lambda: _CPU
+    torch.cuda.synchronize = lambda *a, **k: None
+    torch.cuda.is_current_stream_capturing = lambda: False
+    torch.cuda.current_stream = torch.cuda.default_stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = torch.cuda.Event = _NullStream
+    torch.cuda.stream = lambda *a, **k: _NullStream()
+    torch.cuda.empty_cache = lambda: None
+    _install_cpu_rng_tracker()
+    CudaToCpuMode().__enter__()  # active for the life of the process
+    _applied = True
+
+
+def destroy_model_parallel_and_groups():
+    """destroy_model_parallel() drops megatron's references but gloo groups stay registered in c10d
+    (~60 threads each); destroy every non-WORLD group so repeated layouts stay fast."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d as c10d
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        for pg in list(c10d._world.pg_map.keys()):
+            if pg is not c10d.GroupMember.WORLD:
+                dist.destroy_process_group(pg)
+    gc.collect()
