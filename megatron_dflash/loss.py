@@ -1,0 +1,143 @@
+"""The DFlash objective on vocab-parallel logits, never gathering the vocabulary (spec §6.4).
+
+Logits are megatron's [Q, b, V/tp] (Q = N*B block slots, this rank's vocabulary slice); labels,
+weights and masks are [b, Q] from `megatron_dflash.anchors`.
+
+Loss contract. `dflash_loss` returns `(loss_sum, weight_sum)` = (Σ w·loss, Σ w), not a mean: with
+`calculate_per_token_loss=True` megatron sums the numerators and the "num_tokens" of all
+micro-batches (and data-parallel ranks) and divides once, which gives the reference's weighted mean
+Σ w·CE / Σ w over the whole optimizer step instead of a mean of per-micro-batch means. The
+"num_tokens" here is therefore the decayed weight sum, a float: megatron-core 0.19.2 schedules
+accumulate it as `int_tensor += num_tokens` and `finalize_model_grads` clamps it to >= 1, so the
+training step must hand megatron a compatible count (it is not done here).
+
+Distillation (optional, ModelOpt's `dflash_self_logit_distillation`) replaces the hard label of
+slot k by the target's own next-token distribution for that token: the target's logits at
+position a_j+k-1, the position whose next token is a_j+k.
+
+Metrics count, per slot k = 1..B-1, how often the draft's argmax equals the label, under the
+undecayed `block_loss_mask`; counts add across micro-batches and ranks, and only then become
+accuracies and the estimated acceptance length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.multi_token_prediction import _vocab_parallel_argmax
+from megatron.core.utils import get_pg_size
+
+
+def _tp(tp_group):
+    return parallel_state.get_tensor_model_parallel_group() if tp_group is None else tp_group
+
+
+def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor,
+                            tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[b, Q] hard CE of vocab-parallel logits [Q, b, V/tp] against labels [b, Q]."""
+    # megatron's CE subtracts and exponentiates fp32 logits in place; work on a copy so the
+    # caller's logits stay valid for distillation and metrics.
+    return tensor_parallel.vocab_parallel_cross_entropy(
+        logits.to(torch.float32, copy=True), labels.t().contiguous(), tp_group=_tp(tp_group)).t()
+
+
+class _VocabParallelSoftCrossEntropy(torch.autograd.Function):
+    """-Σ_v p_teacher(v)·log p_student(v) per row, vocabulary split over `tp_group`.
+
+    Each rank all-reduces the max and the sum of exponentials of both distributions and the sum
+    of its shard-local p_teacher·(student - max). The gradient w.r.t. the student shard,
+    softmax(student) - p_teacher, is shard-local; the teacher gets none.
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, tp_group):
+        def global_max(x):
+            m = x.max(dim=-1).values
+            dist.all_reduce(m, op=dist.ReduceOp.MAX, group=tp_group)
+            return m[..., None]
+
+        def global_sum(x):
+            s = x.sum(dim=-1)
+            dist.all_reduce(s, group=tp_group)
+            return s
+
+        teacher, student = teacher.float(), student.float()
+        p_teacher = (teacher - global_max(teacher)).exp_()
+        p_teacher /= global_sum(p_teacher)[..., None]
+        shifted = student - global_max(student)
+        cross = global_sum(p_teacher * shifted)
+        p_student = shifted.exp_()
+        sum_exp = global_sum(p_student)
+        p_student /= sum_exp[..., None]
+        ctx.save_for_backward(p_student.sub_(p_teacher))
+        return sum_exp.log() - cross
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_output[..., None], None, None
+
+
+def vocab_parallel_soft_cross_entropy(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                                      tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Soft CE per row of two same-shaped vocab-parallel logits [..., V/tp], computed in fp32;
+    gradients reach only the student."""
+    return _VocabParallelSoftCrossEntropy.apply(student_logits, teacher_logits.detach(),
+                                                _tp(tp_group))
+
+
+def distillation_per_token(logits: torch.Tensor, target_logits: torch.Tensor,
+                           label_positions: torch.Tensor,
+                           tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[b, Q] soft CE of the draft logits [Q, b, V/tp] against the target's logits [S, b, V/tp] at
+    `label_positions - 1`, where label_positions [b, Q] = a_j + k (`anchors.block_positions`).
+    Slot 0 of a block at position 0 has no teacher row; row 0 stands in (its weight is 0)."""
+    rows = (label_positions - 1).clamp(0, target_logits.shape[0] - 1).t()
+    batch = torch.arange(rows.shape[1], device=rows.device)
+    return vocab_parallel_soft_cross_entropy(logits, target_logits[rows, batch], tp_group).t()
+
+
+def dflash_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
+                distill_weight: float = 0.0, target_logits: torch.Tensor | None = None,
+                label_positions: torch.Tensor | None = None,
+                tp_group: dist.ProcessGroup | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Σ w·((1-α)·CE + α·KD), Σ w) with α = `distill_weight`: 0 is the paper's hard CE (the
+    default), 1 pure distillation; a term that α zeroes is not computed. Distillation needs
+    `target_logits` [S, b, V/tp] and `label_positions` [b, Q]."""
+    if not 0.0 <= distill_weight <= 1.0:
+        raise ValueError(f"distill_weight={distill_weight!r} must be in [0, 1]")
+    if distill_weight > 0 and (target_logits is None or label_positions is None):
+        raise ValueError("distill_weight > 0 needs target_logits and label_positions")
+    per_token = 0.0
+    if distill_weight < 1:
+        per_token = (1 - distill_weight) * cross_entropy_per_token(logits, labels, tp_group)
+    if distill_weight > 0:
+        per_token = per_token + distill_weight * distillation_per_token(
+            logits, target_logits, label_positions, tp_group)
+    weights = weights.float()
+    return (weights * per_token).sum(), weights.sum()
+
+
+@torch.no_grad()
+def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                    block_size: int, tp_group: dist.ProcessGroup | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct, total), each [B-1] int64: for slots k = 1..B-1, the supervised slots (`mask`
+    [b, Q], the undecayed `block_loss_mask`) whose vocab-parallel argmax equals the label, and
+    all supervised slots."""
+    tp_group = _tp(tp_group)
+    predicted = _vocab_parallel_argmax(logits, tp_group, get_pg_size(tp_group)).t()
+    b = labels.shape[0]
+    mask = mask.bool().reshape(b, -1, block_size)[..., 1:]
+    correct = (predicted == labels).reshape(b, -1, block_size)[..., 1:] & mask
+    return correct.sum((0, 1)), mask.sum((0, 1))
+
+
+def estimated_acceptance_length(correct: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """τ̂ = 1 + Σ_k Π_{j<=k} acc_j from per-slot counts, summed over micro-batches and ranks first.
+
+    It treats the slots as independent, so it estimates the reference's per-block acceptance
+    length; a slot that was never supervised counts as accuracy 0.
+    """
+    accuracy = correct.double() / total.clamp(min=1).double()
+    return 1 + accuracy.cumprod(0).sum()

@@ -1,0 +1,93 @@
+"""How the draft's megatron state dict maps to the reference HF format, and how it splits over TP.
+
+Reference names (z-lab `DFlashDraftModel`, no prefix): `layers.{i}.self_attn.{q,k,v,o}_proj`,
+`self_attn.{q,k}_norm`, `mlp.{gate,up,down}_proj`, `{input,post_attention}_layernorm`, `norm`,
+`fc`, `hidden_norm` (all `.weight`). Megatron fuses q/k/v into `linear_qkv` (per query group) and
+gate/up into `linear_fc1`; `megatron_dflash.weights` holds those layouts. "Full" below means the
+tensor-parallel size 1 megatron state dict; `shard`/`gather` move between it and TP ranks.
+"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from megatron_dflash import weights as W
+from megatron_dflash.config import DFlashConfig
+
+_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)$")
+# megatron suffix inside a layer -> reference suffix (unfused tensors only)
+_LAYER_MAP = {
+    "input_layernorm.weight": "input_layernorm.weight",
+    "self_attention.linear_proj.weight": "self_attn.o_proj.weight",
+    "self_attention.q_layernorm.weight": "self_attn.q_norm.weight",
+    "self_attention.k_layernorm.weight": "self_attn.k_norm.weight",
+    "pre_mlp_layernorm.weight": "post_attention_layernorm.weight",
+    "mlp.linear_fc2.weight": "mlp.down_proj.weight",
+}
+_TOP_MAP = {"fc.weight": "fc.weight", "hidden_norm.weight": "hidden_norm.weight",
+            "decoder.final_layernorm.weight": "norm.weight"}
+_QKV, _FC1 = "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"
+
+
+def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str, torch.Tensor]:
+    """Reference HF tensors -> the full megatron draft state dict. Raises KeyError naming a
+    missing reference tensor."""
+    out = {m: hf[h] for m, h in _TOP_MAP.items()}
+    for i in range(cfg.num_draft_layers):
+        pre, hpre = f"decoder.layers.{i}.", f"layers.{i}."
+        for m, h in _LAYER_MAP.items():
+            out[pre + m] = hf[hpre + h]
+        out[pre + _QKV] = W.merge_qkv(*(hf[f"{hpre}self_attn.{x}_proj.weight"] for x in "qkv"),
+                                      num_query_groups=cfg.num_key_value_heads)
+        out[pre + _FC1] = W.merge_fc1(hf[hpre + "mlp.gate_proj.weight"], hf[hpre + "mlp.up_proj.weight"])
+    return out
+
+
+def megatron_to_hf(full: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str, torch.Tensor]:
+    """The full megatron draft state dict -> reference HF tensors (inverse of `hf_to_megatron`)."""
+    out = {h: full[m] for m, h in _TOP_MAP.items()}
+    for i in range(cfg.num_draft_layers):
+        pre, hpre = f"decoder.layers.{i}.", f"layers.{i}."
+        for m, h in _LAYER_MAP.items():
+            out[hpre + h] = full[pre + m]
+        q, k, v = W.split_qkv(full[pre + _QKV], cfg.num_attention_heads, cfg.num_key_value_heads)
+        out.update({f"{hpre}self_attn.q_proj.weight": q, f"{hpre}self_attn.k_proj.weight": k,
+                    f"{hpre}self_attn.v_proj.weight": v})
+        out[hpre + "mlp.gate_proj.weight"], out[hpre + "mlp.up_proj.weight"] = W.split_fc1(full[pre + _FC1])
+    return out
+
+
+def _kind(name: str) -> str:
+    """How a draft tensor is split over TP: qkv, fc1, columns, rows or replicated."""
+    m = _LAYER.match(name)
+    suffix = m.group(2) if m else name
+    if suffix == _QKV:
+        return "qkv"
+    if suffix == _FC1:
+        return "fc1"
+    if suffix in ("self_attention.linear_proj.weight", "mlp.linear_fc2.weight"):
+        return "rows"
+    return "replicated"  # norms, fc (duplicated on every rank)
+
+
+def shard(full: dict[str, torch.Tensor], cfg: DFlashConfig, rank: int, size: int) -> dict[str, torch.Tensor]:
+    """TP rank `rank`'s draft state dict from the full one."""
+    out = {}
+    for name, t in full.items():
+        kind = _kind(name)
+        out[name] = (W.shard_qkv(t, cfg.num_key_value_heads, rank, size) if kind == "qkv" else
+                     W.shard_fc1(t, rank, size) if kind == "fc1" else
+                     W.shard_rows(t, rank, size) if kind == "rows" else t)
+    return out
+
+
+def gather(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The full draft state dict from every TP rank's (in rank order)."""
+    out = {}
+    for name in shards[0]:
+        parts = [s[name] for s in shards]
+        kind = _kind(name)
+        out[name] = (W.gather_qkv(parts) if kind == "qkv" else W.gather_fc1(parts) if kind == "fc1"
+                     else W.gather_rows(parts) if kind == "rows" else parts[0])
+    return out

@@ -1,0 +1,363 @@
+"""Load a Hugging Face Llama / Qwen2 / Qwen3 checkpoint into a frozen megatron-core `GPTModel`.
+
+    hf = load_hf_config(path)                       # validates config.json and every tensor header
+    config = target_transformer_config(hf, tensor_parallel_size=tp, sequence_parallel=sp)
+    model = build_target(hf, config)                # this pipeline stage's layers only, frozen
+    load_hf_weights(model, path)                    # this TP rank's slices of this stage's tensors
+
+A bad checkpoint (no config.json, unsupported architecture or feature, no safetensors, a missing
+tensor or a wrong shape) fails in `load_hf_config` with one error naming the file or tensor,
+before any model exists: it reads only `config.json` and the safetensors headers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping
+
+import torch
+import torch.nn.functional as F
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
+from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_stage
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import get_pg_rank, get_pg_size
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from megatron_dflash.specs import LocalRMSNorm, _check_backend, _te
+from megatron_dflash.weights import (merge_fc1, merge_qkv, shard_columns, shard_fc1, shard_qkv,
+                                     shard_rows)
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+CONFIG_FILE = "config.json"
+INDEX_FILE = "model.safetensors.index.json"
+
+# Names of the input / pre-MLP norms when TE fuses them into linear_qkv / linear_fc1.
+_TE_FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                   "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def load_hf_config(path: str | Path) -> PretrainedConfig:
+    """Read `path/config.json` and check that the checkpoint can be imported.
+
+    Checks, in order: config.json exists; the architecture and its features are supported
+    (`target_transformer_config`); safetensors files exist (one file, several, or an index and
+    its shards); every tensor the model needs is present with the shape config.json implies.
+    Only headers are read. Raises FileNotFoundError or ValueError naming the file or tensor.
+    """
+    path = Path(path)
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: not found; expected a Hugging Face checkpoint "
+                                "directory (config.json + safetensors)")
+    _check_architecture(json.loads(config_file.read_text()).get("architectures"), config_file)
+    hf_config = AutoConfig.from_pretrained(path)
+    config = target_transformer_config(hf_config)
+    with _Checkpoint(path) as checkpoint:
+        checkpoint.check(_hf_shapes(
+            _mapping(config, range(config.num_layers), embedding=True, final_norm=True,
+                     output=True, tied=hf_config.tie_word_embeddings),
+            config, hf_config.vocab_size))
+    return hf_config
+
+
+def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_size: int = 1,
+                              sequence_parallel: bool = False,
+                              params_dtype: torch.dtype = torch.float32,
+                              pipeline_parallel_size: int = 1, **overrides) -> TransformerConfig:
+    """The megatron TransformerConfig of a HF Llama / Qwen2 / Qwen3 config.
+
+    Pre-norm RMSNorm layers, SwiGLU, GQA with `kv_channels=head_dim`, no linear biases (Qwen2:
+    q/k/v biases), q/k RMSNorm for Qwen3, no dropout. Weights are allocated on the CPU and not
+    initialised (`load_hf_weights` overwrites every parameter). `overrides` go to TransformerConfig.
+    """
+    arch = _check_hf_config(hf_config)
+    if hf_config.vocab_size % tensor_parallel_size:
+        raise ValueError(f"vocab_size={hf_config.vocab_size} is not divisible by the "
+                         f"tensor-parallel size {tensor_parallel_size}; the vocabulary is not "
+                         "padded, pick a TP size that divides it")
+    return TransformerConfig(
+        num_layers=hf_config.num_hidden_layers,
+        hidden_size=hf_config.hidden_size,
+        ffn_hidden_size=hf_config.intermediate_size,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_query_groups=hf_config.num_key_value_heads,
+        kv_channels=_head_dim(hf_config),
+        layernorm_epsilon=hf_config.rms_norm_eps,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=arch == "Qwen2ForCausalLM",
+        qk_layernorm=arch == "Qwen3ForCausalLM",
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel_size,
+        sequence_parallel=sequence_parallel,
+        pipeline_model_parallel_size=pipeline_parallel_size,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        use_cpu_initialization=True,
+        perform_initialization=False,
+        **overrides,
+    )
+
+
+def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend: str = "local",
+                 pre_process: bool | None = None, post_process: bool | None = None,
+                 pg_collection: ProcessGroupCollection | None = None) -> GPTModel:
+    """A frozen GPTModel with this pipeline stage's layers (embedding on the first stage, final
+    norm and output layer on the last; by default from the PP group's rank).
+
+    `backend="local"` uses megatron's local layer spec with every norm a `LocalRMSNorm` (megatron's
+    torch norm refuses sequence parallelism); `backend="te"` uses Transformer Engine layers.
+    The output layer keeps its vocab-parallel logits (`parallel_output`).
+    """
+    _check_backend(backend)
+    if pg_collection is None:
+        pg_collection = ProcessGroupCollection.use_mpu_process_groups()
+    pre_process = is_pp_first_stage(pg_collection.pp) if pre_process is None else pre_process
+    post_process = is_pp_last_stage(pg_collection.pp) if post_process is None else post_process
+    if backend == "te":
+        _te()
+    block = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
+                                       normalization="RMSNorm",
+                                       pp_rank=get_pg_rank(pg_collection.pp))
+    if backend == "local":
+        block = _with_local_norms(block, config)
+    model = GPTModel(config, block, vocab_size=hf_config.vocab_size,
+                     max_sequence_length=hf_config.max_position_embeddings,
+                     pre_process=pre_process, post_process=post_process,
+                     share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
+                     position_embedding_type="rope", pg_collection=pg_collection,
+                     **_rope_kwargs(hf_config))
+    return freeze(model)
+
+
+def freeze(model: torch.nn.Module) -> torch.nn.Module:
+    """Turn off gradients and dropout: the target is never trained."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def load_hf_weights(gpt_model: GPTModel,
+                    path_or_state_dict: str | Path | Mapping[str, torch.Tensor]) -> None:
+    """Copy HF weights into `gpt_model`: this pipeline stage's tensors, sliced for this rank of
+    the model's TP group. HF layer i goes to the local layer with `layer_number == i + 1`.
+
+    Before anything is copied, checks that every model parameter has an HF source and that
+    every needed HF tensor exists with the shape the model config implies (from headers).
+    """
+    params = dict(gpt_model.named_parameters())
+    layer_ids = [layer.layer_number - 1 for layer in gpt_model.decoder.layers]
+    rows = _mapping(gpt_model.config, layer_ids, embedding=gpt_model.pre_process,
+                    final_norm=gpt_model.decoder.final_layernorm is not None,
+                    output=gpt_model.post_process and gpt_model.output_layer.weight is not None,
+                    tied=gpt_model.share_embeddings_and_output_weights,
+                    fused_norms=_has_fused_norms(gpt_model))
+    unmapped = sorted(params.keys() - {name for name, _, _ in rows})
+    if unmapped:
+        raise ValueError(f"no Hugging Face tensor maps to the megatron parameters {unmapped}: the "
+                         "model was not built by build_target(target_transformer_config(...))")
+    tp_group = gpt_model.pg_collection.tp
+    convert = _converters(gpt_model.config, get_pg_rank(tp_group), get_pg_size(tp_group))
+    with _Checkpoint(path_or_state_dict) as checkpoint, torch.no_grad():
+        checkpoint.check(_hf_shapes(rows, gpt_model.config, gpt_model.vocab_size))
+        for name, hf_names, kind in rows:
+            value = convert[kind](*(checkpoint.get(n) for n in hf_names))
+            if value.shape != params[name].shape:
+                raise ValueError(f"{name}: {list(hf_names)} give a {list(value.shape)} tensor on "
+                                 f"this rank, the model holds {list(params[name].shape)}")
+            params[name].copy_(value)
+
+
+def _check_architecture(architectures, where) -> str:
+    if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{where}: architectures={architectures} is not supported; supported: "
+                         f"{', '.join(SUPPORTED_ARCHITECTURES)}")
+    return architectures[0]
+
+
+def _check_hf_config(hf_config: PretrainedConfig) -> str:
+    """The architecture name, after rejecting every feature the mapping does not cover."""
+    where = Path(hf_config.name_or_path) / CONFIG_FILE if hf_config.name_or_path else CONFIG_FILE
+    arch = _check_architecture(hf_config.architectures, where)
+    problems = [f"hidden_act={hf_config.hidden_act!r}"] if hf_config.hidden_act != "silu" else []
+    problems += [f"{flag}=True" for flag in ("attention_bias", "mlp_bias")
+                 if getattr(hf_config, flag, False)]
+    layer_types = getattr(hf_config, "layer_types", None) or []
+    if any(t != "full_attention" for t in layer_types):
+        problems.append(f"layer_types={layer_types}")
+    if problems:
+        raise ValueError(f"{where}: {', '.join(problems)} not supported (the import covers silu "
+                         "MLPs, no attention/MLP biases and full attention in every layer)")
+    _rope_kwargs(hf_config, where)
+    return arch
+
+
+def _head_dim(hf_config: PretrainedConfig) -> int:
+    return (getattr(hf_config, "head_dim", None)
+            or hf_config.hidden_size // hf_config.num_attention_heads)
+
+
+def _rope_kwargs(hf_config: PretrainedConfig, where=CONFIG_FILE) -> dict:
+    """GPTModel's RoPE arguments. megatron implements Llama-3.1 scaling ("llama3") with only the
+    factor configurable (low/high frequency factors 1/4, original context 8192), as HF does."""
+    rope = dict(hf_config.rope_parameters or {})
+    kind = rope.get("rope_type", "default")
+    kwargs = {"rotary_base": rope["rope_theta"]}
+    if kind == "default":
+        return kwargs
+    llama31 = (rope.get("low_freq_factor"), rope.get("high_freq_factor"),
+               rope.get("original_max_position_embeddings")) == (1, 4, 8192)
+    if kind == "llama3" and llama31:
+        return kwargs | {"rope_scaling": True, "rope_scaling_factor": rope["factor"]}
+    raise ValueError(f"{where}: rope_scaling={rope} is not supported; supported: none, or "
+                     "rope_type 'llama3' with low_freq_factor 1, high_freq_factor 4 and "
+                     "original_max_position_embeddings 8192 (Llama 3.1-3.3)")
+
+
+def _with_local_norms(block: TransformerBlockSubmodules,
+                      config: TransformerConfig) -> TransformerBlockSubmodules:
+    """Every norm of megatron's local block spec, final norm included, as `LocalRMSNorm`."""
+    qk_norm = LocalRMSNorm if config.qk_layernorm else IdentityOp
+
+    def layer(spec):
+        attention = spec.submodules.self_attention
+        attention = replace(attention, submodules=replace(
+            attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm))
+        return replace(spec, submodules=replace(
+            spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm,
+            self_attention=attention))
+
+    return replace(block, layer_specs=[layer(s) for s in block.layer_specs],
+                   layer_norm=LocalRMSNorm)
+
+
+def _has_fused_norms(gpt_model: GPTModel) -> bool:
+    return any(isinstance(layer.input_layernorm, IdentityOp) for layer in gpt_model.decoder.layers)
+
+
+def _mapping(config: TransformerConfig, layer_ids, *, embedding: bool, final_norm: bool,
+             output: bool, tied: bool, fused_norms: bool = False) -> list[tuple[str, tuple, str]]:
+    """(megatron parameter, HF tensors, conversion) for the given global layer ids, which sit at
+    local indices 0, 1, ... of the decoder."""
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    per_layer = [
+        ("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
+        ("self_attention.linear_qkv.weight", tuple(f"{p}.weight" for p in attn), "qkv"),
+        ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "rows"),
+        ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
+        ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
+        ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "rows"),
+    ]
+    if config.add_qkv_bias:
+        per_layer.append(
+            ("self_attention.linear_qkv.bias", tuple(f"{p}.bias" for p in attn), "qkv"))
+    if config.qk_layernorm:
+        per_layer += [(f"self_attention.{q}_layernorm.weight", (f"self_attn.{q}_norm.weight",),
+                       "replicated") for q in "qk"]
+    rows = []
+    if embedding:
+        rows.append(("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "columns"))
+    for local, layer_id in enumerate(layer_ids):
+        for name, hf_names, kind in per_layer:
+            name = _TE_FUSED_NORMS.get(name, name) if fused_norms else name
+            rows.append((f"decoder.layers.{local}.{name}",
+                         tuple(f"model.layers.{layer_id}.{n}" for n in hf_names), kind))
+    if final_norm:
+        rows.append(("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
+    if output:
+        rows.append(("output_layer.weight",
+                     ("model.embed_tokens.weight" if tied else "lm_head.weight",), "columns"))
+    return rows
+
+
+def _hf_shapes(rows, config: TransformerConfig, vocab_size: int) -> dict[str, tuple[int, ...]]:
+    """The shape of every HF tensor named in `rows`, from the model dimensions."""
+    hidden, ffn, head_dim = config.hidden_size, config.ffn_hidden_size, config.kv_channels
+    q, kv = config.num_attention_heads * head_dim, config.num_query_groups * head_dim
+    by_leaf = {
+        "embed_tokens.weight": (vocab_size, hidden), "lm_head.weight": (vocab_size, hidden),
+        "q_proj.weight": (q, hidden), "k_proj.weight": (kv, hidden), "v_proj.weight": (kv, hidden),
+        "q_proj.bias": (q,), "k_proj.bias": (kv,), "v_proj.bias": (kv,),
+        "o_proj.weight": (hidden, q), "q_norm.weight": (head_dim,), "k_norm.weight": (head_dim,),
+        "gate_proj.weight": (ffn, hidden), "up_proj.weight": (ffn, hidden),
+        "down_proj.weight": (hidden, ffn), "input_layernorm.weight": (hidden,),
+        "post_attention_layernorm.weight": (hidden,), "norm.weight": (hidden,),
+    }
+    return {n: by_leaf[".".join(n.split(".")[-2:])] for _, hf_names, _ in rows for n in hf_names}
+
+
+def _converters(config: TransformerConfig, rank: int, size: int) -> dict:
+    """HF tensors -> this TP rank's megatron tensor, by the conversion named in `_mapping`."""
+    groups = config.num_query_groups
+    return {
+        "replicated": lambda t: t,
+        "columns": lambda t: shard_columns(t, rank, size),
+        "rows": lambda t: shard_rows(t, rank, size),
+        "qkv": lambda q, k, v: shard_qkv(merge_qkv(q, k, v, groups), groups, rank, size),
+        "fc1": lambda gate, up: shard_fc1(merge_fc1(gate, up), rank, size),
+    }
+
+
+class _Checkpoint(contextlib.ExitStack):
+    """Names, shapes and tensors of a safetensors checkpoint directory or an in-memory state dict.
+
+    Shapes come from the safetensors headers; a tensor's data is read only by `get`.
+    """
+
+    def __init__(self, source: str | Path | Mapping[str, torch.Tensor]):
+        super().__init__()
+        self._handles = {}
+        self._state_dict = source if isinstance(source, Mapping) else None
+        if self._state_dict is not None:
+            self.name = "state dict"
+            self.shapes = {k: tuple(v.shape) for k, v in source.items()}
+            self.files = {}
+            return
+        path = Path(source)
+        index = path / INDEX_FILE
+        if index.is_file():
+            self.name = str(index)
+            weight_map = json.loads(index.read_text())["weight_map"]
+            shards = sorted({path / f for f in weight_map.values()})
+            for shard in shards:
+                if not shard.is_file():
+                    raise FileNotFoundError(f"{shard}: listed in {index} but not found")
+        else:
+            self.name = str(path)
+            shards = sorted(path.glob("*.safetensors"))
+            if not shards:
+                raise FileNotFoundError(f"{path}: no {INDEX_FILE} and no *.safetensors file")
+        self.shapes, self.files = {}, {}
+        for shard in shards:
+            with safe_open(shard, framework="pt") as f:
+                for key in f.keys():
+                    self.shapes[key] = tuple(f.get_slice(key).get_shape())
+                    self.files[key] = shard
+
+    def check(self, expected: Mapping[str, tuple[int, ...]]) -> None:
+        for key, shape in expected.items():
+            if key not in self.shapes:
+                raise ValueError(f"{self.name}: tensor {key!r} is missing (expected shape "
+                                 f"{list(shape)})")
+            if self.shapes[key] != tuple(shape):
+                raise ValueError(f"{self.files.get(key, self.name)}: tensor {key!r} has shape "
+                                 f"{list(self.shapes[key])}, config.json implies {list(shape)}")
+
+    def get(self, key: str) -> torch.Tensor:
+        if self._state_dict is not None:
+            return self._state_dict[key]
+        file = self.files[key]
+        if file not in self._handles:
+            self._handles[file] = self.enter_context(safe_open(file, framework="pt"))
+        return self._handles[file].get_tensor(key)

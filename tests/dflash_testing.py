@@ -1,0 +1,110 @@
+"""Small models and inputs shared by the tests (random-initialised, built from configs)."""
+from __future__ import annotations
+
+import torch
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dflash.anchors import (block_input_ids, block_loss_mask, block_loss_weights,
+                                     block_labels, block_position_ids, sample_anchors)
+from megatron_dflash.config import DFlashConfig, draft_transformer_config
+from megatron_dflash.masks import dflash_attention_mask
+from megatron_dflash.model import target_head
+from megatron_dflash.specs import LocalRMSNorm, get_dflash_model_spec
+
+VOCAB, HIDDEN, ROPE_THETA = 256, 64, 10000.0
+
+
+def target_config(tp=1, sp=False, layers=6) -> TransformerConfig:
+    return TransformerConfig(
+        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
+        ffn_hidden_size=128, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu, add_bias_linear=False, layernorm_epsilon=1e-6,
+        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
+        tensor_model_parallel_size=tp, sequence_parallel=sp)
+
+
+def head_only_target(tp=1, sp=False) -> GPTModel:
+    """A one-layer GPTModel whose embedding/output layer serve as the draft's borrowed head."""
+    cfg = target_config(tp, sp, layers=1)
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LocalRMSNorm
+    block = TransformerBlockSubmodules(layer_specs=[spec], layer_norm=LocalRMSNorm)
+    model = GPTModel(cfg, block, vocab_size=VOCAB, max_sequence_length=512,
+                     position_embedding_type="rope", rotary_base=ROPE_THETA)
+    randomize_(model, seed=0)  # identical on every rank, whatever the global RNG state
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def head_state(target: GPTModel) -> dict[str, torch.Tensor]:
+    return {"embedding": target.embedding.word_embeddings.weight.detach().clone(),
+            "output": target.output_layer.weight.detach().clone()}
+
+
+def load_head_shard(target: GPTModel, full: dict[str, torch.Tensor], rank: int, size: int):
+    with torch.no_grad():
+        target.embedding.word_embeddings.weight.copy_(full["embedding"].chunk(size)[rank])
+        target.output_layer.weight.copy_(full["output"].chunk(size)[rank])
+
+
+def dflash_config(tcfg: TransformerConfig, **overrides) -> DFlashConfig:
+    """GQA draft with head_dim != hidden/heads, block 16, two layers tapped from a 6-layer target."""
+    kw = dict(block_size=16, num_draft_layers=2, target_layer_ids=[1, 4], mask_token_id=3,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=24, ffn_hidden_size=96,
+              num_anchors=4)
+    kw.update(overrides)
+    return DFlashConfig(**kw).resolve(tcfg, vocab_size=VOCAB, target_rope_theta=ROPE_THETA)
+
+
+def build_draft(tcfg: TransformerConfig, cfg: DFlashConfig, target: GPTModel, backend="local"):
+    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend),
+                         config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
+    draft.borrow_target_head(*target_head(target))
+    return draft
+
+
+def randomize_(module: torch.nn.Module, seed: int) -> None:
+    """Non-trivial weights everywhere (norm weights near 1), from a fixed seed."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(module.named_parameters()):
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1 + 0.1 * noise if p.dim() == 1 else 0.05 * noise)
+
+
+def draft_inputs(cfg: DFlashConfig, batch=2, seq_len=48, seed=0) -> dict[str, torch.Tensor]:
+    """Tokens with response spans, anchors, block inputs/labels/weights, features and the mask."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batch, seq_len), generator=g)
+    loss_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
+    loss_mask[:, seq_len // 4:] = True
+    anchors, keep = sample_anchors(loss_mask, cfg.block_size, cfg.num_anchors, g)
+    bmask = block_loss_mask(loss_mask, anchors, keep, cfg.block_size)
+    k = len(cfg.target_layer_ids)
+    return dict(
+        block_input_ids=block_input_ids(tokens, anchors, keep, cfg.block_size, cfg.mask_token_id),
+        features=torch.randn(seq_len, batch, k * cfg.hidden_size, generator=g),
+        attention_mask=dflash_attention_mask(anchors, keep, seq_len, cfg.block_size),
+        position_ids=block_position_ids(seq_len, anchors, cfg.block_size),
+        labels=block_labels(tokens, anchors, cfg.block_size),
+        weights=block_loss_weights(bmask, cfg.block_size, cfg.loss_gamma),
+        anchors=anchors, keep=keep)
+
+
+def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Detached copies of a module's parameters (its state dict without megatron's extra states)."""
+    return {n: p.detach().clone() for n, p in module.named_parameters()}
+
+
+def load_params(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy `tensors` into exactly the module's parameters (no more, no fewer)."""
+    own = dict(module.named_parameters())
+    assert sorted(own) == sorted(tensors), set(own) ^ set(tensors)
+    with torch.no_grad():
+        for n, p in own.items():
+            p.copy_(tensors[n])

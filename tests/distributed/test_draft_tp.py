@@ -1,0 +1,73 @@
+"""The draft at TP=2 (with and without sequence parallel) reproduces TP=1: logits and every
+parameter gradient after megatron DDP + finalize_model_grads, fp32, <= 1e-5."""
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+
+from dflash_testing import (build_draft, dflash_config, draft_inputs, head_only_target, head_state,
+                            load_head_shard, load_params, params, randomize_, target_config)
+from megatron_dflash import state_dict_adapter
+from megatron_dflash.loss import dflash_loss
+
+
+def _loss(logits, inputs):
+    loss_sum, weight_sum = dflash_loss(logits, inputs["labels"], inputs["weights"])
+    return loss_sum / weight_sum
+
+
+def _all_gather(t, group):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts
+
+
+@pytest.mark.world(2)
+@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
+def test_draft_tp2_equals_tp1(utils, sp):
+    # Reference: TP=1, computed locally on every rank.
+    utils.initialize_model_parallel(1)
+    tcfg1 = target_config()
+    cfg1 = dflash_config(tcfg1)
+    target1 = head_only_target()
+    draft1 = build_draft(tcfg1, cfg1, target1)
+    randomize_(draft1, seed=7)
+    inputs = draft_inputs(cfg1, batch=2, seq_len=48, seed=8)
+    logits1 = draft1(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
+                     inputs["position_ids"])
+    loss1 = _loss(logits1, inputs)
+    loss1.backward()
+    full_weights = params(draft1)
+    grads1 = {n: p.grad.clone() for n, p in draft1.named_parameters()}
+    head = head_state(target1)
+
+    utils.initialize_model_parallel(2)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    tcfg2 = target_config(tp=2, sp=sp)
+    cfg2 = dflash_config(tcfg2)
+    target2 = head_only_target(tp=2, sp=sp)
+    load_head_shard(target2, head, rank, 2)
+    draft2 = build_draft(tcfg2, cfg2, target2)
+    load_params(draft2, state_dict_adapter.shard(full_weights, cfg2, rank, 2))
+    ddp = DistributedDataParallel(config=draft2.config, module=draft2,
+                                  ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
+    features = inputs["features"].chunk(2)[rank] if sp else inputs["features"]
+    logits2 = ddp(inputs["block_input_ids"], features, inputs["attention_mask"],
+                  inputs["position_ids"])
+    assert logits2.shape[-1] == logits1.shape[-1] // 2
+    full_logits = torch.cat(_all_gather(logits2.detach(), tp_group), dim=-1)
+    assert (full_logits - logits1).abs().max() < 1e-5
+    loss2 = _loss(logits2, inputs)
+    assert abs(loss2.item() - loss1.item()) < 1e-5
+    loss2.backward()
+    finalize_model_grads([ddp])
+    local = {n: p.main_grad for n, p in draft2.named_parameters()}
+    shards = [dict(zip(local, parts)) for parts in zip(*(_all_gather(g, tp_group) for g in local.values()))]
+    grads2 = state_dict_adapter.gather(shards)
+    assert sorted(grads2) == sorted(grads1)
+    for name, g in grads1.items():
+        assert g.abs().max() > 0, name
+        assert (grads2[name] - g).abs().max() < 1e-5, name

@@ -1,0 +1,110 @@
+"""Imported target under TP=2 (with and without sequence parallelism) and PP=2: logits and captured
+features equal the TP=1 import. Run with `torchrun --nproc-per-node 2 -m pytest`."""
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+
+from megatron_dflash.target.capture import FeatureCapture, target_forward
+from megatron_dflash.target.hf_import import (build_target, load_hf_weights,
+                                              target_transformer_config)
+
+VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 128, 64, 4, 16, 2
+TAPS = [0, 2, 3]
+TOL = 1e-5
+
+CONFIGS = {
+    # GQA with more groups than ranks: each rank holds one whole group.
+    "llama": lambda: LlamaConfig(architectures=["LlamaForCausalLM"], num_key_value_heads=2),
+    # One group for two ranks: megatron all-gathers the fused QKV and re-slices it.
+    "qwen3_ng1_tied": lambda: Qwen3Config(architectures=["Qwen3ForCausalLM"], num_key_value_heads=1,
+                                          head_dim=32, tie_word_embeddings=True),
+}
+
+
+def hf_model(kind):
+    config = CONFIGS[kind]()
+    config.update(dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=96,
+                       num_hidden_layers=LAYERS, num_attention_heads=4, initializer_range=0.1))
+    torch.manual_seed(0)  # same model on every rank
+    model = AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def tokens():
+    torch.manual_seed(1)
+    return torch.randint(0, VOCAB, (BATCH, SEQ)), torch.arange(SEQ).expand(BATCH, SEQ)
+
+
+def import_target(hf, **parallel):
+    model = build_target(hf.config, target_transformer_config(hf.config, **parallel))
+    load_hf_weights(model, hf.state_dict())
+    return model
+
+
+def gather(tensor, dim, group):
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, tensor.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+def reference(hf, utils):
+    utils.initialize_model_parallel(1, 1)
+    model = import_target(hf)
+    with FeatureCapture(model, TAPS) as capture:
+        return target_forward(model, *tokens(), capture)
+
+
+@pytest.mark.world(2)
+@pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp2", "tp2_sp"])
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_tp2_matches_tp1(kind, sequence_parallel, utils):
+    hf = hf_model(kind)
+    ref_logits, ref_features = reference(hf, utils)
+
+    utils.initialize_model_parallel(2, 1)
+    model = import_target(hf, tensor_parallel_size=2, sequence_parallel=sequence_parallel)
+    with FeatureCapture(model, TAPS) as capture:
+        logits, features = target_forward(model, *tokens(), capture)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    assert logits.shape == (BATCH, SEQ, VOCAB // 2)  # vocab-parallel
+    assert features.shape == (SEQ // 2 if sequence_parallel else SEQ, BATCH, len(TAPS) * HIDDEN)
+    if sequence_parallel:
+        features = gather(features, 0, tp_group)
+    assert (gather(logits, -1, tp_group) - ref_logits).abs().max() <= TOL
+    assert (features - ref_features).abs().max() <= TOL
+
+
+@pytest.mark.world(2)
+def test_pp2_stages_match_tp1(utils):
+    """Each stage loads only its layers (embedding first, norm + tied output layer last) and
+    captures only its taps; stage 0's output is sent to stage 1 by hand."""
+    hf = hf_model("qwen3_ng1_tied")
+    ref_logits, ref_features = reference(hf, utils)
+
+    utils.initialize_model_parallel(1, 2)
+    model = import_target(hf, pipeline_parallel_size=2)
+    first = parallel_state.is_pipeline_first_stage()
+    assert [layer.layer_number for layer in model.decoder.layers] == ([1, 2] if first else [3, 4])
+    assert hasattr(model, "embedding") == first and hasattr(model, "output_layer") == (not first)
+    ids, pos = tokens()
+    with FeatureCapture(model, TAPS) as capture:
+        assert capture.local_ids == ([0] if first else [2, 3])
+        if first:
+            with torch.no_grad():
+                hidden = model(ids, pos, None)
+            dist.send(hidden, dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            features = capture.features()
+        else:
+            hidden = torch.empty(SEQ, BATCH, HIDDEN)
+            dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+            model.set_input_tensor(hidden)
+            logits, features = target_forward(model, ids, pos, capture)
+            assert (logits - ref_logits).abs().max() <= TOL
+    expected = ref_features[..., :HIDDEN] if first else ref_features[..., HIDDEN:]
+    assert (features - expected).abs().max() <= TOL

@@ -1,0 +1,83 @@
+"""Our megatron draft == the z-lab reference `dflash.model.DFlashDraftModel` (dflash==0.1.0)."""
+import pytest
+import torch
+import torch.nn.functional as F
+from dflash.model import DFlashDraftModel as ReferenceDraft
+from transformers import Qwen3Config
+
+from dflash_testing import (HIDDEN, ROPE_THETA, VOCAB, build_draft, dflash_config, draft_inputs,
+                            head_only_target, head_state, load_params, randomize_,
+                            target_config)
+from megatron_dflash import state_dict_adapter
+from megatron_dflash.config import DFlashConfig
+
+
+def reference_model(cfg: DFlashConfig, num_target_layers: int) -> ReferenceDraft:
+    config = Qwen3Config(
+        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=cfg.num_draft_layers, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
+        rms_norm_eps=cfg.norm_eps, vocab_size=VOCAB, max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        block_size=cfg.block_size, num_target_layers=num_target_layers,
+        dflash_config={"mask_token_id": cfg.mask_token_id, "target_layer_ids": cfg.target_layer_ids})
+    return ReferenceDraft(config).eval()
+
+
+def reference_logits(ref, head, inputs):
+    emb = F.embedding(inputs["block_input_ids"], head["embedding"])
+    hidden = ref(position_ids=inputs["position_ids"], attention_mask=~inputs["attention_mask"],
+                 noise_embedding=emb, target_hidden=inputs["features"].transpose(0, 1))
+    return hidden @ head["output"].t()
+
+
+@pytest.mark.parametrize("block_size,anchors", [(16, 4), (8, 6)])
+def test_draft_matches_reference(utils, block_size, anchors):
+    utils.initialize_model_parallel(1)
+    tcfg = target_config()
+    cfg = dflash_config(tcfg, block_size=block_size, num_anchors=anchors)
+    target = head_only_target()
+    ref = reference_model(cfg, tcfg.num_layers)
+    randomize_(ref, seed=1)
+    draft = build_draft(tcfg, cfg, target)
+    load_params(draft, state_dict_adapter.hf_to_megatron(ref.state_dict(), cfg))
+    inputs = draft_inputs(cfg, batch=2, seq_len=48, seed=2)
+    assert inputs["anchors"].shape[1] == anchors and inputs["keep"].all()
+
+    ours = draft(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
+                 inputs["position_ids"]).transpose(0, 1)
+    with torch.no_grad():
+        theirs = reference_logits(ref, head_state(target), inputs)
+    assert ours.shape == theirs.shape == (2, anchors * block_size, VOCAB)
+    assert (ours - theirs).abs().max() < 1e-5
+
+
+def test_packed_block_equals_block_alone(utils):
+    """A block's logits do not depend on the other blocks packed with it (mask isolation)."""
+    utils.initialize_model_parallel(1)
+    tcfg = target_config()
+    cfg = dflash_config(tcfg)
+    draft = build_draft(tcfg, cfg, head_only_target())
+    randomize_(draft, seed=3)
+    inputs = draft_inputs(cfg, batch=1, seq_len=48, seed=4)
+    packed = draft(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
+                   inputs["position_ids"])
+    B, S = cfg.block_size, 48
+    for j in range(inputs["anchors"].shape[1]):
+        q = slice(j * B, (j + 1) * B)
+        kv = torch.cat([torch.arange(S), S + torch.arange(j * B, (j + 1) * B)])
+        alone = draft(inputs["block_input_ids"][:, q], inputs["features"],
+                      inputs["attention_mask"][:, :, q][..., kv], inputs["position_ids"][:, kv])
+        assert (alone - packed[q]).abs().max() < 1e-5
+
+
+def test_round_trip_reference_names(utils):
+    utils.initialize_model_parallel(1)
+    tcfg = target_config()
+    cfg = dflash_config(tcfg)
+    ref = reference_model(cfg, tcfg.num_layers)
+    randomize_(ref, seed=5)
+    hf = ref.state_dict()
+    back = state_dict_adapter.megatron_to_hf(state_dict_adapter.hf_to_megatron(hf, cfg), cfg)
+    assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)
+    assert len(hf) == 3 + 11 * cfg.num_draft_layers and HIDDEN == cfg.hidden_size
