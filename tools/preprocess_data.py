@@ -4,8 +4,8 @@
       --tokenizer hf:TOKENIZER_DIR | hf:GGUF_DIR --gguf-file NAME.gguf | sp:MODEL.model \\
       --seq-length 2048 [--workers 8]
 
-Writes PREFIX.{bin,idx} (tokens) and PREFIX_loss_mask.{bin,idx} (layout: megatron_dflash.data.dataset),
-then prints the data report. Bad samples are reported, not fatal; a bad setup (missing input,
+Writes PREFIX.{bin,idx} (tokens) and PREFIX_loss_mask.{bin,idx} (layout documented in
+megatron_dflash.data.dataset), then prints the data report. Bad samples are reported, not fatal; a bad setup (missing input,
 bad tokenizer, unusable chat template) is one error message and exit status 1, with nothing
 written at PREFIX.
 """
@@ -44,7 +44,8 @@ def main(argv=None) -> int:
                 raise ValueError(f"--input {path}: no such file")
         out_dir = os.path.dirname(os.path.abspath(args.output_prefix))
         if not os.path.isdir(out_dir):
-            raise ValueError(f"--output-prefix {args.output_prefix}: directory {out_dir} does not exist")
+            raise ValueError(f"--output-prefix {args.output_prefix}: "
+                             f"directory {out_dir} does not exist")
         tokenizer = load_chat_tokenizer(args.tokenizer, args.gguf_file)
         report = DataReport()
         samples = encode_files(args.input, tokenizer, args.seq_length, report, args.workers)

@@ -47,10 +47,13 @@ def _content(value, where: str) -> str:
 
 
 def normalize(record) -> list[dict]:
-    """One JSON record -> [{role, content}] up to its last assistant turn.
+    """One JSON record -> [{role, content}] from its first non-assistant turn to its last
+    assistant turn.
 
-    Turns after the last assistant turn are dropped: they carry no loss and DFlash is causal, so
-    they cannot influence any supervised position.
+    Leading assistant turns answer nothing, and chat templates render the empty history before
+    them differently (e.g. without the default system prompt), so they are dropped, as SpecForge
+    does. Turns after the last assistant turn carry no loss and, DFlash being causal, cannot
+    influence any supervised position, so they are dropped too.
     """
     if not isinstance(record, dict):
         raise SampleError(UNKNOWN_FORMAT, f"expected a JSON object, got {type(record).__name__}")
@@ -72,6 +75,8 @@ def normalize(record) -> list[dict]:
         if role is None:
             raise SampleError(UNKNOWN_FORMAT, f"{where}: unknown role {turn[role_key]!r}")
         messages.append({"role": role, "content": _content(turn[content_key], where)})
+    first = next((i for i, m in enumerate(messages) if m["role"] != "assistant"), len(messages))
+    messages = messages[first:]
     last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
     if last is None:
         raise SampleError(NO_ASSISTANT)

@@ -123,7 +123,9 @@ class IndexedConversationDataset(Dataset):
         return len(self.tokens)
 
     def __getitem__(self, idx):
-        n = min(int(self.tokens.sequence_lengths[idx]), self.seq_length or np.iinfo(np.int64).max)
+        n = int(self.tokens.sequence_lengths[idx])
+        if self.seq_length is not None:
+            n = min(n, self.seq_length)
         return _sample(self.tokens.get(idx, 0, n), self.loss_mask.get(idx, 0, n))
 
 

@@ -13,6 +13,8 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
+from jinja2 import TemplateError
+
 from megatron_dflash.data.conversations import TEMPLATE, SampleError
 
 CHATML_START, CHATML_END = "<|im_start|>", "<|im_end|>"
@@ -70,7 +72,6 @@ class HFChatTokenizer(ChatTokenizer):
                            if i is not None)
 
     def _render(self, messages, generation_prompt: bool) -> str:
-        from jinja2 import TemplateError
         try:
             return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                       add_generation_prompt=generation_prompt)
@@ -90,8 +91,8 @@ class HFChatTokenizer(ChatTokenizer):
                     f"{self.tokenizer.name_or_path}: chat template is not prefix-stable (rendering "
                     f"the first {i} messages with add_generation_prompt=True, then {i + 1}, then all "
                     f"{len(messages)}, does not give growing prefixes of one text), so assistant "
-                    "tokens cannot be located; use a template without history rewriting or one "
-                    "with {% generation %} tags")
+                    "tokens cannot be located; use a template that renders earlier turns the same "
+                    "whatever follows them (no history rewriting)")
             spans += [len(head), len(turn.rstrip())]
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         # A token is supervised when its last character lies in a span (odd bisect position).
@@ -139,6 +140,11 @@ def load_chat_tokenizer(spec: str, gguf_file: str | None = None) -> ChatTokenize
         raise ValueError(f"tokenizer {spec!r}: expected hf:PATH or sp:MODEL")
     if not os.path.exists(path):
         raise ValueError(f"tokenizer {spec!r}: {path} does not exist")
+    if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
+        raise ValueError(f"tokenizer {spec!r}: no GGUF file {gguf_file} in {path}")
+    if kind == "hf" and gguf_file is None and os.path.isdir(path) \
+            and any(f.endswith(".gguf") for f in os.listdir(path)):
+        raise ValueError(f"tokenizer {spec!r}: {path} holds GGUF files; name one with --gguf-file")
     try:
         if kind == "sp":
             import sentencepiece
@@ -149,4 +155,4 @@ def load_chat_tokenizer(spec: str, gguf_file: str | None = None) -> ChatTokenize
     except ChatTemplateError:
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad --tokenizer
-        raise ValueError(f"tokenizer {spec!r}: cannot load: {e}") from e
+        raise ValueError(f"tokenizer {spec!r}: cannot load: {' '.join(str(e).split())}") from e

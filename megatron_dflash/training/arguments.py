@@ -35,11 +35,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
     g.add_argument("--mask-token-id", type=int, default=None,
                    help="required for --target; the embedded default uses 16 (<empty_output>)")
-    g.add_argument("--num-anchors", type=int, default=32)
+    g.add_argument("--num-anchors", type=int, default=16)
     g.add_argument("--loss-gamma", type=float, default=None)
-    g.add_argument("--distill-weight", type=float, default=1.0,
+    g.add_argument("--distill-weight", type=float, default=None,
                    help="weight of distillation to the target's next-token distribution "
-                        "(0 = hard labels only, 1 = distillation only)")
+                        "(0 = hard labels only, 1 = distillation only); default 0, or 1 with the "
+                        "embedded default data, which the target did not write")
     g.add_argument("--draft-num-attention-heads", type=int, default=None)
     g.add_argument("--draft-num-query-groups", type=int, default=None)
     g.add_argument("--draft-kv-channels", type=int, default=None)
@@ -105,7 +106,8 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     _check(a.weight_decay >= 0, f"--weight-decay={a.weight_decay} must be >= 0")
     for flag in ("adam_beta1", "adam_beta2"):
         _check(0 <= getattr(a, flag) < 1, f"--{flag.replace('_', '-')}={getattr(a, flag)} must be in [0, 1)")
-    _check(0 <= a.distill_weight <= 1, f"--distill-weight={a.distill_weight} must be in [0, 1]")
+    _check(a.distill_weight is None or 0 <= a.distill_weight <= 1,
+           f"--distill-weight={a.distill_weight} must be in [0, 1]")
     _check(a.loss_gamma is None or a.loss_gamma > 0, f"--loss-gamma={a.loss_gamma} must be > 0")
     model_parallel = a.tensor_model_parallel_size * a.pipeline_model_parallel_size
     _check(world_size % model_parallel == 0,

@@ -8,6 +8,7 @@ the checkpoint holds only the draft because `sharded_state_dict` exposes only th
 from __future__ import annotations
 
 import torch
+from megatron.core.enums import ModelType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_dflash.model import DFlashDraftModel, target_head
@@ -19,12 +20,17 @@ class DFlashTrainingModule(MegatronModule):
 
     def __init__(self, target, draft: DFlashDraftModel):
         super().__init__(config=draft.config)
+        self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
         for p in target.parameters():
             p.requires_grad_(False)
         self.target = target
         self.draft = draft
         draft.borrow_target_head(*target_head(target))
         self._capture = FeatureCapture(target, draft.dflash_config.target_layer_ids)
+
+    def set_input_tensor(self, input_tensor) -> None:
+        """Pipeline input from the previous stage goes to the target (megatron's schedule hook)."""
+        self.target.set_input_tensor(input_tensor)
 
     def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids):
         """Returns (draft vocab-parallel logits [Q, b, V/tp], target logits [b, S, V/tp]).

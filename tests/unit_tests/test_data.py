@@ -90,6 +90,9 @@ def _supervised_runs(tokens, mask):
 def test_both_forms_normalise_to_the_same_messages():
     assert normalize({"messages": CHAT}) == CHAT
     assert parse_line(json.dumps(SHAREGPT).encode()) == CHAT
+    # a leading assistant turn answers nothing (and templates render an empty history apart)
+    opening = {"conversations": [{"from": "gpt", "value": "Hi!"}] + SHAREGPT["conversations"][1:]}
+    assert normalize(opening) == CHAT[1:]
     parts = {"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
                                                        {"type": "text", "text": "b"}]},
                           {"role": "assistant", "content": "c"},
@@ -107,6 +110,7 @@ def test_both_forms_normalise_to_the_same_messages():
     (b'{"messages": [{"role": "wizard", "content": "x"}]}', UNKNOWN_FORMAT),
     (b'{"conversations": [{"from": "gpt", "value": null}]}', UNKNOWN_FORMAT),
     (b'{"messages": [{"role": "user", "content": "hi"}]}', NO_ASSISTANT),
+    (b'{"messages": [{"role": "assistant", "content": "hi"}]}', NO_ASSISTANT),
 ])
 def test_unusable_lines_raise_sample_error(line, kind):
     with pytest.raises(SampleError) as e:
@@ -225,12 +229,14 @@ def test_preprocess_round_trip(tmp_path, sp_path, sp_tok, capsys):
     # a process pool gives the same files
     assert tool.main(argv[:4] + [prefix + "2", "--tokenizer", f"sp:{sp_path}", "--seq-length",
                                   "48", "--workers", "2"]) == 0
+    assert "a.jsonl:2: malformed JSON" in capsys.readouterr().out
     for suffix in (".bin", "_loss_mask.bin"):
         with open(prefix + suffix, "rb") as a, open(prefix + "2" + suffix, "rb") as b:
             assert a.read() == b.read()
 
 
-@pytest.mark.parametrize("case", ["missing input", "bad tokenizer", "nothing usable", "no dir"])
+@pytest.mark.parametrize("case", ["missing input", "bad tokenizer", "gguf without file",
+                                  "nothing usable", "no dir"])
 def test_preprocess_errors_leave_nothing(tmp_path, sp_path, capsys, case):
     tool = _load_tool()
     good = _write_jsonl(tmp_path / "good.jsonl", [{"messages": CHAT}])
@@ -240,6 +246,8 @@ def test_preprocess_errors_leave_nothing(tmp_path, sp_path, capsys, case):
         inputs = [good, str(tmp_path / "absent.jsonl")]
     elif case == "bad tokenizer":
         tokenizer = f"sp:{good}"
+    elif case == "gguf without file":
+        tokenizer = f"hf:{smollm2_gguf()[0]}"
     elif case == "nothing usable":
         inputs = [bad]
     else:

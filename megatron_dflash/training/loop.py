@@ -1,0 +1,314 @@
+"""`pretrain(args)`: build target, draft, data and optimizer, then train with megatron-core.
+
+Everything distributed is megatron's own: `parallel_state` groups, the pipeline schedule from
+`get_forward_backward_func`, `DistributedDataParallel` + `DistributedOptimizer`,
+`finalize_model_grads`, `OptimizerParamScheduler` and dist-checkpointing (`checkpoint.py`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
+                                       finalize_model_grads)
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.spec_utils import build_module
+
+from megatron_dflash import checkpoint
+from megatron_dflash.config import DFlashConfig, build_target_layer_ids, draft_transformer_config
+from megatron_dflash.data.chitchat import write_chitchat_jsonl
+from megatron_dflash.data.conversations import DataReport
+from megatron_dflash.data.dataset import (ResumableSampler, build_dataset, collate, encode_files,
+                                          write_indexed_dataset)
+from megatron_dflash.data.tokenize import load_chat_tokenizer
+from megatron_dflash.loss import estimated_acceptance_length
+from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.target import build_target, load_hf_config, load_hf_weights, target_transformer_config
+from megatron_dflash.target.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOKEN_ID, convert_gguf,
+                                         smollm2_gguf)
+from megatron_dflash.training.module import DFlashTrainingModule
+from megatron_dflash.training.step import (anchor_generator, global_weight_sum, make_forward_step,
+                                           prepare_microbatch)
+
+EVAL_SEED = 987_654_321
+
+
+def log(msg: str) -> None:
+    """Print once, from the last rank (it holds the pipeline's last stage and the losses)."""
+    if dist.get_rank() == dist.get_world_size() - 1:
+        print(msg, flush=True)
+
+
+def _resolve_embedded_defaults(args) -> None:
+    """No --target / --train-data: SmolLM2-135M-Instruct and chitchat conversations, prepared once
+    into --cache-dir (converted weights, and the training split tokenised into an indexed
+    dataset); rank 0 prepares, the others wait."""
+    target = args.target or os.path.join(args.cache_dir, "smollm2-135m-instruct")
+    chitchat = os.path.join(args.cache_dir, "chitchat")
+    train_prefix = os.path.join(chitchat, f"train_{os.path.basename(target)}_s{args.seq_length}")
+    if dist.get_rank() == 0:
+        if args.target is None:
+            convert_gguf(*smollm2_gguf(), target, stop_token_id=SMOLLM2_STOP_TOKEN_ID)
+        if args.train_data is None and not IndexedDataset.exists(train_prefix):
+            split = write_chitchat_jsonl(chitchat)
+            report = DataReport()
+            samples = encode_files([split.train_path], load_chat_tokenizer(_tokenizer_spec(args, target)),
+                                   args.seq_length, report, workers=os.cpu_count() or 1)
+            write_indexed_dataset(train_prefix, samples, vocab_size=load_hf_config(target).vocab_size)
+            log(report.summary())
+    dist.barrier()
+    if args.target is None:
+        args.target = target
+        args.mask_token_id = SMOLLM2_MASK_TOKEN_ID
+        if args.target_layer_ids is None:  # the reference's five taps, even for a small draft
+            args.target_layer_ids = build_target_layer_ids(load_hf_config(target).num_hidden_layers, 5)
+    if args.train_data is None:
+        args.train_data = [train_prefix]
+        if args.valid_data is None:
+            args.valid_data = [os.path.join(chitchat, "chitchat_held_out.jsonl")]
+        if args.distill_weight is None:
+            args.distill_weight = 1.0  # the target did not write these conversations
+    if args.distill_weight is None:
+        args.distill_weight = 0.0
+
+
+def build_models(args, device):
+    """Frozen target (HF import) and a fresh draft, as one DDP-wrapped training chunk."""
+    hf_config = load_hf_config(args.target)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
+                                     sequence_parallel=args.sequence_parallel, params_dtype=dtype)
+    target = build_target(hf_config, tcfg, backend=_backend(args))
+    load_hf_weights(target, args.target)
+    cfg = DFlashConfig(
+        block_size=args.block_size, num_draft_layers=args.num_draft_layers,
+        target_layer_ids=args.target_layer_ids, mask_token_id=args.mask_token_id,
+        num_attention_heads=args.draft_num_attention_heads,
+        num_key_value_heads=args.draft_num_query_groups, head_dim=args.draft_kv_channels,
+        ffn_hidden_size=args.draft_ffn_hidden_size, loss_gamma=args.loss_gamma,
+        num_anchors=args.num_anchors,
+    ).resolve(tcfg, vocab_size=hf_config.vocab_size, target_rope_theta=target.rotary_base)
+    dcfg = draft_transformer_config(cfg, tcfg, perform_initialization=True)
+    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, _backend(args)),
+                         config=dcfg, dflash_config=cfg)
+    # The borrowed LM head expects inputs at the scale of the target's final norm: start there.
+    if target.post_process:
+        with torch.no_grad():
+            draft.decoder.final_layernorm.weight.copy_(target.decoder.final_layernorm.weight)
+    module = DFlashTrainingModule(target, draft).to(device)
+    if args.bf16:
+        module = Float16Module(dcfg, module)
+    ddp = DistributedDataParallel(
+        config=dcfg, module=module,
+        ddp_config=DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer))
+    dcfg.no_sync_func = ddp.no_sync
+    dcfg.finalize_model_grads_func = finalize_model_grads
+    return ddp, cfg, hf_config
+
+
+def _backend(args) -> str:
+    return "te" if args.transformer_impl == "transformer_engine" else "local"
+
+
+def build_optimizer(args, model):
+    opt = get_megatron_optimizer(OptimizerConfig(
+        optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
+        bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        use_distributed_optimizer=args.use_distributed_optimizer), [model])
+    warmup = int(args.lr_warmup_fraction * args.train_iters)
+    scheduler = OptimizerParamScheduler(
+        opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
+        lr_decay_steps=args.train_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.train_iters,
+        wd_incr_style="constant")
+    return opt, scheduler
+
+
+class MicroBatches:
+    """This data-parallel rank's micro-batches, prepared (anchors drawn) from the resumable sampler."""
+
+    def __init__(self, dataset, args, cfg: DFlashConfig, pad_id: int, consumed_samples: int,
+                 shuffle: bool = True, seed: int | None = None):
+        self.dataset, self.cfg, self.pad_id = dataset, cfg, pad_id
+        self.seed = args.seed if seed is None else seed
+        self.pad_multiple = args.tensor_model_parallel_size if args.sequence_parallel else 1
+        self.sampler = ResumableSampler(
+            len(dataset), args.micro_batch_size, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(), seed=self.seed,
+            consumed_samples=consumed_samples, shuffle=shuffle)
+        self._it = iter(self.sampler)
+
+    def next(self) -> dict:
+        indices = next(self._it)
+        s = self.sampler
+        position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
+        batch = collate([self.dataset[i] for i in indices], self.pad_id, self.pad_multiple)
+        return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
+                                  anchor_generator(self.seed, position))
+
+
+def _reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
+    """Sum the micro-batch reports, then over data-parallel ranks (last pipeline stage only)."""
+    out = {k: sum(r[k].double() for r in reports) for k in ("loss", "correct", "total")}
+    for v in out.values():
+        dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+    return out
+
+
+def run_step(model, microbatches: list[dict], cfg, args, forward_only: bool):
+    """One forward(+backward) over `microbatches` with megatron's schedule; returns the reports."""
+    scale = 1.0
+    if not forward_only:
+        total = global_weight_sum(microbatches, parallel_state.get_data_parallel_group())
+        scale = len(microbatches) * parallel_state.get_data_parallel_world_size() / max(total, 1e-12)
+    return get_forward_backward_func()(
+        forward_step_func=make_forward_step(cfg, args.distill_weight, scale),
+        data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
+        seq_length=microbatches[0]["tokens"].shape[1], micro_batch_size=args.micro_batch_size,
+        forward_only=forward_only)
+
+
+@torch.no_grad()
+def evaluate_tau(model, valid, cfg, args, pad_id) -> tuple[float, list[float]]:
+    """τ̂ and per-position accuracy of the draft on held-out conversations (fixed anchors)."""
+    model.eval()
+    n = min(args.eval_samples, len(valid))
+    n -= n % (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+    if n == 0:
+        raise ValueError(f"--eval-samples/held-out data ({len(valid)}) cannot fill one micro-batch "
+                         "per data-parallel rank")
+    batches = MicroBatches(torch.utils.data.Subset(valid, range(n)), args, cfg, pad_id, 0,
+                           shuffle=False, seed=EVAL_SEED)
+    count = n // (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
+    reports = run_step(model, [batches.next() for _ in range(count)], cfg, args, forward_only=True)
+    model.train()
+    r = _reduce_reports(reports)
+    acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
+    return float(estimated_acceptance_length(r["correct"], r["total"])), acc
+
+
+def _tokenizer_spec(args, target: str | None = None) -> str:
+    """--tokenizer as given (hf:PATH / sp:MODEL, or a bare HF dir), else the target's own."""
+    spec = args.tokenizer or (target or args.target)
+    return spec if spec.startswith(("hf:", "sp:")) else f"hf:{spec}"
+
+
+def pretrain(args) -> dict:
+    """Train; returns {'tau_start', 'tau_end', 'losses'} (for tests and the embedded demo)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+        else torch.device("cpu")
+    _resolve_embedded_defaults(args)
+    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
+                                             args.pipeline_model_parallel_size)
+    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    torch.manual_seed(args.seed)
+
+    t0 = time.time()
+    tokenizer = load_chat_tokenizer(_tokenizer_spec(args))
+    train, report = build_dataset(args.train_data, tokenizer, args.seq_length)
+    if report is not None:
+        log(report.summary())
+    if args.max_train_samples:
+        train = torch.utils.data.Subset(train, range(min(args.max_train_samples, len(train))))
+    valid = build_dataset(args.valid_data, tokenizer, args.seq_length)[0] if args.valid_data else None
+    pad_id = tokenizer.pad_id
+    model, cfg, hf_config = build_models(args, device)
+    optimizer, scheduler = build_optimizer(args, model)
+    log(f"target {args.target}: {hf_config.num_hidden_layers} layers, hidden {hf_config.hidden_size}"
+        f" | draft {cfg.num_draft_layers} layers, taps {cfg.target_layer_ids}, block {cfg.block_size},"
+        f" mask id {cfg.mask_token_id}, gamma {cfg.loss_gamma:g}, distill {args.distill_weight:g}"
+        f" | {len(train)} training conversations | set-up {time.time() - t0:.1f}s")
+
+    iteration, consumed = 0, 0
+    if args.load:
+        extra = checkpoint.load_checkpoint(args.load, model, optimizer, scheduler)
+        iteration, consumed = extra["iteration"], extra["consumed_samples"]
+        log(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")
+    batches = MicroBatches(train, args, cfg, pad_id, consumed)
+    writer = _tensorboard(args)
+    result = {"losses": []}
+    if valid is not None:
+        result["tau_start"], acc = evaluate_tau(model, valid, cfg, args, pad_id)
+        log(f"held-out tau {result['tau_start']:.3f} at iteration {iteration} | acc@1..3 "
+            + " ".join(f"{a:.3f}" for a in acc[:3]))
+
+    extra_state = {"dflash_config": dataclasses.asdict(cfg),
+                   "target": {"path": os.path.abspath(args.target), "hf_config": hf_config.to_dict()},
+                   "world_size": dist.get_world_size()}
+    start_iteration, start_time = iteration, time.time()
+    window_tokens, window_time, window_iters = 0, 0.0, 0
+    while iteration < args.train_iters:
+        t = time.time()
+        microbatches = [batches.next() for _ in range(args.num_microbatches)]
+        model.zero_grad_buffer()
+        optimizer.zero_grad()
+        reports = run_step(model, microbatches, cfg, args, forward_only=False)
+        _, grad_norm, _ = optimizer.step()
+        scheduler.step(increment=1)
+        iteration += 1
+        r = _reduce_reports(reports)
+        loss = float(r["loss"][0] / r["loss"][1].clamp(min=1e-12))
+        tau = float(estimated_acceptance_length(r["correct"], r["total"]))
+        acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
+        grad_norm = float(grad_norm or 0.0)
+        lr = scheduler.get_lr(optimizer.param_groups[0])
+        result["losses"].append(loss)
+        window_tokens += sum(mb["tokens"].numel() for mb in microbatches) \
+            * parallel_state.get_data_parallel_world_size()
+        window_time += time.time() - t
+        window_iters += 1
+        if writer is not None:
+            for k, v in (("loss", loss), ("tau_hat", tau), ("lr", lr), ("grad_norm", grad_norm),
+                         ("acc_pos1", acc[0])):
+                writer.add_scalar(f"train/{k}", v, iteration)
+        if iteration % args.log_interval == 0 or iteration == args.train_iters:
+            eta = (args.train_iters - iteration) * (time.time() - start_time) / (iteration - start_iteration)
+            log(f"iter {iteration:5d}/{args.train_iters} | loss {loss:.4f} | tau^ {tau:.3f} | acc@1..3 "
+                + " ".join(f"{a:.3f}" for a in acc[:3])
+                + f" | lr {lr:.2e} | grad norm {grad_norm:.3f}"
+                + f" | {window_tokens / window_time:.0f} target tok/s | {window_time / window_iters:.2f} s/iter"
+                + f" | ETA {_fmt(eta)}")
+            window_tokens, window_time, window_iters = 0, 0.0, 0
+        log("json " + json.dumps({"iteration": iteration, "loss": loss, "tau_hat": tau,
+                                  "grad_norm": grad_norm, "lr": lr}))
+        if valid is not None and args.eval_interval and iteration % args.eval_interval == 0 \
+                and iteration < args.train_iters:
+            t_, _ = evaluate_tau(model, valid, cfg, args, pad_id)
+            log(f"held-out tau {t_:.3f} at iteration {iteration}")
+        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
+                          or iteration == args.train_iters):
+            path = checkpoint.save_checkpoint(
+                args.save, iteration, model, optimizer, scheduler,
+                dict(extra_state, consumed_samples=batches.sampler.consumed_samples))
+            log(f"saved checkpoint {path}")
+    if valid is not None:
+        result["tau_end"], acc = evaluate_tau(model, valid, cfg, args, pad_id)
+        log(f"held-out tau {result['tau_end']:.3f} at iteration {iteration} | acc@1..3 "
+            + " ".join(f"{a:.3f}" for a in acc[:3]))
+    if writer is not None:
+        writer.close()
+    return result
+
+
+def _tensorboard(args):
+    if args.tensorboard_dir is None or dist.get_rank() != dist.get_world_size() - 1:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=args.tensorboard_dir)
+
+
+def _fmt(seconds: float) -> str:
+    seconds = int(max(0, seconds)) if math.isfinite(seconds) else 0
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"
