@@ -17,6 +17,40 @@ from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
 
+class DFlashKVCache:
+    """The draft's context keys/values kept across speculative-decoding steps (spec §7).
+
+    Only context entries persist: each draft call appends the K/V of the context tokens it is
+    given, while the block's own K/V are recomputed every call and never stored, so no "dirty"
+    bidirectional K/V survives a step. Keys are kept after `k_layernorm` but before RoPE, with
+    their positions: megatron's `Attention` rotates the whole key tensor after
+    `get_query_key_value_tensors` (its own static KV cache also stores un-rotated keys), so the
+    draft model re-rotates the cached keys at their stored positions, which gives the same keys
+    as caching them after RoPE. Layouts are megatron's `[s, b, groups, head_dim]`.
+    """
+
+    def __init__(self):
+        self.positions: torch.Tensor | None = None
+        self._kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __len__(self) -> int:
+        return 0 if self.positions is None else self.positions.shape[1]
+
+    def add_positions(self, new_positions: torch.Tensor) -> torch.Tensor:
+        """Record the positions [b, c] of the context tokens of this call; returns all [b, len]."""
+        self.positions = (new_positions if self.positions is None
+                          else torch.cat([self.positions, new_positions], dim=1))
+        return self.positions
+
+    def update(self, layer_number: int, key: torch.Tensor, value: torch.Tensor):
+        """Append one layer's new context K/V; returns that layer's K/V for the whole context."""
+        if layer_number in self._kv:
+            old_key, old_value = self._kv[layer_number]
+            key, value = torch.cat([old_key, key], dim=0), torch.cat([old_value, value], dim=0)
+        self._kv[layer_number] = (key, value)
+        return key, value
+
+
 class DFlashSelfAttention(SelfAttention):
     """SelfAttention whose keys/values are `[context ; hidden_states]` along the sequence.
 
@@ -26,6 +60,7 @@ class DFlashSelfAttention(SelfAttention):
     """
 
     _context: torch.Tensor | None = None
+    _kv_cache: DFlashKVCache | None = None
 
     @contextlib.contextmanager
     def kv_context(self, context: torch.Tensor | None):
@@ -36,6 +71,16 @@ class DFlashSelfAttention(SelfAttention):
         finally:
             self._context = None
 
+    @contextlib.contextmanager
+    def kv_cache(self, cache: DFlashKVCache | None):
+        """Attach an inference cache for one draft forward: the context K/V are appended to it and
+        attention sees all cached context K/V (see `DFlashKVCache`)."""
+        self._kv_cache = cache
+        try:
+            yield
+        finally:
+            self._kv_cache = None
+
     def get_query_key_value_tensors(self, hidden_states, key_value_states=None, output_gate=False,
                                     split_qkv=True):
         if output_gate or not split_qkv:
@@ -45,6 +90,8 @@ class DFlashSelfAttention(SelfAttention):
         if context is None:
             return query, key, value
         _, ctx_key, ctx_value = super().get_query_key_value_tensors(context)
+        if self._kv_cache is not None:
+            ctx_key, ctx_value = self._kv_cache.update(self.layer_number, ctx_key, ctx_value)
         return query, torch.cat([ctx_key, key], dim=0), torch.cat([ctx_value, value], dim=0)
 
 

@@ -12,6 +12,7 @@ per-rank RNG states, the data position and the DFlash/target description.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -67,7 +68,7 @@ def _sharded_state_dict(module, optimizer, is_loading: bool) -> dict:
 
 
 def _torch_adam_states(optimizer):
-    """(torch optimizer, megatron optimizer) pairs whose state is torch AdamW's."""
+    """The torch AdamW optimizers inside a megatron (chained) optimizer."""
     for o in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(o.optimizer, torch.optim.AdamW):
             yield o.optimizer
@@ -120,7 +121,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | Non
         sd.pop("rng")
     loaded = dist_checkpointing.load(sd, path)
     _load_trainable(module, loaded["model"])
-    with torch.no_grad():
+    with torch.no_grad(), _skip_torch_adam_step(optimizer):
         optimizer.load_state_dict(loaded["optimizer"])
     for inner in _torch_adam_states(optimizer):
         # megatron's non-apex/TE load gives every param one shared 'step' tensor; AdamW would
@@ -132,6 +133,26 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | Non
     if same_world:
         _set_rng_state(loaded["rng"])
     return common["extra"]
+
+
+@contextlib.contextmanager
+def _skip_torch_adam_step(optimizer):
+    """megatron-core 0.19.2's DistributedOptimizer, with torch AdamW (no apex/TE): loading the
+    fully_reshardable state drops the checkpoint's per-parameter 'step' (it is restored from
+    param_groups) but then copies every state tensor, 'step' included, and raises KeyError.
+    For the duration of the load, give it a non-tensor 'step', which it skips."""
+    patched = [o for o in getattr(optimizer, "chained_optimizers", [optimizer])
+               if isinstance(o.optimizer, torch.optim.AdamW)
+               and hasattr(o, "_set_main_param_and_optimizer_states")]
+    for o in patched:
+        original = o._set_main_param_and_optimizer_states
+        o._set_main_param_and_optimizer_states = (
+            lambda param, tensors, original=original: original(param, {"step": None, **tensors}))
+    try:
+        yield
+    finally:
+        for o in patched:
+            del o._set_main_param_and_optimizer_states
 
 
 def _init_torch_adam_state(optimizer) -> None:

@@ -12,6 +12,7 @@ parallelism the features and block embeddings are sharded along the sequence.
 """
 from __future__ import annotations
 
+import contextlib
 from itertools import chain
 from typing import Callable
 
@@ -23,6 +24,7 @@ from megatron.core.transformer.spec_utils import build_module
 from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.specs import DFlashModelSubmodules
 
@@ -78,7 +80,7 @@ class DFlashDraftModel(MegatronModule):
 
     def forward(self, block_input_ids: torch.Tensor, features: torch.Tensor,
                 attention_mask: torch.Tensor | None, position_ids: torch.Tensor,
-                return_hidden: bool = False) -> torch.Tensor:
+                return_hidden: bool = False, kv_cache: DFlashKVCache | None = None) -> torch.Tensor:
         """
         Args:
             block_input_ids: [b, Q] block tokens, Q = blocks x block_size, each block
@@ -87,6 +89,8 @@ class DFlashDraftModel(MegatronModule):
             attention_mask: [b, 1, Q, S+Q] bool, True = masked (None: everything visible).
             position_ids: [b, S+Q] positions of the S context tokens, then of the Q block tokens.
             return_hidden: return the final-norm hidden states instead of logits.
+            kv_cache: inference only (no mask): `features` and the first S positions are the
+                context tokens new since the last call; the block also attends to the cached ones.
         Returns:
             vocab-parallel logits [Q, b, V/tp], or hidden states [Q(/tp), b, H].
         """
@@ -95,9 +99,17 @@ class DFlashDraftModel(MegatronModule):
         embed, output = self._head
         hidden = embed(block_input_ids)
         context = self.hidden_norm(self.fc(features)[0])
-        num_context = position_ids.shape[1] - block_input_ids.shape[1]
-        hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask, context=context,
-                              rotary_pos_emb=self._rotary(position_ids, num_context))
+        num_block = block_input_ids.shape[1]
+        with contextlib.ExitStack() as stack:
+            if kv_cache is not None:
+                cached = kv_cache.add_positions(position_ids[:, :-num_block])
+                position_ids = torch.cat([cached, position_ids[:, -num_block:]], dim=1)
+                for layer in self.decoder.layers:
+                    stack.enter_context(layer.self_attention.kv_cache(kv_cache))
+            num_context = position_ids.shape[1] - num_block
+            hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask,
+                                  context=context,
+                                  rotary_pos_emb=self._rotary(position_ids, num_context))
         return hidden if return_hidden else output(hidden)
 
 

@@ -108,3 +108,33 @@ def load_params(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(tensors[n])
+
+
+def tiny_target_dir(path, vocab=VOCAB, layers=4, hidden=HIDDEN, seed=0) -> str:
+    """A random-initialised HF Llama (GQA) saved as config.json + safetensors."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden,
+                         intermediate_size=2 * hidden, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1)
+    AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(path)
+    return str(path)
+
+
+def pattern_dataset(prefix, count, seq_len, vocab=VOCAB, seed=0) -> str:
+    """An indexed dataset of learnable conversations: a random prompt, then a response cycling
+    through five tokens from a random phase — a small draft learns to continue it quickly."""
+    from megatron_dflash.data.dataset import write_indexed_dataset
+    from megatron_dflash.data.tokenize import Tokenized
+
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for _ in range(count):
+        prompt = torch.randint(0, vocab - 4, (seq_len // 4,), generator=g).tolist()
+        start = int(torch.randint(0, 5, (1,), generator=g))
+        response = [10 + (start + i) % 5 for i in range(seq_len - len(prompt))]
+        samples.append(Tokenized(prompt + response, [0] * len(prompt) + [1] * len(response), seq_len))
+    write_indexed_dataset(str(prefix), samples, vocab_size=vocab)
+    return str(prefix)

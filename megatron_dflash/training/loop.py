@@ -216,14 +216,15 @@ def pretrain(args) -> dict:
     torch.manual_seed(args.seed)
 
     t0 = time.time()
-    tokenizer = load_chat_tokenizer(_tokenizer_spec(args))
+    needs_tokenizer = any(not IndexedDataset.exists(p) for p in args.train_data + (args.valid_data or []))
+    tokenizer = load_chat_tokenizer(_tokenizer_spec(args)) if needs_tokenizer else None
     train, report = build_dataset(args.train_data, tokenizer, args.seq_length)
     if report is not None:
         log(report.summary())
     if args.max_train_samples:
         train = torch.utils.data.Subset(train, range(min(args.max_train_samples, len(train))))
     valid = build_dataset(args.valid_data, tokenizer, args.seq_length)[0] if args.valid_data else None
-    pad_id = tokenizer.pad_id
+    pad_id = tokenizer.pad_id if tokenizer else 0  # padding is never attended to nor supervised
     model, cfg, hf_config = build_models(args, device)
     optimizer, scheduler = build_optimizer(args, model)
     log(f"target {args.target}: {hf_config.num_hidden_layers} layers, hidden {hf_config.hidden_size}"

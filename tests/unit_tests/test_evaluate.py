@@ -1,0 +1,194 @@
+"""Speculative decoding with a megatron target and our draft: the draft KV cache equals a full
+recompute and the reference's cached forward, decoding is lossless (random and trained drafts),
+and τ / per-position acceptance match hand-computed values on a scripted case."""
+import json
+import types
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from dflash_testing import build_draft, head_only_target, head_state, randomize_, target_config
+from dflash_testing import dflash_config as resolved_config
+from interop_testing import (VOCAB, draft_config, reference_model, target_dir, tool,
+                             write_reference_dir)
+from megatron_dflash import state_dict_adapter
+from megatron_dflash.attention import DFlashKVCache
+from megatron_dflash.evaluate import (Generation, SpeculativeDecoder, build_decoder, evaluate,
+                                      plot_position_acceptance, position_acceptance, tau)
+from megatron_dflash.loss import dflash_loss
+from megatron_dflash.training.module import DFlashTrainingModule
+from megatron_dflash.training.step import prepare_microbatch
+
+
+def _prompts(n, length=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+@pytest.fixture
+def models(tmp_path):
+    """(target dir, reference-format random draft dir) of matching tiny models."""
+    cfg = draft_config()
+    return (target_dir(tmp_path / "target", seed=3),
+            write_reference_dir(tmp_path / "draft", cfg, reference_model(cfg, 4).state_dict()))
+
+
+def test_draft_kv_cache_equals_recompute_and_reference(utils):
+    """Context chunks of 10, 3, 1, 5 tokens: each step's block logits with the cache equal a
+    recompute over the whole context and the reference's DynamicCache path (crop to start)."""
+    utils.initialize_model_parallel(1)
+    tcfg = target_config()
+    cfg = resolved_config(tcfg, block_size=8)
+    target = head_only_target()
+    draft = build_draft(tcfg, cfg, target)
+    randomize_(draft, seed=5)
+    ref = reference_model(draft_config(block_size=8, rope_theta=cfg.rope_theta))
+    ref.load_state_dict(state_dict_adapter.megatron_to_hf(
+        {k: v.detach() for k, v in draft.named_parameters()}, cfg))
+    head = head_state(target)
+    g = torch.Generator().manual_seed(6)
+    features = torch.randn(19, 1, 2 * cfg.hidden_size, generator=g)
+    cache, ref_cache, start, B = DFlashKVCache(), DynamicCache(config=ref.config), 0, 8
+    with torch.no_grad():
+        for chunk in (10, 3, 1, 5):
+            new = slice(start, start + chunk)
+            start += chunk
+            block = torch.randint(0, VOCAB, (1, B), generator=g)
+            positions = torch.arange(new.start, start + B)[None]
+            cached = draft(block, features[new], None, positions, kv_cache=cache)
+            full = draft(block, features[:start], None, torch.arange(start + B)[None])
+            assert len(cache) == start
+            assert (cached - full).abs().max() < 1e-5
+            hidden = ref(position_ids=positions, past_key_values=ref_cache, use_cache=True,
+                         noise_embedding=torch.nn.functional.embedding(block, head["embedding"]),
+                         target_hidden=features[new].transpose(0, 1))
+            ref_cache.crop(start)
+            assert (cached[:, 0] - (hidden @ head["output"].t())[0]).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_lossless_with_random_draft(utils, tmp_path, kind):
+    utils.initialize_model_parallel(1)
+    cfg = draft_config()
+    target = target_dir(tmp_path / "target", kind=kind, seed=7)
+    draft = write_reference_dir(tmp_path / "draft", cfg, reference_model(cfg, 8).state_dict())
+    decoder = build_decoder(target, draft)
+    prompts = _prompts(3, seed=9)
+    report, pairs = evaluate(decoder, prompts, max_new_tokens=20, warmup=False)
+    assert report.lossless and report.num_requests == 3
+    assert all(len(b.tokens) == 20 for _, b in pairs)
+    assert 1 <= report.tau <= cfg.block_size
+    # A stop token inside the output: both loops stop right after it.
+    stop = pairs[0][1].tokens[9]
+    spec = decoder.generate(prompts[0], 20, [stop])
+    base = decoder.generate(prompts[0], 20, [stop], block_size=1)
+    assert spec.tokens == base.tokens and spec.tokens[-1] == stop and stop not in spec.tokens[:-1]
+
+
+def test_lossless_with_trained_draft(utils, tmp_path, models):
+    """A draft trained ~40 steps on the target's own greedy continuations accepts often, and
+    the output still equals target-only greedy decoding token for token."""
+    utils.initialize_model_parallel(1)
+    decoder = build_decoder(*models)
+    target, draft = decoder.target, decoder.draft
+    prompts = _prompts(8, seed=10)
+    sequences = [p + decoder.generate(p, 42, block_size=1).tokens for p in prompts]
+    tokens = torch.tensor(sequences)
+    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    loss_mask[:, 6:] = True
+    cfg = draft.dflash_config
+    module = DFlashTrainingModule(target, draft)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(11)
+    draft.train()
+    for _ in range(40):
+        mb = prepare_microbatch(tokens, loss_mask, cfg, g)
+        logits, _ = module(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
+                           mb["attention_mask"], mb["block_position_ids"])
+        loss_sum, weight_sum = dflash_loss(logits, mb["labels"], mb["weights"])
+        optimizer.zero_grad()
+        (loss_sum / weight_sum).backward()
+        optimizer.step()
+    decoder = SpeculativeDecoder(target, draft)
+    report, _ = evaluate(decoder, prompts[:4], max_new_tokens=36, warmup=False)
+    assert report.lossless
+    assert report.tau > 2.0, report
+    assert report.position_acceptance[0] > 0.5
+
+
+class ScriptedDraft(torch.nn.Module):
+    """Proposes the target's greedy tokens for the first `script[step]` slots of each block and
+    a wrong token after them, so every step's acceptance is known in advance."""
+
+    def __init__(self, greedy, script, block_size):
+        super().__init__()
+        self.greedy, self.script = greedy, list(script)
+        self.dflash_config = types.SimpleNamespace(block_size=block_size, mask_token_id=3,
+                                                   target_layer_ids=[1, 4])
+
+    def forward(self, block, features, mask, positions, kv_cache):
+        size, start = block.shape[1], int(positions[0, -block.shape[1]])
+        right = self.script.pop(0)
+        tokens = self.greedy[start + 1:start + size]
+        tokens = torch.cat([tokens[:right], (tokens[right:] + 1) % VOCAB])
+        return torch.nn.functional.one_hot(torch.cat([block[0, :1], tokens]), VOCAB)[:, None].float()
+
+
+def test_tau_and_position_acceptance_on_a_scripted_case(utils, tmp_path, models):
+    """B=8, 17 new tokens. Request 1 accepts 2, 7, 0, 3 drafts (emits 3, 8, 1, 4: τ=4); request
+    2 accepts 1 per step (8 steps of 2: τ=2). τ is the mean of per-request means: 3.0 (the
+    pooled mean would be 32/12)."""
+    utils.initialize_model_parallel(1)
+    target = build_decoder(*models).target
+    prompts = _prompts(2, seed=12)
+    baseline = SpeculativeDecoder(target)
+    greedy = [torch.tensor(p + baseline.generate(p, 17, block_size=1).tokens) for p in prompts]
+    scripts = [[2, 7, 0, 3], [1] * 8]
+    runs = []
+    for prompt, seq, script in zip(prompts, greedy, scripts):
+        decoder = SpeculativeDecoder(target, ScriptedDraft(seq, script, block_size=8))
+        report, pairs = evaluate(decoder, [prompt], 17, warmup=False)
+        assert report.lossless
+        runs.append(pairs[0][0])
+    assert [g.acceptance_lengths for g in runs] == [[3, 8, 1, 4], [2] * 8]
+    assert [g.accepted for g in runs] == [[2, 7, 0, 3], [1] * 8]
+    assert [g.drafted for g in runs] == [[7, 7, 7, 4], [7, 7, 7, 7, 7, 6, 4, 2]]
+    assert tau([g.acceptance_lengths for g in runs]) == 3.0
+    expected = [11 / 12, 3 / 12, 2 / 11, 1 / 11, 1 / 9, 1 / 9, 1 / 8]
+    assert position_acceptance(runs, 8) == pytest.approx(expected)
+
+
+def test_tau_definition():
+    g = [Generation([], acceptance_lengths=[4, 2]), Generation([], acceptance_lengths=[1]),
+         Generation([], acceptance_lengths=[])]
+    assert tau([x.acceptance_lengths for x in g]) == 2.0
+
+
+def test_plot_is_a_png(tmp_path):
+    path = tmp_path / "acc.png"
+    plot_position_acceptance([0.9, 0.7, float("nan"), 0.2], str(path), "test")
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 500
+
+
+def test_evaluate_tool(utils, tmp_path, models, capsys):
+    utils.initialize_model_parallel(1)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"input_ids": p}) for p in _prompts(2, seed=13)))
+    args = ["--target", models[0], "--draft", models[1], "--prompts", str(prompts),
+            "--max-new-tokens", "12", "--plot", str(tmp_path / "acc.png"),
+            "--output", str(tmp_path / "report.json")]
+    assert tool("evaluate_dflash").main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mismatched_requests"] == [] and report["num_requests"] == 2
+    assert len(report["position_acceptance"]) == 7 and (tmp_path / "acc.png").is_file()
+    assert "lossless: yes" in capsys.readouterr().out
+
+
+def test_evaluate_rejects_a_draft_for_another_target(utils, tmp_path, models, capsys):
+    utils.initialize_model_parallel(1)
+    other = target_dir(tmp_path / "other", hidden_size=32, head_dim=8)
+    rc = tool("evaluate_dflash").main(["--target", other, "--draft", models[1]])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and err.startswith("evaluate_dflash: error:") and "hidden size 32" in err

@@ -1,0 +1,179 @@
+"""Training end to end: learning, bad data, flag validation, kill-and-resume exactness."""
+import io
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import sentencepiece as spm
+
+from conftest import Utils
+from dflash_testing import pattern_dataset, tiny_target_dir
+from megatron_dflash import checkpoint
+from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.training.loop import pretrain
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MASK = 255  # never produced by pattern_dataset
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory):
+    return tiny_target_dir(tmp_path_factory.mktemp("target"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return pattern_dataset(d / "train", 64, 48, seed=1), pattern_dataset(d / "valid", 8, 48, seed=2)
+
+
+def flags(target, train, valid=None, **kw):
+    base = dict(target=target, mask_token_id=MASK, train_data=train, seq_length=48, block_size=8,
+                num_draft_layers=1, num_anchors=4, micro_batch_size=2, global_batch_size=4,
+                train_iters=10, lr=3e-3, min_lr=3e-4, log_interval=50, eval_samples=8, seed=7)
+    if valid:
+        base["valid_data"] = valid
+    base.update(kw)
+    out = []
+    for k, v in base.items():
+        out += [f"--{k.replace('_', '-')}"] + ([str(v)] if v is not True else [])
+    return out
+
+
+def run_in_process(argv):
+    Utils.destroy_model_parallel()
+    try:
+        return pretrain(parse_args(argv))
+    finally:
+        Utils.destroy_model_parallel()
+
+
+def test_training_lowers_loss_and_raises_tau(target, data):
+    result = run_in_process(flags(target, *data, train_iters=200, distill_weight=0))
+    losses = result["losses"]
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert last < 0.5 * first, (first, last)
+    assert result["tau_end"] > result["tau_start"] + 1.0, (result["tau_start"], result["tau_end"])
+
+
+def test_distillation_trains(target, data):
+    result = run_in_process(flags(target, *data, train_iters=30, distill_weight=0.5))
+    assert sum(result["losses"][-5:]) < sum(result["losses"][:5])
+
+
+def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
+    lines = [f"hello number {i} yes no maybe" for i in range(200)]
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=200, model_type="bpe",
+        hard_vocab_limit=False, user_defined_symbols=["<|im_start|>", "<|im_end|>"], minloglevel=2)
+    (tmp_path / "sp.model").write_bytes(model.getvalue())
+    good = {"messages": [{"role": "user", "content": "hello number 1"},
+                         {"role": "assistant", "content": "yes no maybe " * 6}]}
+    rows = [json.dumps(good)] * 3 + ['{"messages": [oops'] + [json.dumps(good)] * 2 + \
+        [json.dumps({"messages": [{"role": "user", "content": "no answer"}]})] + \
+        [json.dumps({"conversations": [{"from": "human", "value": "hi"},
+                                       {"from": "gpt", "value": "maybe " * 200}]})] + [json.dumps(good)] * 4
+    path = tmp_path / "chat.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    result = run_in_process(flags(target, str(path), tokenizer=f"sp:{tmp_path / 'sp.model'}",
+                                  train_iters=3, micro_batch_size=1, global_batch_size=2))
+    out = capsys.readouterr().out
+    assert len(result["losses"]) == 3
+    assert "12 conversations in 1 file(s): 10 kept (1 truncated), 2 skipped" in out, out
+    for line, kind in ((4, "malformed JSON"), (7, "no assistant turn"), (8, "truncated")):
+        assert any(f"chat.jsonl:{line}: {kind}" in l for l in out.splitlines()), (line, out)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--seq-length", "0"], "--seq-length"),
+    (["--global-batch-size", "3", "--micro-batch-size", "2"], "--global-batch-size"),
+    (["--lr", "-1"], "--lr"),
+    (["--distill-weight", "2"], "--distill-weight"),
+    (["--tensor-model-parallel-size", "3"], "world size"),
+    (["--target", "/nonexistent", "--mask-token-id", "3"], "--target"),
+    (["--target", "/tmp"], "--mask-token-id"),
+    (["--block-size", "1"], "--block-size"),
+])
+def test_bad_flags_fail_before_any_work(argv, flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert flag in capsys.readouterr().err
+
+
+def test_tracker_ignores_partial_save(tmp_path):
+    """A save killed before its rename leaves `iter_X.partial`; the tracker still names the last
+    finished checkpoint."""
+    os.makedirs(tmp_path / "iter_0000002")
+    (tmp_path / checkpoint.TRACKER).write_text("2")
+    os.makedirs(tmp_path / "iter_0000004.partial")
+    assert checkpoint.latest_iteration(str(tmp_path)) == 2
+    (tmp_path / checkpoint.TRACKER).write_text("4")
+    with pytest.raises(ValueError, match="missing checkpoint"):
+        checkpoint.latest_iteration(str(tmp_path))
+
+
+def _torchrun(nproc, argv, log_path):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+           f"--nproc-per-node={nproc}", os.path.join(REPO, "examples", "pretrain_dflash.py"), *argv]
+    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
+                            cwd=REPO)
+
+
+def _losses(log_path):
+    out = {}
+    for line in open(log_path):
+        if line.startswith("json "):
+            rec = json.loads(line[5:])
+            out[rec["iteration"]] = rec["loss"]
+    return out
+
+
+def _wait_for_checkpoint(root, job, log_path, timeout=300):
+    deadline = time.time() + timeout
+    while not (root.exists() and checkpoint.latest_iteration(str(root)) is not None):
+        assert job.poll() is None and time.time() < deadline, open(log_path).read()[-3000:]
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["dp1", "dp2"])
+def test_kill_and_resume_is_exact(target, data, tmp_path, nproc):
+    """Train, SIGKILL the whole job mid-training, resume from its last checkpoint (iteration k)
+    for n more steps: the losses of steps 1..k (killed job) and k+1..k+n (resumed job) equal a
+    straight run of k+n steps, bit for bit. A constant LR makes the schedule independent of
+    --train-iters, so the killed job can run until it is killed."""
+    n = 3
+    common = flags(target, data[0], log_interval=1, lr_decay_style="constant", lr_warmup_fraction=0)
+    save = tmp_path / "ckpt"
+    killed = _torchrun(nproc, common + ["--train-iters", "100000", "--save", str(save),
+                                        "--save-interval", str(n)], tmp_path / "killed.log")
+    _wait_for_checkpoint(save, killed, tmp_path / "killed.log")
+    # The whole job, no clean-up: torchrun starts its workers in sessions of their own.
+    job = psutil.Process(killed.pid)
+    procs = job.children(recursive=True) + [job]
+    for proc in procs:
+        proc.send_signal(signal.SIGKILL)
+    psutil.wait_procs(procs, timeout=60)
+    killed.wait(timeout=60)
+    k = checkpoint.latest_iteration(str(save))
+    assert k % n == 0
+
+    resumed = _torchrun(nproc, common + ["--train-iters", str(k + n), "--load", str(save)],
+                        tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
+    straight = _torchrun(nproc, common + ["--train-iters", str(k + n)], tmp_path / "straight.log")
+    assert straight.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
+
+    expected = _losses(tmp_path / "straight.log")
+    before = {i: v for i, v in _losses(tmp_path / "killed.log").items() if i <= k}
+    after = _losses(tmp_path / "resumed.log")
+    assert sorted(expected) == list(range(1, k + n + 1))
+    assert sorted(before) == list(range(1, k + 1)) and sorted(after) == list(range(k + 1, k + n + 1))
+    assert {**before, **after} == expected  # bit-exact on CPU fp32
