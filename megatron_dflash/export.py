@@ -220,7 +220,8 @@ def resolve_for_target(cfg: DFlashConfig, num_target_layers: int, vocab_size: in
     try:
         resolved = cfg.resolve(tcfg, vocab_size=vocab, target_rope_theta=cfg.rope_theta)
     except ValueError as e:
-        raise ValueError(f"{where} does not fit the target: {e}") from None
+        fit = f" does not fit the target at {target_dir}" if target_dir else ""
+        raise ValueError(f"{where}{fit}: {e}") from None
     return resolved, tcfg, target_json
 
 
@@ -286,6 +287,8 @@ def read_checkpoint(root: str, iteration: int | None = None
             extra = common["extra"]
             stored = {k: v for k, v in dist_checkpointing.load_tensors_metadata(path).items()
                       if k.startswith(_PREFIX)}
+            for tensor in stored.values():  # each rank reads everything: one main replica
+                tensor.replica_id = dist.get_rank()
             loaded = dist_checkpointing.load(stored, path) if stored else {}
         except (Exception, CheckpointException) as e:  # many types for a damaged checkpoint
             # torch DCP wraps the cause with its traceback: keep the final line
@@ -381,7 +384,6 @@ def import_reference(ref_dir: str, root: str, *, target_dir: str | None = None) 
                                                 target_dir, tp, where=ref_dir)
     if os.path.exists(root) and os.listdir(root):
         raise ValueError(f"{root}: exists and is not empty; import writes a new checkpoint")
-    tcfg = dataclasses.replace(tcfg, params_dtype=torch.float32, bf16=False, fp16=False)
     draft = build_module(get_dflash_model_spec(cfg.num_draft_layers),
                          config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
     load_draft_weights(draft, state_dict_adapter.hf_to_megatron(tensors, cfg))

@@ -3,13 +3,11 @@
 Logits are megatron's [Q, b, V/tp] (Q = N*B block slots, this rank's vocabulary slice); labels,
 weights and masks are [b, Q] from `megatron_dflash.anchors`.
 
-Loss contract. `dflash_loss` returns `(loss_sum, weight_sum)` = (Σ w·loss, Σ w), not a mean: with
-`calculate_per_token_loss=True` megatron sums the numerators and the "num_tokens" of all
-micro-batches (and data-parallel ranks) and divides once, which gives the reference's weighted mean
-Σ w·CE / Σ w over the whole optimizer step instead of a mean of per-micro-batch means. The
-"num_tokens" here is therefore the decayed weight sum, a float: megatron-core 0.19.2 schedules
-accumulate it as `int_tensor += num_tokens` and `finalize_model_grads` clamps it to >= 1, so the
-training step must hand megatron a compatible count (it is not done here).
+Loss contract. `dflash_loss` returns `(loss_sum, weight_sum)` = (Σ w·loss, Σ w), not a mean, so
+that the reference's weighted mean Σ w·ℓ / Σ w can be taken over a whole optimizer step (all
+micro-batches and data-parallel ranks) rather than as a mean of per-micro-batch means. The weights
+are fractional, which megatron's integer per-token count cannot carry; `training.step` therefore
+normalises by the global Σ w itself.
 
 Distillation (optional, ModelOpt's `dflash_self_logit_distillation`) replaces the hard label of
 slot k by the target's own next-token distribution for that token: the target's logits at
@@ -116,6 +114,18 @@ def dflash_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
             logits, target_logits, label_positions, tp_group)
     weights = weights.float()
     return (weights * per_token).sum(), weights.sum()
+
+
+@torch.no_grad()
+def target_greedy_labels(target_logits: torch.Tensor, label_positions: torch.Tensor,
+                         tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """[b, Q] the target's own greedy token for every block slot: the argmax of its logits
+    [S, b, V/tp] at a_j+k-1. Speculative decoding accepts a drafted token when it equals this,
+    so accuracy against it estimates acceptance whatever wrote the data."""
+    tp_group = _tp(tp_group)
+    rows = (label_positions - 1).clamp(0, target_logits.shape[0] - 1).t()
+    batch = torch.arange(rows.shape[1], device=rows.device)
+    return _vocab_parallel_argmax(target_logits[rows, batch], tp_group, get_pg_size(tp_group)).t()
 
 
 @torch.no_grad()

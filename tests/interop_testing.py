@@ -2,14 +2,19 @@
 and draft checkpoints, all built from configs on the CPU."""
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from dflash.model import DFlashDraftModel as ReferenceDraft
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from dflash_testing import randomize_
@@ -89,18 +94,31 @@ def reference_block_logits(ref: ReferenceDraft, embedding: torch.Tensor, output:
     return hidden @ output.t()
 
 
-def write_draft_checkpoint(root, draft, cfg: DFlashConfig, hf_config: dict | None = None) -> str:
-    """A training-layout draft checkpoint of `draft` (collective), with the target described as
-    training describes it."""
-    import dataclasses
+def draft_extra(cfg: DFlashConfig) -> dict:
+    """`extra` as training writes it, with the tiny target described by its config fields."""
+    return {"dflash_config": dataclasses.asdict(cfg),
+            "target": {"hf_config": dict(TARGET_FIELDS, num_hidden_layers=TARGET_LAYERS),
+                       "path": None},
+            "consumed_samples": 0, "world_size": dist.get_world_size()}
 
-    import torch.distributed as dist
 
-    extra = {"dflash_config": dataclasses.asdict(cfg),
-             "target": {"hf_config": hf_config or dict(TARGET_FIELDS, num_hidden_layers=TARGET_LAYERS),
-                        "path": None},
-             "consumed_samples": 0, "world_size": dist.get_world_size()}
-    return save_model_checkpoint(str(root), draft, extra, iteration=5)
+def write_draft_checkpoint(root, draft, cfg: DFlashConfig) -> str:
+    """A training-layout draft-only checkpoint of `draft` at iteration 5 (collective)."""
+    return save_model_checkpoint(str(root), draft, draft_extra(cfg), iteration=5)
+
+
+@contextlib.contextmanager
+def shared_tmp_dir():
+    """One temporary directory for every rank of the world (pytest's tmp_path is per process),
+    removed once all ranks are done with it."""
+    path = [tempfile.mkdtemp(prefix="dflash_test_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    try:
+        yield path[0]
+    finally:
+        dist.barrier()
+        if dist.get_rank() == 0:
+            shutil.rmtree(path[0], ignore_errors=True)
 
 
 def tool(name: str):
@@ -112,8 +130,6 @@ def tool(name: str):
 
 
 def reference_tensors(directory) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
     return load_file(os.path.join(directory, "model.safetensors"))
 
 

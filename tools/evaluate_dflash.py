@@ -9,8 +9,9 @@ cache/smollm2-135m-instruct). Prompts: JSONL lines {"prompt": str}, {"messages":
 {"turns": [str, ...]} (first turn) or {"input_ids": [...]}; text goes through the target
 tokenizer's chat template. Reports τ (mean acceptance length), the per-position acceptance rate,
 tokens/s and the speedup over target-only decoding measured in the same run, and whether every
-output equals target-only greedy decoding. Runs in fp32. On a CPU-only machine megatron's
-forward needs the test-side CUDA shims (tests/cpu_compat.py).
+output equals target-only greedy decoding (exit status 2 if one does not). Runs in fp32. On a
+CPU-only machine megatron's forward needs the test-side CUDA shims: run it as
+`python tests/cpu_run.py tools/evaluate_dflash.py ...`.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ Writes iteration 0 (the draft's sharded weights and `extra`, no optimizer) at te
 size = number of processes; dist-checkpointing reshards it to any layout on load. With --target
 the draft is checked against that target (hidden size, layers, vocabulary). A bad input is one
 error message and exit status 1, with nothing written. On a CPU-only machine megatron's
-checkpoint writer needs the test-side CUDA shims (tests/cpu_compat.py).
+checkpoint writer needs the test-side CUDA shims: `python tests/cpu_run.py tools/import_hf.py ...`.
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ import types
 
 import pytest
 import torch
-from transformers import DynamicCache
+from dflash.model import _crop_to, _make_cache
 
 from dflash_testing import build_draft, head_only_target, head_state, randomize_, target_config
 from dflash_testing import dflash_config as resolved_config
@@ -49,7 +49,7 @@ def test_draft_kv_cache_equals_recompute_and_reference(utils):
     head = head_state(target)
     g = torch.Generator().manual_seed(6)
     features = torch.randn(19, 1, 2 * cfg.hidden_size, generator=g)
-    cache, ref_cache, start, B = DFlashKVCache(), DynamicCache(config=ref.config), 0, 8
+    cache, ref_cache, start, B = DFlashKVCache(), _make_cache(ref.config), 0, 8
     with torch.no_grad():
         for chunk in (10, 3, 1, 5):
             new = slice(start, start + chunk)
@@ -63,7 +63,7 @@ def test_draft_kv_cache_equals_recompute_and_reference(utils):
             hidden = ref(position_ids=positions, past_key_values=ref_cache, use_cache=True,
                          noise_embedding=torch.nn.functional.embedding(block, head["embedding"]),
                          target_hidden=features[new].transpose(0, 1))
-            ref_cache.crop(start)
+            _crop_to(ref_cache, start)  # the reference drops the block's K/V
             assert (cached[:, 0] - (hidden @ head["output"].t())[0]).abs().max() < 1e-5
 
 
@@ -87,7 +87,7 @@ def test_lossless_with_random_draft(utils, tmp_path, kind):
 
 
 def test_lossless_with_trained_draft(utils, tmp_path, models):
-    """A draft trained ~40 steps on the target's own greedy continuations accepts often, and
+    """A draft trained 40 steps on the target's own greedy continuations accepts often, and
     the output still equals target-only greedy decoding token for token."""
     utils.initialize_model_parallel(1)
     decoder = build_decoder(*models)
@@ -113,7 +113,7 @@ def test_lossless_with_trained_draft(utils, tmp_path, models):
     decoder = SpeculativeDecoder(target, draft)
     report, _ = evaluate(decoder, prompts[:4], max_new_tokens=36, warmup=False)
     assert report.lossless
-    assert report.tau > 2.0, report
+    assert report.tau > 3.0, report  # 5.3 when written
     assert report.position_acceptance[0] > 0.5
 
 
@@ -153,9 +153,9 @@ def test_tau_and_position_acceptance_on_a_scripted_case(utils, tmp_path, models)
         runs.append(pairs[0][0])
     assert [g.acceptance_lengths for g in runs] == [[3, 8, 1, 4], [2] * 8]
     assert [g.accepted for g in runs] == [[2, 7, 0, 3], [1] * 8]
-    assert [g.drafted for g in runs] == [[7, 7, 7, 4], [7, 7, 7, 7, 7, 6, 4, 2]]
+    assert [g.drafted for g in runs] == [[7, 7, 5, 4], [7, 7, 7, 7, 7, 6, 4, 2]]  # cut at 17
     assert tau([g.acceptance_lengths for g in runs]) == 3.0
-    expected = [11 / 12, 3 / 12, 2 / 11, 1 / 11, 1 / 9, 1 / 9, 1 / 8]
+    expected = [11 / 12, 3 / 12, 2 / 11, 1 / 11, 1 / 9, 1 / 8, 1 / 7]
     assert position_acceptance(runs, 8) == pytest.approx(expected)
 
 
@@ -189,6 +189,7 @@ def test_evaluate_tool(utils, tmp_path, models, capsys):
 def test_evaluate_rejects_a_draft_for_another_target(utils, tmp_path, models, capsys):
     utils.initialize_model_parallel(1)
     other = target_dir(tmp_path / "other", hidden_size=32, head_dim=8)
+    capsys.readouterr()
     rc = tool("evaluate_dflash").main(["--target", other, "--draft", models[1]])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("evaluate_dflash: error:") and "hidden size 32" in err

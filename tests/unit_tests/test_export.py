@@ -6,14 +6,16 @@ import os
 import pytest
 import torch
 from dflash.model import DFlashDraftModel as ReferenceDraft
+from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from safetensors.torch import save_file
 
 from dflash_testing import (build_draft, draft_inputs, head_only_target, head_state, params,
                             randomize_, target_config)
 from dflash_testing import dflash_config as resolved_config
-from interop_testing import (HIDDEN, TARGET_FIELDS, draft_config, reference_block_logits,
-                             reference_model, reference_tensors, same_bytes, target_dir, tool,
-                             write_draft_checkpoint, write_reference_dir)
+from interop_testing import (HIDDEN, TARGET_FIELDS, draft_config, draft_extra,
+                             reference_block_logits, reference_model, reference_tensors,
+                             same_bytes, target_dir, tool, write_reference_dir)
 from megatron_dflash import export, state_dict_adapter
 
 
@@ -65,29 +67,22 @@ def test_round_trip_keeps_reference_written_config_and_bf16(utils, tmp_path):
 
 
 def test_export_matches_our_draft_in_reference_code(utils, tmp_path):
-    """A training-layout checkpoint (with optimizer-side entries the exporter must skip) exports
-    to a directory the reference loads cleanly, giving our draft's packed block logits."""
+    """A training-layout checkpoint (with RNG and scheduler entries beside the draft, which the
+    exporter skips) exports to a directory the reference loads cleanly, giving our draft's packed
+    block logits."""
     utils.initialize_model_parallel(1)
     tcfg = target_config()
     cfg = resolved_config(tcfg, block_size=8, num_anchors=5)
     target = head_only_target()
     draft = build_draft(tcfg, cfg, target)
     randomize_(draft, seed=11)
-    from megatron.core import dist_checkpointing
-
     root = tmp_path / "ckpt"
-    write_draft_checkpoint(root, draft, cfg)
-    # Add what a training save also holds: RNG (sharded) and scheduler (common) entries.
-    path = root / "iter_0000005"
-    common = dist_checkpointing.load_common_state_dict(str(path))
-    (path / ".metadata").unlink()
-    (path / "metadata.json").unlink()
-    for f in path.glob("*.distcp"):
-        f.unlink()
+    (root / "iter_0000005").mkdir(parents=True)
     dist_checkpointing.save({"model": draft.sharded_state_dict(prefix="draft."),
                              "rng": ShardedObject("rng_state", {"seed": 1}, (1,), (0,)),
-                             "scheduler": {"lr": 1e-3}, "extra": common["extra"]}, str(path))
-
+                             "scheduler": {"lr": 1e-3}, "extra": draft_extra(cfg)},
+                            str(root / "iter_0000005"))
+    (root / "latest_checkpointed_iteration.txt").write_text("5")
     out = export.export_checkpoint(str(root), str(tmp_path / "out"))
     ref, info = ReferenceDraft.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
@@ -126,8 +121,6 @@ def test_import_at_tp1_loads_into_training_draft(utils, tmp_path, reference_dir)
     """The imported checkpoint loads into a draft built the training way (same sharded keys)."""
     utils.initialize_model_parallel(1)
     export.import_reference(reference_dir, str(tmp_path / "ckpt"))
-    from megatron.core import dist_checkpointing
-
     tcfg = target_config()
     cfg = resolved_config(tcfg, block_size=8)
     draft = build_draft(tcfg, cfg, head_only_target())
@@ -206,8 +199,6 @@ def _edit_config(path, **changes):
 
 
 def _edit_tensors(path, edit):
-    from safetensors.torch import save_file
-
     tensors = reference_tensors(path)
     edit(tensors)
     save_file(tensors, os.path.join(path, "model.safetensors"))

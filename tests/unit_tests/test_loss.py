@@ -117,3 +117,15 @@ def test_accuracy_and_acceptance_length_on_a_known_case(utils):
     assert estimated_acceptance_length(correct, total).item() == pytest.approx(1 + 1 + 0.5 + 0)
     assert estimated_acceptance_length(torch.tensor([3, 2, 0]), torch.tensor([4, 4, 0])).item() == \
         pytest.approx(1 + 0.75 + 0.375)
+
+
+def test_target_greedy_labels_are_the_targets_next_token_argmax(utils):
+    from megatron_dflash.loss import target_greedy_labels
+    utils.initialize_model_parallel(1)
+    g = torch.Generator().manual_seed(0)
+    target_logits = torch.randn(12, 2, 50, generator=g)  # [S, b, V]
+    label_positions = torch.tensor([[0, 1, 2, 5], [7, 8, 9, 11]])  # a_j + k
+    got = target_greedy_labels(target_logits, label_positions)
+    rows = (label_positions - 1).clamp(min=0)
+    expected = torch.stack([target_logits[rows[b], b].argmax(-1) for b in range(2)])
+    assert torch.equal(got, expected)

@@ -1,0 +1,97 @@
+"""Export from tensor-parallel checkpoints: reference -> megatron checkpoint at TP=2 -> reference
+is bit-exact, and a draft saved at TP=2 exports to the reference code with our TP=1 logits. The
+export runs as the CLI in a separate single process, as it would after training."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.distributed as dist
+from dflash.model import DFlashDraftModel as ReferenceDraft
+from megatron.core import parallel_state
+
+from dflash_testing import (build_draft, draft_inputs, head_only_target, head_state, params,
+                            randomize_, target_config)
+from dflash_testing import dflash_config as resolved_config
+from interop_testing import (REPO, draft_config, reference_block_logits, reference_model,
+                             reference_tensors, same_bytes, shared_tmp_dir,
+                             write_draft_checkpoint, write_reference_dir)
+from megatron_dflash import export, state_dict_adapter
+
+
+@pytest.fixture
+def shared():
+    with shared_tmp_dir() as path:
+        yield path
+
+
+def _export_in_one_process(root, out):
+    """tools/export_hf.py in a fresh single process on rank 0; the other ranks wait."""
+    if dist.get_rank() == 0:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               and not k.startswith("TORCHELASTIC")}
+        run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "export_hf.py"),
+                              "--checkpoint", root, "--output", out], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr[-2000:]
+    dist.barrier()
+
+
+@pytest.mark.world(2)
+def test_reference_tp2_checkpoint_reference_is_bit_exact(utils, shared):
+    cfg = draft_config()
+    ref_dir, root, out = (os.path.join(shared, n) for n in ("ref", "ckpt", "out"))
+    if dist.get_rank() == 0:
+        write_reference_dir(ref_dir, cfg, reference_model(cfg, seed=21).state_dict())
+    dist.barrier()
+    utils.initialize_model_parallel(2)
+    export.import_reference(ref_dir, root)
+    files = sorted(os.listdir(os.path.join(root, "iter_0000000")))
+    assert "__0_0.distcp" in files and "__1_0.distcp" in files  # written by both TP ranks
+    # Every rank can read the whole draft back collectively (what evaluation at TP>1 does).
+    extra, resolved, full = export.read_checkpoint(root)
+    assert extra["world_size"] == 2
+    original = reference_tensors(ref_dir)
+    assert all(same_bytes(v, original[k])
+               for k, v in state_dict_adapter.megatron_to_hf(full, resolved).items())
+    _export_in_one_process(root, out)
+    exported = reference_tensors(out)
+    assert sorted(exported) == sorted(original)
+    assert all(same_bytes(exported[k], original[k]) for k in original)
+    with open(os.path.join(ref_dir, "config.json")) as a, open(os.path.join(out, "config.json")) as b:
+        assert json.load(a) == json.load(b)
+
+
+@pytest.mark.world(2)
+def test_tp2_checkpoint_exports_our_tp1_logits(utils, shared):
+    utils.initialize_model_parallel(1)
+    tcfg1 = target_config()
+    cfg1 = resolved_config(tcfg1, block_size=8, num_anchors=5)
+    target1 = head_only_target()
+    draft1 = build_draft(tcfg1, cfg1, target1)
+    randomize_(draft1, seed=22)
+    inputs = draft_inputs(cfg1, batch=2, seq_len=48, seed=23)
+    with torch.no_grad():
+        logits1 = draft1(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
+                         inputs["position_ids"]).transpose(0, 1)
+    full, head = params(draft1), head_state(target1)
+
+    utils.initialize_model_parallel(2)
+    tcfg2 = target_config(tp=2)
+    cfg2 = resolved_config(tcfg2, block_size=8, num_anchors=5)
+    draft2 = build_draft(tcfg2, cfg2, head_only_target(tp=2))
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    export.load_draft_weights(draft2, full)
+    assert torch.equal(params(draft2)["decoder.layers.0.self_attention.linear_qkv.weight"],
+                       state_dict_adapter.shard(full, cfg2, rank, 2)[
+                           "decoder.layers.0.self_attention.linear_qkv.weight"])
+    root, out = os.path.join(shared, "ckpt"), os.path.join(shared, "out")
+    write_draft_checkpoint(root, draft2, cfg2)
+    _export_in_one_process(root, out)
+    ref, info = ReferenceDraft.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    theirs = reference_block_logits(ref.eval(), head["embedding"], head["output"], inputs)
+    assert (theirs - logits1).abs().max() < 1e-5
