@@ -31,3 +31,4 @@ test-unit: $(STAMP)
 
 test-dist: $(STAMP)
 	timeout 1200 $(TORCHRUN) --nproc-per-node 2 -m pytest -q tests/distributed
+	timeout 1200 $(TORCHRUN) --nproc-per-node 4 -m pytest -q tests/distributed

@@ -20,8 +20,9 @@ import shutil
 import numpy as np
 import torch
 import torch.distributed as dist
-from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 
 TRACKER = "latest_checkpointed_iteration.txt"
 _OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -59,12 +60,37 @@ def _set_rng_state(s: dict) -> None:
 
 
 def _sharded_state_dict(module, optimizer, is_loading: bool) -> dict:
+    """Model, optimizer and RNG. With PP > 1 the stages before the last hold no draft and add no
+    model or optimizer state, but still take part in the collective save and load.
+
+    dist-checkpointing writes the plain (non-sharded) values from global rank 0 only, which with
+    PP > 1 sits on such a stage: when saving, every stage receives its last stage's plain
+    optimizer values (param groups, Adam's step), so rank 0 writes the right ones.
+    """
     rank, world = dist.get_rank(), dist.get_world_size()
-    sd = {"model": module.sharded_state_dict()}
-    sd["optimizer"] = optimizer.sharded_state_dict(sd["model"], is_loading=is_loading,
-                                                   metadata=_OPTIM_FORMAT)
+    model = module.sharded_state_dict()
+    sd = {"model": model} if model else {}  # an empty dict would differ from rank 0's common
+    state = None
+    if _holds_params(optimizer):
+        state = optimizer.sharded_state_dict(model, is_loading=is_loading, metadata=_OPTIM_FORMAT)
+    if not is_loading and parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        plain = None
+        if state is not None:
+            plain = extract_sharded_base(extract_nonpersistent(state)[1])[1]
+        box = [plain]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        state = box[0] if state is None else state
+    if state is not None:
+        sd["optimizer"] = state
     sd["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
     return sd
+
+
+def _holds_params(optimizer) -> bool:
+    """False on pipeline stages before the last (no draft). Their data-parallel groups, the only
+    groups the optimizer state is gathered over, hold no parameters either."""
+    return any(group["params"] for group in optimizer.param_groups)
 
 
 def _torch_adam_states(optimizer):
@@ -120,9 +146,10 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | Non
     if not same_world:
         sd.pop("rng")
     loaded = dist_checkpointing.load(sd, path)
-    _load_trainable(module, loaded["model"])
-    with torch.no_grad(), _skip_torch_adam_step(optimizer):
-        optimizer.load_state_dict(loaded["optimizer"])
+    _load_trainable(module, loaded.get("model", {}))
+    if _holds_params(optimizer):
+        with torch.no_grad(), _skip_torch_adam_step(optimizer):
+            optimizer.load_state_dict(loaded["optimizer"])
     for inner in _torch_adam_states(optimizer):
         # megatron's non-apex/TE load gives every param one shared 'step' tensor; AdamW would
         # then advance it once per parameter per step.

@@ -4,6 +4,9 @@ Both backends build the same module tree (and so the same checkpoint keys): a pr
 layer (RMSNorm, q/k RMSNorm, GQA, SwiGLU) whose attention is `DFlashSelfAttention` with an
 arbitrary mask. The input norm is always a separate module: a fused norm+QKV linear would also
 normalise the target context, which DFlash normalises once (fc + hidden_norm) and not per layer.
+`attention="sparse"` swaps the core attention for `DFlashSparseAttention`, which takes the mask as a
+`DFlashBlockMask` and skips the masked-out work (sparse_attention.py); the modules with weights,
+and so the checkpoint, are the same.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_dflash.attention import DFlashSelfAttention, DFlashTransformerLayer
+from megatron_dflash.sparse_attention import DFlashSparseAttention
 
 BACKENDS = ("local", "te")
+ATTENTIONS = ("dense", "sparse")
 
 
 class LocalRMSNorm(torch.nn.RMSNorm):
@@ -60,13 +65,17 @@ class DuplicatedLinear(torch.nn.Linear):
 
 
 def _te():
-    """Transformer Engine classes, imported only when the TE backend is asked for."""
-    try:
-        from megatron.core.extensions.transformer_engine import TELinear, TENorm
-        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-    except ImportError as e:  # pragma: no cover - depends on the machine
+    """Transformer Engine classes, imported only when the TE backend is asked for.
+
+    megatron's TE wrappers import without TE (as placeholders that fail later), so its own
+    `HAVE_TE` says whether TE is really there.
+    """
+    from megatron.core.extensions.transformer_engine import HAVE_TE, TELinear, TENorm
+    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+    if not HAVE_TE:
         raise ImportError("backend='te' needs Transformer Engine: pip install 'megatron_dflash[te]'"
-                          f" on a CUDA machine ({e})") from e
+                          " on a CUDA machine")
     return TESpecProvider(), TENorm, TELinear
 
 
@@ -75,13 +84,21 @@ def _check_backend(backend: str):
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
 
 
-def get_dflash_layer_spec(backend: str = "local") -> ModuleSpec:
-    """One DFlash draft layer. `backend="te"` needs Transformer Engine (GPU)."""
+def _check_attention(attention: str):
+    if attention not in ATTENTIONS:
+        raise ValueError(f"attention={attention!r} must be one of {ATTENTIONS}")
+
+
+def get_dflash_layer_spec(backend: str = "local", attention: str = "dense") -> ModuleSpec:
+    """One DFlash draft layer. `backend="te"` needs Transformer Engine (GPU); `attention="sparse"`
+    needs the mask as a `DFlashBlockMask` (`dflash_block_mask`) instead of the dense tensor."""
     _check_backend(backend)
+    _check_attention(attention)
     if backend == "local":
         provider, norm = LocalSpecProvider(), LocalRMSNorm
     else:
         provider, norm, _ = _te()
+    core_attention = provider.core_attention() if attention == "dense" else DFlashSparseAttention
     return ModuleSpec(
         module=DFlashTransformerLayer,
         submodules=TransformerLayerSubmodules(
@@ -91,7 +108,7 @@ def get_dflash_layer_spec(backend: str = "local") -> ModuleSpec:
                 params={"attn_mask_type": AttnMaskType.arbitrary},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=provider.column_parallel_linear(),
-                    core_attention=provider.core_attention(),
+                    core_attention=core_attention,
                     linear_proj=provider.row_parallel_linear(),
                     q_layernorm=norm,
                     k_layernorm=norm,
@@ -115,17 +132,19 @@ class DFlashModelSubmodules:
     decoder: TransformerBlockSubmodules
 
 
-def get_dflash_model_spec(num_layers: int, backend: str = "local") -> ModuleSpec:
+def get_dflash_model_spec(num_layers: int, backend: str = "local",
+                          attention: str = "dense") -> ModuleSpec:
     """The whole draft: fc + hidden_norm, `num_layers` DFlash layers and a final norm."""
     from megatron_dflash.model import DFlashDraftModel
 
     _check_backend(backend)
+    _check_attention(attention)
     if backend == "local":
         norm, linear, fc_params = LocalRMSNorm, DuplicatedLinear, {}
     else:
         _, norm, linear = _te()
         fc_params = {"parallel_mode": "duplicated", "skip_weight_param_allocation": False}
-    layer = get_dflash_layer_spec(backend)
+    layer = get_dflash_layer_spec(backend, attention)
     return ModuleSpec(
         module=DFlashDraftModel,
         submodules=DFlashModelSubmodules(

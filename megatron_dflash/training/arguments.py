@@ -7,7 +7,10 @@ chitchat conversations); flags use Megatron-LM's names where Megatron-LM has one
 from __future__ import annotations
 
 import argparse
+import json
 import os
+
+_EMBEDDED_TARGET_LAYERS = 30  # SmolLM2-135M-Instruct
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,7 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                   help="split the target's layers over this many stages; the draft runs on the "
+                        "last one")
+    g.add_argument("--virtual-pipeline-model-parallel-size", type=int, default=None,
+                   help="not supported (the features travel in the non-interleaved 1F1B "
+                        "schedule); accepted only to reject it with a clear message")
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
                    action="store_false", help="use megatron's plain DDP optimizer")
@@ -115,8 +123,9 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
            f"--pipeline-model-parallel-size = {model_parallel}")
     _check(not a.sequence_parallel or a.tensor_model_parallel_size > 1,
            "--sequence-parallel needs --tensor-model-parallel-size > 1")
-    _check(a.pipeline_model_parallel_size == 1,
-           "--pipeline-model-parallel-size > 1 is not supported yet")
+    _check(a.virtual_pipeline_model_parallel_size is None,
+           "--virtual-pipeline-model-parallel-size: virtual (interleaved) pipeline stages are not "
+           "supported; the captured target features travel in the non-interleaved 1F1B schedule")
     a.data_parallel_size = world_size // model_parallel
     per_step = a.micro_batch_size * a.data_parallel_size
     _check(a.global_batch_size % per_step == 0,
@@ -130,12 +139,25 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
            "your data never uses)")
     if a.target is not None:
         _check(os.path.isdir(a.target), f"--target={a.target}: not a directory")
+    layers = _num_target_layers(a.target) if a.target is not None else _EMBEDDED_TARGET_LAYERS
+    _check(layers is None or layers % a.pipeline_model_parallel_size == 0,
+           f"--pipeline-model-parallel-size={a.pipeline_model_parallel_size} must divide the "
+           f"target's {layers} layers (every stage holds the same number)")
     for flag in ("train_data", "valid_data"):
         for path in getattr(a, flag) or []:
             _check(os.path.exists(path) or os.path.exists(path + ".bin"),
                    f"--{flag.replace('_', '-')}: {path} does not exist")
     _check(a.load is None or os.path.isdir(a.load), f"--load={a.load}: not a directory")
     return a
+
+
+def _num_target_layers(target: str) -> int | None:
+    """The target config.json's num_hidden_layers (None if unreadable: the import reports it)."""
+    try:
+        with open(os.path.join(target, "config.json")) as f:
+            return int(json.load(f)["num_hidden_layers"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:

@@ -37,6 +37,7 @@ from megatron_dflash.target import build_target, load_hf_config, load_hf_weights
 from megatron_dflash.target.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOKEN_ID, convert_gguf,
                                          smollm2_gguf)
 from megatron_dflash.training.module import DFlashTrainingModule
+from megatron_dflash.training.pipeline import word_embedding_replica
 from megatron_dflash.training.step import (anchor_generator, global_weight_sum, make_forward_step,
                                            prepare_microbatch)
 
@@ -83,11 +84,13 @@ def _resolve_embedded_defaults(args) -> None:
 
 
 def build_models(args, device):
-    """Frozen target (HF import) and a fresh draft, as one DDP-wrapped training chunk."""
+    """Frozen target (HF import; this pipeline stage's layers) and, on the last stage, a fresh
+    draft, as one DDP-wrapped training chunk."""
     hf_config = load_hf_config(args.target)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
-                                     sequence_parallel=args.sequence_parallel, params_dtype=dtype)
+                                     sequence_parallel=args.sequence_parallel, params_dtype=dtype,
+                                     pipeline_parallel_size=args.pipeline_model_parallel_size)
     target = build_target(hf_config, tcfg, backend=_backend(args))
     load_hf_weights(target, args.target)
     cfg = DFlashConfig(
@@ -98,14 +101,25 @@ def build_models(args, device):
         ffn_hidden_size=args.draft_ffn_hidden_size, loss_gamma=args.loss_gamma,
         num_anchors=args.num_anchors,
     ).resolve(tcfg, vocab_size=hf_config.vocab_size, target_rope_theta=target.rotary_base)
-    dcfg = draft_transformer_config(cfg, tcfg, perform_initialization=True)
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, _backend(args)),
-                         config=dcfg, dflash_config=cfg)
-    # The borrowed LM head expects inputs at the scale of the target's final norm: start there.
+    # PP > 1: a sent payload is freed at once (only its autograd node is needed, for the zero
+    # gradient), and since micro-batches differ in length the schedule exchanges every payload's
+    # shape. (Set after construction: TransformerConfig refuses variable lengths with its default
+    # MoE token dispatcher, which a dense model never uses.)
+    pipelined = args.pipeline_model_parallel_size > 1
+    dcfg = draft_transformer_config(cfg, tcfg, perform_initialization=True,
+                                    deallocate_pipeline_outputs=pipelined)
+    dcfg.variable_seq_lengths = pipelined
     if target.post_process:
+        draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, _backend(args)),
+                             config=dcfg, dflash_config=cfg)
+        # The borrowed LM head expects inputs at the scale of the target's final norm: start there.
         with torch.no_grad():
             draft.decoder.final_layernorm.weight.copy_(target.decoder.final_layernorm.weight)
-    module = DFlashTrainingModule(target, draft).to(device)
+        embedding = None if target.pre_process else word_embedding_replica(target, args.target)
+        module = DFlashTrainingModule(target, draft, embedding=embedding)
+    else:
+        module = DFlashTrainingModule(target, config=dcfg, target_layer_ids=cfg.target_layer_ids)
+    module = module.to(device)
     if args.bf16:
         module = Float16Module(dcfg, module)
     ddp = DistributedDataParallel(
@@ -160,10 +174,18 @@ class MicroBatches:
 
 
 def _reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
-    """Sum the micro-batch reports, then over data-parallel ranks (last pipeline stage only)."""
-    out = {k: sum(r[k].double() for r in reports) for k in ("loss", "correct", "total")}
-    for v in out.values():
-        dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+    """Sum the micro-batch reports, then over data-parallel ranks. Only the last pipeline stage
+    has reports (the loss lives there); the other stages receive its sums."""
+    out = None
+    if parallel_state.is_pipeline_last_stage():
+        out = {k: sum(r[k].double() for r in reports) for k in ("loss", "correct", "total")}
+        for v in out.values():
+            dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+    if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+        box = [None if out is None else {k: v.cpu() for k, v in out.items()}]
+        dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                   group=parallel_state.get_pipeline_model_parallel_group())
+        out = box[0]
     return out
 
 
@@ -178,6 +200,17 @@ def run_step(model, microbatches: list[dict], cfg, args, forward_only: bool):
         data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
         seq_length=microbatches[0]["tokens"].shape[1], micro_batch_size=args.micro_batch_size,
         forward_only=forward_only)
+
+
+def train_step(model, optimizer, scheduler, microbatches: list[dict], cfg, args):
+    """One optimizer step over this rank's micro-batches: (their reports, on the last pipeline
+    stage only, and the global gradient norm before clipping)."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_step(model, microbatches, cfg, args, forward_only=False)
+    _, grad_norm, _ = optimizer.step()
+    scheduler.step(increment=1)
+    return reports, float(grad_norm or 0.0)
 
 
 @torch.no_grad()
@@ -206,7 +239,8 @@ def _tokenizer_spec(args, target: str | None = None) -> str:
 
 
 def pretrain(args) -> dict:
-    """Train; returns {'tau_start', 'tau_end', 'losses'} (for tests and the embedded demo)."""
+    """Train; returns {'tau_start', 'tau_end', 'losses', 'grad_norms'} on every rank (for tests
+    and the embedded demo)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     _resolve_embedded_defaults(args)
@@ -239,7 +273,7 @@ def pretrain(args) -> dict:
         log(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")
     batches = MicroBatches(train, args, cfg, pad_id, consumed)
     writer = _tensorboard(args)
-    result = {"losses": []}
+    result = {"losses": [], "grad_norms": []}
     if valid is not None:
         result["tau_start"], acc = evaluate_tau(model, valid, cfg, args, pad_id)
         log(f"held-out tau {result['tau_start']:.3f} at iteration {iteration} | acc@1..3 "
@@ -253,19 +287,15 @@ def pretrain(args) -> dict:
     while iteration < args.train_iters:
         t = time.time()
         microbatches = [batches.next() for _ in range(args.num_microbatches)]
-        model.zero_grad_buffer()
-        optimizer.zero_grad()
-        reports = run_step(model, microbatches, cfg, args, forward_only=False)
-        _, grad_norm, _ = optimizer.step()
-        scheduler.step(increment=1)
+        reports, grad_norm = train_step(model, optimizer, scheduler, microbatches, cfg, args)
         iteration += 1
         r = _reduce_reports(reports)
         loss = float(r["loss"][0] / r["loss"][1].clamp(min=1e-12))
         tau = float(estimated_acceptance_length(r["correct"], r["total"]))
         acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
-        grad_norm = float(grad_norm or 0.0)
         lr = scheduler.get_lr(optimizer.param_groups[0])
         result["losses"].append(loss)
+        result["grad_norms"].append(grad_norm)
         window_tokens += sum(mb["tokens"].numel() for mb in microbatches) \
             * parallel_state.get_data_parallel_world_size()
         window_time += time.time() - t

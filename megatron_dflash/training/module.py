@@ -4,49 +4,107 @@ Wrapping both in one `MegatronModule` lets the stock machinery do the rest: DDP 
 DistributedOptimizer only collect parameters that require grad (the draft), `finalize_model_grads`
 reads this module's config (the draft's: q/k-norm and sequence-parallel gradient reductions), and
 the checkpoint holds only the draft because `sharded_state_dict` exposes only the draft.
+
+With pipeline parallelism each stage holds its slice of the target; only the last stage holds the
+draft (and so trainable parameters). Earlier stages forward the captured features in the pipeline
+payload (`training.pipeline`); their DDP buffers and optimizers are empty but still take part in
+megatron's collectives.
 """
 from __future__ import annotations
 
+from functools import partial
+from typing import Sequence
+
 import torch
 from megatron.core.enums import ModelType
+from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash.model import DFlashDraftModel, target_head
 from megatron_dflash.target.capture import FeatureCapture
+from megatron_dflash.training.pipeline import link_received, pack, unpack
 
 
 class DFlashTrainingModule(MegatronModule):
-    """Runs the frozen target (no grad, taps captured) and the draft on one micro-batch."""
+    """Runs this stage's frozen target layers (no grad, taps captured) and, on the last stage, the
+    draft, on one micro-batch.
 
-    def __init__(self, target, draft: DFlashDraftModel):
-        super().__init__(config=draft.config)
+    Args:
+        target: this pipeline stage's GPTModel (`build_target`).
+        draft: the draft, on the last pipeline stage only.
+        config, target_layer_ids: the draft's TransformerConfig and taps, given on stages without
+            the draft (the schedule, DDP and `finalize_model_grads` read the config everywhere).
+        embedding: the target's word embedding for a last stage that has none (PP > 1), from
+            `pipeline.word_embedding_replica`.
+    """
+
+    def __init__(self, target, draft: DFlashDraftModel | None = None, *,
+                 config: TransformerConfig | None = None,
+                 target_layer_ids: Sequence[int] | None = None,
+                 embedding: LanguageModelEmbedding | None = None):
+        super().__init__(config=draft.config if draft is not None else config)
         self.model_type = ModelType.encoder_or_decoder  # what megatron's schedules look up
+        # What finalize_model_grads looks up on PP > 1: the target's embedding is frozen, so there
+        # is no gradient of a tied embedding to all-reduce between the first and last stage.
+        self.pre_process, self.post_process = target.pre_process, target.post_process
+        self.share_embeddings_and_output_weights = False
         for p in target.parameters():
             p.requires_grad_(False)
         self.target = target
         self.draft = draft
-        draft.borrow_target_head(*target_head(target))
-        self._capture = FeatureCapture(target, draft.dflash_config.target_layer_ids)
+        if draft is not None:
+            target_layer_ids = draft.dflash_config.target_layer_ids
+            embed, output = target_head(target)
+            if embedding is not None:
+                self.embedding = embedding
+                embed = partial(embedding, position_ids=None)
+            elif not target.pre_process:
+                raise ValueError("this stage has no target embedding for the draft: pass "
+                                 "embedding=word_embedding_replica(target, hf_path)")
+            draft.borrow_target_head(embed, output)
+        self._capture = FeatureCapture(target, target_layer_ids)
+        self._num_taps = len(target_layer_ids)
+        self._local_slots = [list(target_layer_ids).index(i) for i in self._capture.local_ids]
+        self._received = None
 
     def set_input_tensor(self, input_tensor) -> None:
-        """Pipeline input from the previous stage goes to the target (megatron's schedule hook)."""
-        self.target.set_input_tensor(input_tensor)
+        """The previous stage's payload (megatron's schedule hook; [None] on the first stage)."""
+        self._received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
     def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids):
-        """Returns (draft vocab-parallel logits [Q, b, V/tp], target logits [b, S, V/tp]).
+        """Last stage: (draft vocab-parallel logits [Q, b, V/tp], target logits [b, S, V/tp]).
+        Other stages: (payload for the next stage [s(/tp), b, H*(1+K)], None).
 
         The target runs under no_grad: none of its activations are kept for backward.
         """
+        received = self._received
+        if received is None:
+            hidden, taps = None, [None] * self._num_taps
+        else:
+            hidden, taps = unpack(received.detach(), self._num_taps)
+        self.target.set_input_tensor(hidden)
         with torch.no_grad(), self._capture:
-            target_logits = self.target(tokens, position_ids, attention_mask=None)
-        features = self._capture.features()
-        logits = self.draft(block_input_ids, features, attention_mask, block_position_ids)
-        return logits, target_logits
+            output = self.target(tokens, position_ids, attention_mask=None)
+        local = self._capture.features()
+        if local is not None:
+            for slot, tap in zip(self._local_slots, local.chunk(len(self._local_slots), dim=-1)):
+                taps[slot] = tap
+        if self.draft is None:
+            return link_received(pack(output, taps), received), None
+        logits = self.draft(block_input_ids, torch.cat(taps, dim=-1), attention_mask,
+                            block_position_ids)
+        return link_received(logits, received), output
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        """Only the draft: the target is frozen and is loaded from its own checkpoint."""
+        """Only the draft (empty before the last stage): the target is frozen and is loaded from
+        its own checkpoint."""
+        if self.draft is None:
+            return {}
         return self.draft.sharded_state_dict(prefix=f"{prefix}draft.",
                                              sharded_offsets=sharded_offsets, metadata=metadata)
 
     def state_dict_for_save_checkpoint(self, prefix: str = "", keep_vars: bool = False):
+        if self.draft is None:
+            return {}
         return self.draft.state_dict_for_save_checkpoint(prefix=f"{prefix}draft.", keep_vars=keep_vars)

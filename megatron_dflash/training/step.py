@@ -22,7 +22,7 @@ from megatron_dflash.anchors import (block_input_ids, block_labels, block_loss_m
                                      block_loss_weights, block_position_ids, block_positions,
                                      sample_anchors)
 from megatron_dflash.config import DFlashConfig
-from megatron_dflash.loss import accuracy_counts, dflash_loss
+from megatron_dflash.loss import accuracy_counts, dflash_loss, target_greedy_labels
 from megatron_dflash.masks import dflash_attention_mask
 
 
@@ -67,12 +67,18 @@ def _to(mb: dict, device) -> dict:
 
 def loss_func(mb: dict, target_logits, block_size: int, distill_weight: float, scale: float,
               output: torch.Tensor):
-    """megatron loss_func: (scaled Σ w·ℓ, report of summable [numerator, denominator] counts)."""
+    """megatron loss_func: (scaled Σ w·ℓ, report of summable [numerator, denominator] counts).
+
+    When distilling, accuracy (and so τ̂) is measured against the target's greedy tokens — what
+    speculative decoding accepts — since the data were not written by the target.
+    """
+    target_logits = None if target_logits is None else target_logits.transpose(0, 1)
     loss_sum, weight_sum = dflash_loss(
         output, mb["labels"], mb["weights"], distill_weight=distill_weight,
-        target_logits=None if target_logits is None else target_logits.transpose(0, 1),
-        label_positions=mb["label_positions"])
-    correct, total = accuracy_counts(output, mb["labels"], mb["supervised"], block_size)
+        target_logits=target_logits, label_positions=mb["label_positions"])
+    labels = mb["labels"] if target_logits is None else \
+        target_greedy_labels(target_logits, mb["label_positions"])
+    correct, total = accuracy_counts(output, labels, mb["supervised"], block_size)
     report = {"loss": torch.stack([loss_sum.detach(), weight_sum]).double(),
               "correct": correct, "total": total}
     return loss_sum * scale, report

@@ -62,9 +62,14 @@ def test_training_lowers_loss_and_raises_tau(target, data):
     assert result["tau_end"] > result["tau_start"] + 1.0, (result["tau_start"], result["tau_end"])
 
 
-def test_distillation_trains(target, data):
-    result = run_in_process(flags(target, *data, train_iters=30, distill_weight=0.5))
+def test_distillation_trains_and_writes_tensorboard(target, data, tmp_path):
+    result = run_in_process(flags(target, *data, train_iters=30, distill_weight=0.5,
+                                  tensorboard_dir=str(tmp_path / "tb")))
     assert sum(result["losses"][-5:]) < sum(result["losses"][:5])
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(tmp_path / "tb")).Reload()
+    assert {"train/loss", "train/tau_hat", "train/lr", "train/grad_norm"} <= set(events.Tags()["scalars"])
+    assert len(events.Scalars("train/loss")) == 30
 
 
 def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):

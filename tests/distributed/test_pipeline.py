@@ -1,0 +1,328 @@
+"""Pipeline parallelism composed with TP, SP and DP: every layout trains exactly like one process.
+
+* Taps on the first, a middle and the last stage reach the draft equal to the PP=1 capture, and
+  the last stage's word-embedding replica equals the target's embedding (tied and untied).
+* For the same weights, data and seed, every micro-batch loss, every step's loss and grad norm over
+  a 20-step trajectory (after optimizer updates) equal the single-process run (<= 1e-5, fp32),
+  and parameters replicated over TP stay bitwise identical. The reference is the same driver in a
+  fresh single process.
+* A checkpoint saved at TP2xPP2 resumes at TP1xPP1 and DP2 with the uninterrupted run's next
+  loss, and checkpoints saved at TP1xPP1 and DP2 resume at TP2xPP2.
+
+The data mixes two sequence lengths, so the pipeline payload's shape changes between micro-batches.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.utils import get_model_config
+
+from conftest import Utils
+from dflash_testing import pattern_dataset, tiny_target_dir
+from megatron_dflash.data.dataset import build_dataset
+from megatron_dflash.target.capture import FeatureCapture, target_forward
+from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+                                              target_transformer_config)
+from megatron_dflash.training import loop
+from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.training.step import prepare_microbatch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+MASK, TAPS, STEPS, TOL = 255, [0, 2, 3], 20, 1e-5
+# 4 target layers: at PP4 the taps sit on stages 0 (first), 2 (middle) and 3 (last); stage 1 only
+# passes them on. At PP2: stage 0 holds tap 0, stage 1 taps 2 and 3.
+LAYOUTS = {
+    2: {"pp2": dict(pipeline_model_parallel_size=2), "tp2": dict(tensor_model_parallel_size=2)},
+    4: {"pp4": dict(pipeline_model_parallel_size=4),
+        "tp2pp2_sp": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                          sequence_parallel=True),
+        "tp2dp2": dict(tensor_model_parallel_size=2),
+        "pp2dp2": dict(pipeline_model_parallel_size=2)},
+}
+
+
+def flags(target, train, **kw):
+    """Constant LR, so a run's steps do not depend on --train-iters (resumed == straight)."""
+    base = dict(target=target, mask_token_id=MASK, train_data=train, seq_length=48, block_size=8,
+                num_draft_layers=1, target_layer_ids=TAPS, num_anchors=4, micro_batch_size=2,
+                global_batch_size=8, lr=3e-3, lr_decay_style="constant", lr_warmup_fraction=0,
+                distill_weight=0.5, log_interval=1, seed=7, train_iters=STEPS)
+    base.update(kw)
+    out = []
+    for k, v in base.items():
+        v = v if isinstance(v, list) else [v]
+        out += [f"--{k.replace('_', '-')}"] + [str(x) for x in v if x is not True]
+    return out
+
+
+def trajectory(argv, steps=STEPS) -> dict:
+    """Train `steps` steps with loop.py's own pieces at the layout `argv` asks for. Every rank
+    returns the micro-batch losses of every step in global order (DP rank r's i-th micro-batch is
+    global micro-batch i*DP + r), each step's loss, every rank's grad norms and the micro-batch
+    lengths seen."""
+    args = parse_args(argv, world_size=dist.get_world_size())
+    Utils.initialize_model_parallel(args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size, seed=args.seed)
+    torch.manual_seed(args.seed)
+    train, _ = build_dataset(args.train_data, None, args.seq_length)
+    model, cfg, _ = loop.build_models(args, torch.device("cpu"))
+    optimizer, scheduler = loop.build_optimizer(args, model)
+    batches = loop.MicroBatches(train, args, cfg, 0, 0)
+    mine, grad_norms, lengths = [], [], set()
+    for _ in range(steps):
+        microbatches = [batches.next() for _ in range(args.num_microbatches)]
+        lengths |= {mb["tokens"].shape[1] for mb in microbatches}
+        reports, grad_norm = loop.train_step(model, optimizer, scheduler, microbatches, cfg, args)
+        mine.append([r["loss"].tolist() for r in reports])
+        grad_norms.append(grad_norm)
+    owner = (parallel_state.is_pipeline_last_stage()
+             and parallel_state.get_tensor_model_parallel_rank() == 0)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (parallel_state.get_data_parallel_rank(), owner, mine,
+                                      grad_norms, _replicated_params_agree(model)))
+    by_dp = dict(sorted((dp, losses) for dp, owns, losses, _, _ in per_rank if owns))
+    microbatch, losses = [], []
+    for step in range(steps):
+        sums = [by_dp[dp][step][i] for i in range(len(by_dp[0][step])) for dp in by_dp]
+        microbatch.append([n / d for n, d in sums])
+        losses.append(sum(n for n, _ in sums) / sum(d for _, d in sums))
+    Utils.destroy_model_parallel()
+    return {"microbatch": microbatch, "loss": losses, "lengths": sorted(lengths),
+            "grad_norms": [norms for _, _, _, norms, _ in per_rank],
+            "replicated_agree": all(agree for *_, agree in per_rank)}
+
+
+def _replicated_params_agree(model) -> bool:
+    """Parameters that every TP rank holds whole (norms, fc) are bitwise equal across TP."""
+    group = parallel_state.get_tensor_model_parallel_group()
+    for p in model.parameters():
+        if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
+            copies = [torch.empty_like(p) for _ in range(group.size())]
+            dist.all_gather(copies, p.detach().contiguous(), group=group)
+            if any(not torch.equal(c, copies[0]) for c in copies):
+                return False
+    return True
+
+
+def _clean_env():
+    """This process's environment without the torchrun variables of the running test world."""
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                         "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
+            and not k.startswith("TORCHELASTIC")}
+
+
+def _single_process(shared, body: str) -> subprocess.Popen:
+    """Start `body` (python, may use `Utils`, `trajectory`, `pretrain`, `parse_args`, `json`) in a
+    fresh single-process gloo world, as the tests run it."""
+    code = "\n".join([
+        "import json, sys",
+        f"sys.path[:0] = [{os.path.dirname(HERE)!r}, {HERE!r}]",
+        "import conftest",  # the CPU shims, exactly as under pytest
+        "import torch.distributed as dist",
+        f"dist.init_process_group('gloo', init_method='file://{shared}/rdzv-{os.urandom(4).hex()}',"
+        " rank=0, world_size=1)",
+        "from conftest import Utils",
+        "from test_pipeline import trajectory",
+        "from megatron_dflash.training.arguments import parse_args",
+        "from megatron_dflash.training.loop import pretrain",
+        body])
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_clean_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _finish(job: subprocess.Popen, timeout=600) -> None:
+    out, _ = job.communicate(timeout=timeout)
+    assert job.returncode == 0, out[-4000:]
+
+
+@pytest.fixture(scope="module")
+def shared():
+    """One temporary directory for all ranks, holding the target and the data."""
+    path = [tempfile.mkdtemp(prefix="dflash_pipeline_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    if dist.get_rank() == 0:
+        tiny_target_dir(os.path.join(path[0], "target"), layers=4)
+        tiny_target_dir(os.path.join(path[0], "tied"), layers=4)
+        config = os.path.join(path[0], "tied", "config.json")
+        with open(config) as f:
+            tied = dict(json.load(f), tie_word_embeddings=True)
+        with open(config, "w") as f:
+            json.dump(tied, f)
+        for name, count, length in (("long", 24, 48), ("short", 24, 32)):
+            pattern_dataset(os.path.join(path[0], name), count, length, seed=length)
+    dist.barrier()
+    yield path[0]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path[0])
+
+
+def _data(shared):
+    return [os.path.join(shared, "long"), os.path.join(shared, "short")]
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+    """The single-process trajectory (rank 0 computes it in a fresh process; all ranks get it)."""
+    result = [None]
+    if dist.get_rank() == 0:
+        out = os.path.join(shared, "reference.json")
+        argv = flags(os.path.join(shared, "target"), _data(shared))
+        _finish(_single_process(shared, f"json.dump(trajectory({argv!r}), open({out!r}, 'w'))"))
+        with open(out) as f:
+            result[0] = json.load(f)
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+@pytest.mark.parametrize("world,layout", [pytest.param(w, name, id=name, marks=pytest.mark.world(w))
+                                          for w in LAYOUTS for name in LAYOUTS[w]])
+def test_layout_equals_one_process(world, layout, shared, reference):
+    got = trajectory(flags(os.path.join(shared, "target"), _data(shared), **LAYOUTS[world][layout]))
+    assert got["lengths"] == [32, 48]  # the payload's shape changes between micro-batches
+    for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"], strict=True)):
+        assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step
+    assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
+    (ref_norms,) = reference["grad_norms"]
+    for norms in got["grad_norms"]:  # every rank's optimizer reports the global norm
+        assert max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True)) <= TOL
+    assert got["replicated_agree"]
+    assert reference["loss"][-1] < 0.9 * reference["loss"][0]  # and it does train
+
+
+def _gather_sequence(t, group):
+    parts = [torch.empty_like(t) for _ in range(group.size())]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=0)
+
+
+@pytest.mark.parametrize("tied,parallel", [
+    pytest.param(True, dict(pipeline_model_parallel_size=2), id="pp2_tied",
+                 marks=pytest.mark.world(2)),
+    pytest.param(False, dict(pipeline_model_parallel_size=4), id="pp4",
+                 marks=pytest.mark.world(4)),
+    pytest.param(False, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                             sequence_parallel=True), id="tp2pp2_sp", marks=pytest.mark.world(4)),
+])
+def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
+    """The features the draft receives on the last stage equal the PP=1 capture, whichever stage
+    captured each tap, and the draft's block embedding (the last stage's replica) equals the
+    target's own; stages carry only their own taps and only the last one trains anything."""
+    target_dir = os.path.join(shared, "tied" if tied else "target")
+    g = torch.Generator().manual_seed(3)
+    tokens = torch.randint(0, MASK, (2, 48), generator=g)
+    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    loss_mask[:, 12:] = True
+
+    utils.initialize_model_parallel(1, 1)
+    hf = load_hf_config(target_dir)
+    ref = build_target(hf, target_transformer_config(hf))
+    load_hf_weights(ref, target_dir)
+    with FeatureCapture(ref, TAPS) as capture:
+        _, ref_features = target_forward(ref, tokens, torch.arange(48).expand(2, 48), capture)
+
+    args = parse_args(flags(target_dir, _data(shared), **parallel), world_size=dist.get_world_size())
+    utils.initialize_model_parallel(args.tensor_model_parallel_size,
+                                    args.pipeline_model_parallel_size, seed=args.seed)
+    model, cfg, _ = loop.build_models(args, torch.device("cpu"))
+    module = model.module
+    mb = prepare_microbatch(tokens, loss_mask, cfg, torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref_embedding = ref.embedding(input_ids=mb["block_input_ids"], position_ids=None)
+    stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),
+                     parallel_state.get_pipeline_model_parallel_world_size())
+    per_stage = hf.num_hidden_layers // stages
+    assert module._capture.local_ids == [i for i in TAPS if i // per_stage == stage]
+    last = parallel_state.is_pipeline_last_stage()
+    assert any(p.requires_grad for p in module.parameters()) == last
+    assert get_model_config(model) is module.config and module.config.qk_layernorm
+    seen = {}
+    if last:
+        assert (module.embedding.word_embeddings.weight is module.target.output_layer.weight) == tied
+        module.draft.register_forward_pre_hook(lambda m, a: seen.update(features=a[1]))
+        module.embedding.register_forward_hook(lambda m, a, out: seen.update(embedding=out))
+    reports = loop.run_step(model, [mb], cfg, args, forward_only=True)
+    assert len(reports) == (1 if last else 0)
+    if last:
+        features, embedding = seen["features"], seen["embedding"]
+        if args.sequence_parallel:
+            group = parallel_state.get_tensor_model_parallel_group()
+            features, embedding = (_gather_sequence(t, group) for t in (features, embedding))
+        assert (features - ref_features).abs().max() <= TOL
+        assert (embedding - ref_embedding).abs().max() <= TOL
+
+
+def _in_process(argv) -> dict:
+    Utils.destroy_model_parallel()
+    try:
+        return loop.pretrain(parse_args(argv, world_size=dist.get_world_size()))
+    finally:
+        Utils.destroy_model_parallel()
+
+
+def _json_losses(log: str) -> dict[int, float]:
+    return {rec["iteration"]: rec["loss"] for rec in
+            (json.loads(line[5:]) for line in log.splitlines() if line.startswith("json "))}
+
+
+@pytest.mark.world(4)
+def test_checkpoints_reshard_between_layouts(shared, reference):
+    """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 and at DP2; saved at TP1xPP1 and at DP2 ->
+    resumed at TP2xPP2. Each resumed step's loss equals the uninterrupted run's (<= 1e-5)."""
+    target_dir, data, ref = os.path.join(shared, "target"), _data(shared), reference["loss"]
+    tp2pp2 = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                  sequence_parallel=True)
+    ckpt = {k: os.path.join(shared, f"ckpt_{k}") for k in ("tp2pp2", "single", "dp2")}
+    saved = _in_process(flags(target_dir, data, train_iters=2, save=ckpt["tp2pp2"], **tp2pp2))
+    assert max(abs(a - b) for a, b in zip(saved["losses"], ref[:2], strict=True)) <= TOL
+
+    resumed = [None]
+    if dist.get_rank() == 0:  # the other layouts, in fresh processes
+        single = _single_process(shared, "\n".join([
+            f"r = pretrain(parse_args({flags(target_dir, data, train_iters=3, load=ckpt['tp2pp2'])!r}))",
+            "Utils.destroy_model_parallel()",
+            f"pretrain(parse_args({flags(target_dir, data, train_iters=2, save=ckpt['single'])!r}))",
+            "print('losses ' + json.dumps(r['losses']))"]))
+        dp2 = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
+             "--nproc-per-node=2", os.path.join(REPO, "examples", "pretrain_dflash.py"),
+             *flags(target_dir, data, train_iters=3, load=ckpt["tp2pp2"], save=ckpt["dp2"])],
+            cwd=REPO, env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True)
+        out_single, _ = single.communicate(timeout=600)
+        out_dp2, _ = dp2.communicate(timeout=600)
+        assert single.returncode == 0, out_single[-4000:]
+        assert dp2.returncode == 0, out_dp2[-4000:]
+        (line,) = [l for l in out_single.splitlines() if l.startswith("losses ")]
+        resumed[0] = {"single": json.loads(line[7:]), "dp2": _json_losses(out_dp2)}
+    dist.broadcast_object_list(resumed, src=0)
+    assert abs(resumed[0]["single"][0] - ref[2]) <= TOL
+    assert list(resumed[0]["dp2"]) == [3] and abs(resumed[0]["dp2"][3] - ref[2]) <= TOL
+
+    from_single = _in_process(flags(target_dir, data, train_iters=3, load=ckpt["single"], **tp2pp2))
+    from_dp2 = _in_process(flags(target_dir, data, train_iters=4, load=ckpt["dp2"], **tp2pp2))
+    assert len(from_single["losses"]) == 1 and abs(from_single["losses"][0] - ref[2]) <= TOL
+    assert len(from_dp2["losses"]) == 1 and abs(from_dp2["losses"][0] - ref[3]) <= TOL
+
+
+@pytest.mark.world(2)
+@pytest.mark.parametrize("pp,argv,message", [
+    (2, ["--virtual-pipeline-model-parallel-size", "2"], "--virtual-pipeline-model-parallel-size"),
+    (3, [], "must divide the target's 4 layers"),
+    (4, [], "must divide the target's 30 layers"),  # the embedded default target
+])
+def test_unsupported_pipeline_layouts_fail_up_front(pp, argv, message, shared, capsys):
+    if "30" not in message:
+        argv = ["--target", os.path.join(shared, "target"), "--mask-token-id", str(MASK)] + argv
+    with pytest.raises(SystemExit):
+        parse_args(["--pipeline-model-parallel-size", str(pp)] + argv, world_size=pp)
+    assert message in capsys.readouterr().err

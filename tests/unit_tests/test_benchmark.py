@@ -1,0 +1,36 @@
+"""tools/benchmark_dflash.py end to end on the `tiny` shape (CPU: FP8 cases are skipped)."""
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import torch
+
+_path = Path(__file__).resolve().parents[2] / "tools/benchmark_dflash.py"
+_spec = importlib.util.spec_from_file_location("benchmark_dflash", _path)
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def test_tiny_benchmark_writes_every_field(utils, tmp_path):
+    out = tmp_path / "bench.json"
+    bench.main(["--shape", "tiny", "--seq-length", "64", "--num-anchors", "4", "--block-size",
+                "8", "--num-draft-layers", "2", "--steps", "2", "--warmup", "1",
+                "--precisions", "bf16", "fp8-tensorwise", "--json", str(out)])
+    result = json.loads(out.read_text())
+    flops = result["flops"]
+    parts = ("target_forward", "target_lm_head", "draft_forward", "draft_backward", "draft_lm_head")
+    assert all(flops[k] > 0 for k in parts) and flops["total"] == sum(flops[k] for k in parts)
+    assert 0 < flops["draft_attention_density"] < 1
+    cases = {(c["precision"], c["attention"]): c for c in result["cases"]}
+    assert sorted(cases) == sorted((p, a) for p in ("bf16", "fp8-tensorwise")
+                                   for a in ("sparse", "dense"))
+    for attention in ("sparse", "dense"):
+        c = cases["bf16", attention]
+        assert c["ms_per_step"] > 0 and c["target_tokens_per_s"] > 0 and math.isfinite(c["loss"])
+        assert c["draft_tokens_per_s"] == c["target_tokens_per_s"] * 4 * 8 / 64
+        assert math.isclose(c["mfu"], c["tflops"] / 989.0)
+        fp8 = cases["fp8-tensorwise", attention]
+        assert "ms_per_step" in fp8 if torch.cuda.is_available() else fp8["skipped"]
+    # Same data, same initial draft: the two attentions train the same model.
+    assert abs(cases["bf16", "sparse"]["loss"] - cases["bf16", "dense"]["loss"]) < 2e-2

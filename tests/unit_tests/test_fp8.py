@@ -1,0 +1,112 @@
+"""FP8 flags -> TransformerConfig fields and padding (fp8.py); Transformer Engine stays optional."""
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from dflash_testing import dflash_config, target_config
+from megatron_dflash.config import draft_transformer_config
+from megatron_dflash.fp8 import (FP8Settings, add_fp8_args, fp8_settings, fp8_unavailable_reason,
+                                 pad_blocks, sequence_multiple)
+
+HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
+
+
+def parse(*argv, impl="transformer_engine"):
+    p = argparse.ArgumentParser()
+    p.add_argument("--transformer-impl", default=impl)
+    add_fp8_args(p)
+    return p.parse_args(list(argv))
+
+
+def test_settings_map_onto_transformer_config():
+    tcfg = target_config()
+    for recipe in ("delayed", "tensorwise", "blockwise", "mxfp8"):
+        cfg = FP8Settings("hybrid", recipe).apply(tcfg)
+        assert (cfg.fp8, cfg.fp8_recipe) == ("hybrid", recipe)
+        assert FP8Settings("e4m3", recipe).align == (32 if recipe == "mxfp8" else 16)
+    assert FP8Settings().fields() == {"fp8": None} and FP8Settings().align == 1
+    with pytest.raises(ValueError, match="format"):
+        FP8Settings("e5m2")
+    with pytest.raises(ValueError, match="recipe"):
+        FP8Settings("e4m3", "nvfp4")
+
+
+def test_draft_does_not_inherit_the_targets_fp8():
+    """The draft config is a copy of the target's: its FP8 fields must be passed explicitly."""
+    tcfg = FP8Settings("e4m3", "tensorwise").apply(target_config())
+    cfg = dflash_config(tcfg)
+    assert draft_transformer_config(cfg, tcfg, **FP8Settings().fields()).fp8 is None
+    draft = draft_transformer_config(cfg, tcfg, **FP8Settings("hybrid", "blockwise").fields())
+    assert (draft.fp8, draft.fp8_recipe) == ("hybrid", "blockwise")
+
+
+def test_flags_are_validated():
+    assert fp8_settings(parse()) == (FP8Settings(), FP8Settings())
+    with pytest.raises(ValueError, match="--fp8-recipe=tensorwise needs --fp8-format"):
+        fp8_settings(parse("--fp8-recipe", "tensorwise"))
+    with pytest.raises(ValueError, match="--target-fp8-recipe=delayed needs --target-fp8-format"):
+        fp8_settings(parse("--target-fp8-recipe", "delayed"))
+    with pytest.raises(ValueError, match="--transformer-impl transformer_engine"):
+        fp8_settings(parse("--fp8-format", "hybrid", impl="local"))
+    args = parse("--fp8-format", "hybrid", "--fp8-recipe", "blockwise", "--target-fp8-format",
+                 "e4m3")
+    if not HAVE_TE:
+        with pytest.raises(ValueError, match="needs Transformer Engine"):
+            fp8_settings(args)
+        assert fp8_unavailable_reason(FP8Settings("hybrid")) is not None
+    else:
+        assert fp8_settings(args) == (FP8Settings("hybrid", "blockwise"), FP8Settings("e4m3"))
+    with pytest.raises(SystemExit):
+        parse("--fp8-recipe", "fancy")
+
+
+def test_alignment_padding():
+    fp8, mx = FP8Settings("hybrid"), FP8Settings("hybrid", "mxfp8")
+    assert sequence_multiple(8, False) == 1 and sequence_multiple(8, True) == 8
+    assert sequence_multiple(2, True, fp8, FP8Settings()) == 32
+    assert sequence_multiple(1, False, fp8, mx) == 32
+    anchors = torch.tensor([[3, 9, 20], [5, 0, 0]])
+    keep = torch.tensor([[True, True, True], [True, False, False]])
+    assert pad_blocks(anchors, keep, 16, 16)[0] is anchors
+    padded, pkeep = pad_blocks(anchors, keep, 10, 16)  # 10*N % 16 == 0 needs N % 8 == 0
+    assert padded.shape == pkeep.shape == (2, 8)
+    assert torch.equal(padded[:, :3], anchors) and not pkeep[:, 3:].any() and not padded[:, 3:].any()
+
+
+def test_nothing_needs_transformer_engine_unless_asked():
+    """In a fresh interpreter where Transformer Engine cannot be imported (hidden, as on a CPU
+    machine): the package, the local and sparse specs and the FP8 mapping work, and only the
+    TE backend fails, with a message saying what to install."""
+    code = textwrap.dedent("""
+        import importlib.abc, sys
+
+        class HideTE(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("transformer_engine", "transformer_engine_torch"):
+                    raise ModuleNotFoundError(name)
+
+        sys.meta_path.insert(0, HideTE())
+        from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason
+        from megatron_dflash.specs import get_dflash_layer_spec, get_dflash_model_spec
+        import megatron_dflash.model, megatron_dflash.sparse_attention
+        get_dflash_layer_spec("local")
+        get_dflash_model_spec(2, "local", "sparse")
+        assert FP8Settings("hybrid").fields() == {"fp8": "hybrid", "fp8_recipe": "delayed"}
+        assert fp8_unavailable_reason(FP8Settings("hybrid"))
+        assert not [m for m in sys.modules if m.startswith("transformer_engine")]
+        try:
+            get_dflash_layer_spec("te")
+        except ImportError as e:
+            assert "Transformer Engine" in str(e), e
+            print("OK")
+    """)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=300)
+    assert run.stdout.strip().endswith("OK"), run.stderr[-3000:]

@@ -1,0 +1,211 @@
+"""GPU checks of the Transformer Engine backend, FP8 and sparse attention (run by gpu_check.sh).
+
+  draft_backends  one draft's logits and gradients with each backend/attention/dtype against the
+                  local dense fp32 draft: local sparse (FlexAttention, with its backward),
+                  local bf16, TE bf16 dense (arbitrary mask), TE bf16 sparse
+  fp8_training    the real training step (DFlashTrainingModule, DDP, DistributedOptimizer) on a
+                  tiny learnable task, bf16 and each FP8 recipe: the loss must fall, and FP8's
+                  about as far as bf16's
+
+Checks that this machine cannot run (no TE, no GPU, a recipe the GPU lacks) are reported as
+skipped, so the script also runs on a CPU (`python tests/cpu_run.py tools/gpu_check.py`).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import importlib.util
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.spec_utils import build_module
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # shared test fixtures: small configs and targets
+
+from benchmark_dflash import build_draft_chunk  # noqa: E402
+from dflash_testing import (dflash_config, draft_inputs, head_only_target, randomize_,  # noqa: E402
+                            target_config, tiny_target_dir)
+from megatron_dflash.config import DFlashConfig, draft_transformer_config  # noqa: E402
+from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason  # noqa: E402
+from megatron_dflash.model import target_head  # noqa: E402
+from megatron_dflash.sparse_attention import dflash_block_mask  # noqa: E402
+from megatron_dflash.specs import get_dflash_model_spec  # noqa: E402
+from megatron_dflash.target import build_target, load_hf_config, load_hf_weights  # noqa: E402
+from megatron_dflash.target import target_transformer_config  # noqa: E402
+from megatron_dflash.training.loop import build_optimizer, train_step  # noqa: E402
+from megatron_dflash.training.step import prepare_microbatch  # noqa: E402
+
+TE_REASON = (None if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")
+             else "needs Transformer Engine and a GPU")
+RECIPES = ("delayed", "tensorwise", "blockwise")
+# TE fuses the pre-MLP norm into fc1, so that one weight has another name there.
+_TE_NAMES = {"pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+def _te_name(name: str) -> str:
+    for local, te in _TE_NAMES.items():
+        name = name.replace(local, te)
+    return name
+
+
+def check_draft_backends(device) -> list[dict]:
+    tcfg = target_config()
+    cfg = dflash_config(tcfg, head_dim=32, num_anchors=8)  # 8 blocks of 16: Q = 128
+    inputs = {k: v.to(device) for k, v in draft_inputs(cfg, batch=2, seq_len=96, seed=1).items()}
+    masks = {"dense": inputs["attention_mask"],
+             "sparse": dflash_block_mask(inputs["anchors"], inputs["keep"], 96, cfg.block_size)}
+    heads = {dtype: head_only_target().to(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
+    probe = None
+    ref = None
+    rows = []
+    for backend, attention, dtype in (("local", "dense", torch.float32),
+                                      ("local", "sparse", torch.float32),
+                                      ("local", "dense", torch.bfloat16),
+                                      ("te", "dense", torch.bfloat16),
+                                      ("te", "sparse", torch.bfloat16)):
+        name = f"draft {backend} {attention} {str(dtype)[6:]}"
+        if backend == "te" and TE_REASON:
+            rows.append({"check": name, "ok": None, "detail": f"skipped: {TE_REASON}"})
+            continue
+        dcfg = draft_transformer_config(cfg, tcfg, params_dtype=dtype, pipeline_dtype=dtype,
+                                        bf16=dtype == torch.bfloat16,
+                                        use_cpu_initialization=device.type == "cpu")
+        draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
+                             config=dcfg, dflash_config=cfg).to(device)
+        draft.borrow_target_head(*target_head(heads[dtype]))
+        rename = _te_name if backend == "te" else str
+        params = dict(draft.named_parameters())
+        if ref is None:
+            randomize_(draft, seed=2)
+        else:
+            assert sorted(params) == sorted(map(rename, ref[1])), sorted(params)
+            with torch.no_grad():
+                for n, p in ref[1].items():
+                    params[rename(n)].copy_(p)
+        logits = draft(inputs["block_input_ids"], inputs["features"].to(dtype), masks[attention],
+                       inputs["position_ids"]).float()
+        if probe is None:
+            probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+            probe = probe.to(device)
+        (logits * probe).sum().backward()
+        grads = {n: p.grad.float() for n, p in params.items()}
+        if ref is None:
+            ref = (logits.detach(), {n: p.detach() for n, p in draft.named_parameters()}, grads)
+            rows.append({"check": name, "ok": True, "detail": "reference"})
+            continue
+        logit_err = rel_err(logits, ref[0])
+        grad_err = max(rel_err(grads[rename(n)], g) for n, g in ref[2].items())
+        tol = (2e-3, 2e-3) if dtype == torch.float32 else (3e-2, 6e-2)
+        rows.append({"check": name, "ok": logit_err < tol[0] and grad_err < tol[1],
+                     "detail": f"rel err logits {logit_err:.2e} (< {tol[0]:g}), "
+                               f"worst grad {grad_err:.2e} (< {tol[1]:g})"})
+    return rows
+
+
+def pattern_batch(g, batch: int, seq_len: int, vocab: int):
+    """A random prompt, then a response cycling through 5 tokens from a random phase: a draft
+    learns quickly to continue it from the anchor token."""
+    tokens = torch.randint(0, vocab - 1, (batch, seq_len), generator=g)
+    start = seq_len // 4
+    phase = torch.randint(0, 5, (batch, 1), generator=g)
+    tokens[:, start:] = 10 + (phase + torch.arange(seq_len - start)) % 5
+    return tokens, torch.arange(seq_len).expand(batch, -1) >= start
+
+
+def check_fp8_training(device, steps: int = 40) -> list[dict]:
+    backend = "local" if TE_REASON else "te"
+    tmp = tempfile.mkdtemp()
+    hf_dir = tiny_target_dir(Path(tmp) / "target", layers=6)
+    hf = load_hf_config(hf_dir)
+    tcfg = dataclasses.replace(target_transformer_config(hf, params_dtype=torch.bfloat16),
+                               use_cpu_initialization=device.type == "cpu",
+                               perform_initialization=True)  # the draft inherits it
+    target = build_target(hf, tcfg, backend=backend).to(device)
+    load_hf_weights(target, hf_dir)
+    cfg = DFlashConfig(block_size=16, num_draft_layers=1, target_layer_ids=[1, 4],
+                       mask_token_id=hf.vocab_size - 1, num_anchors=8).resolve(
+        tcfg, vocab_size=hf.vocab_size, target_rope_theta=hf.rope_parameters["rope_theta"])
+    opt_args = argparse.Namespace(lr=1e-2, min_lr=1e-2, weight_decay=0.0, adam_beta1=0.9,
+                                  adam_beta2=0.95, clip_grad=1.0, bf16=True,
+                                  use_distributed_optimizer=True, lr_warmup_fraction=0.0,
+                                  train_iters=steps, lr_decay_style="constant",
+                                  distill_weight=0.0, micro_batch_size=4)
+    rows, bf16_last = [], None
+    for precision in ("bf16",) + tuple(f"fp8-{r}" for r in RECIPES):
+        name = f"train {backend} {precision}"
+        fp8 = FP8Settings() if precision == "bf16" else FP8Settings("hybrid", precision[4:])
+        reason = fp8_unavailable_reason(fp8)
+        if reason:
+            rows.append({"check": name, "ok": None, "detail": f"skipped: {reason}"})
+            continue
+        torch.manual_seed(0)
+        tensor_parallel.model_parallel_cuda_manual_seed(0)
+        model = build_draft_chunk(target, tcfg, cfg, backend, "dense", fp8, device)
+        optimizer, scheduler = build_optimizer(opt_args, model)
+        g = torch.Generator().manual_seed(0)  # the same batches for every precision
+        losses = []
+        for _ in range(steps):
+            tokens, loss_mask = pattern_batch(g, 4, 64, hf.vocab_size)
+            mb = prepare_microbatch(tokens, loss_mask, cfg, g)
+            reports, _ = train_step(model, optimizer, scheduler, [mb], cfg, opt_args)
+            losses.append(float(reports[0]["loss"][0] / reports[0]["loss"][1]))
+        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+        bf16_last = last if bf16_last is None else bf16_last
+        rows.append({"check": name, "ok": last < 0.8 * first and last < 1.25 * bf16_last,
+                     "detail": f"mean loss of the first/last 5 of {steps} steps {first:.3f} -> "
+                               f"{last:.3f} (needs < 80%, and < 125% of bf16's {bf16_last:.3f})"})
+        del model, optimizer, scheduler
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
+              else torch.device("cpu"))
+    own_group = not dist.is_initialized()
+    if own_group:
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29562")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(minutes=5))
+    parallel_state.initialize_model_parallel(1, 1)
+    tensor_parallel.model_parallel_cuda_manual_seed(0)
+    rows = []
+    try:
+        for check in (check_draft_backends, check_fp8_training):
+            try:
+                rows += check(device)
+            except Exception as e:  # noqa: BLE001 - report it, run the other checks
+                rows.append({"check": check.__name__, "ok": False,
+                             "detail": f"{type(e).__name__}: {e}"[:400]})
+    finally:
+        parallel_state.destroy_model_parallel()
+        if own_group:
+            dist.destroy_process_group()
+    for r in rows:
+        status = {True: "ok", False: "FAIL", None: "skip"}[r["ok"]]
+        print(f"{r['check']:34} {status:5} {r['detail']}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 1 if any(r["ok"] is False for r in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
