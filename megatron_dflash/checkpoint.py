@@ -127,17 +127,31 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
     return final
 
 
+def load_weights(root: str, model, iteration: int | None = None) -> dict:
+    """Only the draft's weights, e.g. a drafter imported with tools/import_hf.py (which writes no
+    optimizer state) or a run to fine-tune from; returns the saved `extra` dict."""
+    path = iteration_dir(root, _resolve_iteration(root, iteration))
+    module = _unwrap(model)
+    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
+    _load_trainable(module, loaded.get("model", {}))
+    return dist_checkpointing.load_common_state_dict(path)["extra"]
+
+
+def _resolve_iteration(root: str, iteration: int | None) -> int:
+    if iteration is None:
+        iteration = latest_iteration(root)
+        if iteration is None:
+            raise FileNotFoundError(f"no finished checkpoint in {root} ({TRACKER} missing)")
+    return iteration
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | None = None) -> dict:
     """Load into an already built model/optimizer/scheduler; returns the saved `extra` dict.
 
     The optimizer state resumes at any TP/PP/DP layout; per-rank RNG states are restored only when
     the world size matches the saved one (they are meaningless across layouts).
     """
-    if iteration is None:
-        iteration = latest_iteration(root)
-        if iteration is None:
-            raise FileNotFoundError(f"no finished checkpoint in {root} ({TRACKER} missing)")
-    path = iteration_dir(root, iteration)
+    path = iteration_dir(root, _resolve_iteration(root, iteration))
     common = dist_checkpointing.load_common_state_dict(path)
     module = _unwrap(model)
     _init_torch_adam_state(optimizer)

@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from this checkpoint directory")
+    g.add_argument("--finetune", action="store_true",
+                   help="with --load: load only the draft weights (e.g. from tools/import_hf.py) "
+                        "and start the optimizer, LR schedule and data from scratch")
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=None,
@@ -148,6 +151,7 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
             _check(os.path.exists(path) or os.path.exists(path + ".bin"),
                    f"--{flag.replace('_', '-')}: {path} does not exist")
     _check(a.load is None or os.path.isdir(a.load), f"--load={a.load}: not a directory")
+    _check(not a.finetune or a.load is not None, "--finetune needs --load")
     return a
 
 

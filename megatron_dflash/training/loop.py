@@ -267,7 +267,10 @@ def pretrain(args) -> dict:
         f" | {len(train)} training conversations | set-up {time.time() - t0:.1f}s")
 
     iteration, consumed = 0, 0
-    if args.load:
+    if args.load and args.finetune:
+        checkpoint.load_weights(args.load, model)
+        log(f"loaded draft weights from {args.load}; optimizer, schedule and data start afresh")
+    elif args.load:
         extra = checkpoint.load_checkpoint(args.load, model, optimizer, scheduler)
         iteration, consumed = extra["iteration"], extra["consumed_samples"]
         log(f"resumed from {args.load} at iteration {iteration} ({consumed} samples consumed)")

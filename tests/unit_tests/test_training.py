@@ -72,6 +72,16 @@ def test_distillation_trains_and_writes_tensorboard(target, data, tmp_path):
     assert len(events.Scalars("train/loss")) == 30
 
 
+def test_finetune_loads_weights_only(target, data, tmp_path):
+    """--finetune starts from the checkpoint's draft (held-out tau as the run ended) at step 0."""
+    first = run_in_process(flags(target, *data, train_iters=40, distill_weight=0,
+                                 save=str(tmp_path / "ckpt")))
+    again = run_in_process(flags(target, *data, train_iters=2, distill_weight=0,
+                                 load=str(tmp_path / "ckpt"), finetune=True))
+    assert first["tau_end"] > first["tau_start"]
+    assert again["tau_start"] == first["tau_end"] and len(again["losses"]) == 2
+
+
 def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
     lines = [f"hello number {i} yes no maybe" for i in range(200)]
     model = io.BytesIO()
@@ -105,6 +115,7 @@ def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
     (["--target", "/nonexistent", "--mask-token-id", "3"], "--target"),
     (["--target", "/tmp"], "--mask-token-id"),
     (["--block-size", "1"], "--block-size"),
+    (["--finetune"], "--finetune"),
 ])
 def test_bad_flags_fail_before_any_work(argv, flag, capsys):
     with pytest.raises(SystemExit):
