@@ -95,3 +95,40 @@ def test_tp2_checkpoint_exports_our_tp1_logits(utils, shared):
     assert not info["missing_keys"] and not info["unexpected_keys"]
     theirs = reference_block_logits(ref.eval(), head["embedding"], head["output"], inputs)
     assert (theirs - logits1).abs().max() < 1e-5
+
+
+@pytest.mark.world(2)
+def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
+    """A checkpoint written by pipeline-parallel training (PP=2) exports to the reference code
+    with the same block logits as our draft holding the checkpoint's weights."""
+    from dflash_testing import pattern_dataset, tiny_target_dir
+    from megatron_dflash.training.arguments import parse_args
+    from megatron_dflash.training.loop import pretrain
+
+    target, data, root, out = (os.path.join(shared, n) for n in ("target", "data", "ckpt", "out"))
+    if dist.get_rank() == 0:
+        tiny_target_dir(target)
+        pattern_dataset(data, 16, 48, seed=3)
+    dist.barrier()
+    utils.destroy_model_parallel()
+    pretrain(parse_args(["--target", target, "--mask-token-id", "255", "--train-data", data,
+                         "--seq-length", "48", "--block-size", "8", "--num-anchors", "4",
+                         "--micro-batch-size", "2", "--global-batch-size", "4",
+                         "--train-iters", "2", "--pipeline-model-parallel-size", "2",
+                         "--save", root], world_size=2))
+    utils.initialize_model_parallel(1)
+    extra, cfg, full = export.read_checkpoint(root)
+    assert extra["world_size"] == 2 and extra["iteration"] == 2
+    _export_in_one_process(root, out)
+    head_target = head_only_target()
+    draft = build_draft(target_config(), cfg, head_target)
+    export.load_draft_weights(draft, full)
+    inputs = draft_inputs(cfg, batch=2, seq_len=48, seed=24)
+    with torch.no_grad():
+        ours = draft(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
+                     inputs["position_ids"]).transpose(0, 1)
+    ref, info = ReferenceDraft.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    head = head_state(head_target)
+    theirs = reference_block_logits(ref.eval(), head["embedding"], head["output"], inputs)
+    assert (theirs - ours).abs().max() < 1e-5
