@@ -11,7 +11,8 @@ FP8 GEMMs need token counts divisible by `get_fp8_align_size` (16; 32 for mxfp8)
 sequence (`sequence_multiple`) and the number of blocks (`pad_blocks`; the added blocks are
 unkept: no loss, no context).
 
-Nothing here imports Transformer Engine except `fp8_unavailable_reason`, on a machine that has it.
+The mapping works without Transformer Engine; validation only looks for it (`find_spec`), and
+only `fp8_unavailable_reason` imports it, to ask what this GPU supports.
 """
 from __future__ import annotations
 

@@ -75,9 +75,9 @@ class DFlashBlockMask:
                 visible = block_visible(ctx[b, q_block.clamp(max=n - 1)], q_block, kv_idx, s, bs)
                 return visible & (q_block < n)
 
-            self._flex = create_block_mask(mask_mod, B=self.anchors.shape[0], H=None,
-                                           Q_LEN=n * bs, KV_LEN=s + n * bs,
-                                           device=self.anchors.device)
+            build = _compiled(create_block_mask) if self.anchors.is_cuda else create_block_mask
+            self._flex = build(mask_mod, B=self.anchors.shape[0], H=None, Q_LEN=n * bs,
+                               KV_LEN=s + n * bs, device=self.anchors.device)
         return self._flex
 
 
@@ -91,15 +91,17 @@ def dflash_block_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,
 
 
 @functools.cache
-def _compiled_flex_attention():
-    """FlexAttention compiled once per process: eager flex materialises the full score matrix."""
-    return torch.compile(flex_attention)
+def _compiled(fn):
+    """`fn` compiled once per process. Eager, FlexAttention and `create_block_mask` materialise
+    the full [N*B, S+N*B] score / mask matrices; compiled, they work tile by tile (on CPU,
+    inductor cannot compile them in torch 2.11, and FlexAttention has no backward)."""
+    return torch.compile(fn)
 
 
 def flex_block_attention(query, key, value, mask: DFlashBlockMask, scale: float) -> torch.Tensor:
     """[b, np, N*B, hn] x [b, ng, S+N*B, hn] -> [b, np, N*B, hn] with FlexAttention (compiled on
     CUDA; eager elsewhere, forward only on CPU)."""
-    attend = _compiled_flex_attention() if query.is_cuda else flex_attention
+    attend = _compiled(flex_attention) if query.is_cuda else flex_attention
     return attend(query, key, value, block_mask=mask.flex_block_mask(), scale=scale,
                   enable_gqa=query.shape[1] != key.shape[1])
 

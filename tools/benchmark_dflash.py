@@ -49,6 +49,7 @@ from transformers import LlamaConfig, Qwen3Config
 from megatron_dflash.anchors import sample_anchors
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.fp8 import FP8_RECIPES, FP8Settings, fp8_unavailable_reason
+from megatron_dflash.masks import block_context_lengths
 from megatron_dflash.sparse_attention import dflash_block_mask
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target import build_target, target_transformer_config
@@ -84,7 +85,8 @@ def hf_config(shape: str):
     return cls(architectures=[cls.__name__.replace("Config", "ForCausalLM")], **kw)
 
 
-def model_flops(t, d: DFlashConfig, vocab: int, seq_len: int, context_lengths: torch.Tensor) -> dict:
+def model_flops(t, d: DFlashConfig, vocab: int, seq_len: int,
+                context_lengths: torch.Tensor) -> dict:
     """The model FLOPs of one step by part (see the module docstring); `t` is the target's
     TransformerConfig, `context_lengths` [b, N] what each block sees."""
     b, n = context_lengths.shape
@@ -94,7 +96,8 @@ def model_flops(t, d: DFlashConfig, vocab: int, seq_len: int, context_lengths: t
     dq, dkv = d.num_attention_heads * d.head_dim, d.num_key_value_heads * d.head_dim
     target_layer = 2 * S * H * (2 * tq + 2 * tkv) + 6 * S * H * t.ffn_hidden_size \
         + 2 * tq * S * (S + 1)
-    draft_layer = 2 * Q * H * (2 * dq + 2 * dkv) + 2 * S * H * 2 * dkv + 6 * Q * H * d.ffn_hidden_size
+    draft_layer = 2 * Q * H * (2 * dq + 2 * dkv) + 2 * S * H * 2 * dkv \
+        + 6 * Q * H * d.ffn_hidden_size
     attention = 4 * dq * B * (int(context_lengths.sum()) + b * n * B)  # whole micro-batch
     fc = 2 * S * len(d.target_layer_ids) * H * H
     out = {
@@ -121,7 +124,8 @@ def microbatch(tokens, loss_mask, cfg: DFlashConfig, seed: int, attention: str) 
 
 
 def build_draft_chunk(target, tcfg, cfg, backend, attention, fp8: FP8Settings, device):
-    """The DDP-wrapped training chunk around `target` with a fresh draft (as `loop.build_models`)."""
+    """The DDP-wrapped training chunk around `target` with a fresh draft (as
+    `loop.build_models` builds it)."""
     dcfg = draft_transformer_config(cfg, tcfg, **fp8.fields())
     draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
                          config=dcfg, dflash_config=cfg)
@@ -201,7 +205,8 @@ def benchmark(args) -> dict:
     mbs = {a: microbatch(tokens, loss_mask, cfg, args.seed, a) for a in args.attention}
     anchors, keep = sample_anchors(loss_mask, cfg.block_size, cfg.num_anchors,
                                    anchor_generator(args.seed, 0))
-    flops = model_flops(base, cfg, hf.vocab_size, args.seq_length, torch.where(keep, anchors, 0))
+    flops = model_flops(base, cfg, hf.vocab_size, args.seq_length,
+                        block_context_lengths(anchors, keep))
     result = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "backend": args.backend,
               "config": {k: getattr(args, k) for k in ("seq_length", "num_anchors", "block_size",
@@ -216,6 +221,7 @@ def benchmark(args) -> dict:
         if reason is not None:
             result["cases"] += [{"precision": precision, "attention": a, "skipped": reason}
                                 for a in args.attention]
+            _write(result, args.json)
             continue
         tcfg = fp8.apply(base)  # the target runs its forward in the same precision
         tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
@@ -232,10 +238,17 @@ def benchmark(args) -> dict:
                 case["error"] = f"{type(e).__name__}: {e}"[:500]
             result["cases"].append(case)
             print(_row(case), flush=True)
+            _write(result, args.json)  # after every case: a run cut short keeps what it measured
             _free()
         del target
         _free()
     return result
+
+
+def _write(result: dict, path: str | None) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
 
 
 def _row(case: dict) -> str:
@@ -271,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--peak-tflops-bf16", type=float, default=989.0)
     p.add_argument("--peak-tflops-fp8", type=float, default=1979.0)
-    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--json", default=None, help="write the results here (after every case)")
     return p
 
 
@@ -299,13 +312,10 @@ def main(argv=None) -> dict:
         if own_group:
             dist.destroy_process_group()
     f = result["flops"]
-    print("model TFLOP per step: " + ", ".join(f"{k} {v / 1e12:.2f}" for k, v in f.items()
+    print("model TFLOP per step: " + ", ".join(f"{k} {v / 1e12:.4g}" for k, v in f.items()
                                                if k not in ("total", "draft_attention_density"))
-          + f"; total {f['total'] / 1e12:.2f} (draft attention density "
+          + f"; total {f['total'] / 1e12:.4g} (draft attention density "
           f"{f['draft_attention_density']:.3f})")
-    if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(result, fh, indent=1)
     return result
 
 

@@ -28,7 +28,8 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import build_module
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))  # shared test fixtures: small configs and targets
+# Small configs and targets shared with the tests; the benchmark's training-chunk builder.
+sys.path[:0] = [str(REPO / "tests"), str(REPO / "tools")]
 
 from benchmark_dflash import build_draft_chunk  # noqa: E402
 from dflash_testing import (dflash_config, draft_inputs, head_only_target, randomize_,  # noqa: E402
@@ -63,11 +64,12 @@ def check_draft_backends(device) -> list[dict]:
     inputs = {k: v.to(device) for k, v in draft_inputs(cfg, batch=2, seq_len=96, seed=1).items()}
     masks = {"dense": inputs["attention_mask"],
              "sparse": dflash_block_mask(inputs["anchors"], inputs["keep"], 96, cfg.block_size)}
-    heads = {dtype: head_only_target().to(device, dtype) for dtype in (torch.float32, torch.bfloat16)}
-    probe = torch.randn(2 * 8 * 16 * 256, generator=torch.Generator().manual_seed(3)).to(device)
+    heads = {dtype: head_only_target().to(device, dtype)
+             for dtype in (torch.float32, torch.bfloat16)}
 
     def run(backend, attention, dtype, weights):
-        """Logits and {reference name: gradient} of the draft with `weights` (None: random)."""
+        """(logits, {local name: weight}, {local name: gradient}) of one draft loaded with
+        `weights` (None: random), after backward of a fixed random projection of the logits."""
         dcfg = draft_transformer_config(cfg, tcfg, params_dtype=dtype, pipeline_dtype=dtype,
                                         bf16=dtype == torch.bfloat16,
                                         use_cpu_initialization=device.type == "cpu")
@@ -88,7 +90,8 @@ def check_draft_backends(device) -> list[dict]:
                     params[n].copy_(w)
         logits = draft(inputs["block_input_ids"], inputs["features"].to(dtype), masks[attention],
                        inputs["position_ids"]).float()
-        (logits.flatten() * probe).sum().backward()
+        probe = torch.randn(logits.shape, generator=torch.Generator().manual_seed(3))
+        (logits * probe.to(device)).sum().backward()
         return logits.detach(), {n: p.detach().float() for n, p in params.items()}, \
             {n: p.grad.float() for n, p in params.items()}
 

@@ -98,7 +98,8 @@ def main(argv=None) -> Path:
     p.add_argument("--launcher", choices=LAUNCHERS, default="torchrun")
     p.add_argument("--nodes", type=int, required=True)
     p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--run-dir", required=True, help="checkpoints/, logs/, tensorboard/ and the script")
+    p.add_argument("--run-dir", required=True,
+                   help="holds checkpoints/, logs/, tensorboard/ and the script")
     p.add_argument("--time", default="04:00:00")
     p.add_argument("--job-name", default="dflash")
     p.add_argument("--partition")

@@ -76,7 +76,8 @@ def test_alignment_padding():
     assert pad_blocks(anchors, keep, 16, 16)[0] is anchors
     padded, pkeep = pad_blocks(anchors, keep, 10, 16)  # 10*N % 16 == 0 needs N % 8 == 0
     assert padded.shape == pkeep.shape == (2, 8)
-    assert torch.equal(padded[:, :3], anchors) and not pkeep[:, 3:].any() and not padded[:, 3:].any()
+    assert torch.equal(padded[:, :3], anchors)
+    assert not pkeep[:, 3:].any() and not padded[:, 3:].any()
 
 
 def test_nothing_needs_transformer_engine_unless_asked():

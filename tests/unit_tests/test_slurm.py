@@ -1,5 +1,5 @@
 """The SLURM scripts of examples/slurm, rendered for 2 nodes x 8 GPUs (TP8 x PP2) and run by bash
-against stand-ins for srun / scontrol / scancel: command lines, resume, and USR1 -> save -> requeue."""
+against stand-ins for srun / scontrol / scancel: command lines, resume, USR1 -> save -> requeue."""
 import importlib.util
 import os
 import signal
@@ -28,7 +28,8 @@ STUBS = {
 echo $$ > "$LOG/srun.pid"
 trap 'echo saved >> "$LOG/trainer"; exit 0' USR1
 if [ -n "${STUB_WAIT:-}" ]; then for i in $(seq 200); do sleep 0.1; done; exit 1; fi""",
-    "scontrol": """if [ "$1" = show ]; then printf 'node001\\nnode002\\n'; else echo "$*" >> "$LOG/scontrol"; fi""",
+    "scontrol": """if [ "$1" = show ]; then printf 'node001\\nnode002\\n'
+else echo "$*" >> "$LOG/scontrol"; fi""",
     # scancel --signal: what slurmstepd does, deliver it to the step's processes.
     "scancel": """echo "$*" >> "$LOG/scancel"; kill -USR1 "$(cat "$LOG/srun.pid")\"""",
 }

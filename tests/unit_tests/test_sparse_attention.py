@@ -1,4 +1,5 @@
-"""Sparse block attention (sparse_attention.py) == the dense DFlash mask, in the core and in the draft."""
+"""Sparse block attention (sparse_attention.py) == the dense DFlash mask, in the core attention
+and in the whole draft."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -88,6 +89,9 @@ def test_core_attention_module_layouts_and_masks(utils):
     ref = dense_reference(q, k, v, dcfg.kv_channels ** -0.5)
     assert out.shape == (q.shape[2], 2, 4 * dcfg.kv_channels)
     assert (out - ref.permute(2, 0, 1, 3).reshape(out.shape)).abs().max() < 1e-5
+    unmasked = core(to_sbhd(q), to_sbhd(k), to_sbhd(v), None)  # inference: no mask
+    ref = F.scaled_dot_product_attention(q, k, v, scale=dcfg.kv_channels ** -0.5, enable_gqa=True)
+    assert (unmasked - ref.permute(2, 0, 1, 3).reshape(out.shape)).abs().max() < 1e-5
     with pytest.raises(TypeError, match="DFlashBlockMask"):
         core(to_sbhd(q), to_sbhd(k), to_sbhd(v), dflash_attention_mask(ANCHORS, KEEP, S, B))
 

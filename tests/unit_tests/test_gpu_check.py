@@ -1,0 +1,24 @@
+"""tools/gpu_check.py's checks run on the CPU too (TE and FP8 variants skipped), so the script
+that only a GPU machine runs in full is exercised here."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+_path = Path(__file__).resolve().parents[2] / "tools/gpu_check.py"
+_spec = importlib.util.spec_from_file_location("gpu_check", _path)
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine tools/gpu_check.sh "
+                    "runs it for real, on NCCL (the test session's world is gloo)")
+def test_gpu_check_passes_what_this_machine_can_run(utils, tmp_path):
+    assert gpu_check.main(["--json", str(tmp_path / "checks.json")]) == 0
+    rows = {r["check"]: r for r in json.loads((tmp_path / "checks.json").read_text())}
+    ran = [name for name, r in rows.items() if r["ok"]]
+    assert {"draft local sparse float32", "draft local dense bfloat16"} <= set(ran)
+    assert any(name.startswith("train") and name.endswith("bf16") for name in ran)
+    assert all(rows[n]["ok"] is None for n in rows if "te " in n or "fp8" in n)
