@@ -138,3 +138,20 @@ def pattern_dataset(prefix, count, seq_len, vocab=VOCAB, seed=0) -> str:
         samples.append(Tokenized(prompt + response, [0] * len(prompt) + [1] * len(response), seq_len))
     write_indexed_dataset(str(prefix), samples, vocab_size=vocab)
     return str(prefix)
+
+
+def weighted_loss(logits: torch.Tensor, inputs: dict) -> torch.Tensor:
+    """The DFlash CE objective (Σ w·CE / Σ w) of vocab-parallel draft logits."""
+    from megatron_dflash.loss import dflash_loss
+
+    loss_sum, weight_sum = dflash_loss(logits, inputs["labels"], inputs["weights"])
+    return loss_sum / weight_sum
+
+
+def all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
+    """Every rank's copy of `t` in `group`, in rank order."""
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return parts

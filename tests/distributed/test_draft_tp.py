@@ -7,21 +7,10 @@ from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 
-from dflash_testing import (build_draft, dflash_config, draft_inputs, head_only_target, head_state,
+from dflash_testing import (all_gather, build_draft, dflash_config, draft_inputs, head_only_target,
+                            head_state, weighted_loss,
                             load_head_shard, load_params, params, randomize_, target_config)
 from megatron_dflash import state_dict_adapter
-from megatron_dflash.loss import dflash_loss
-
-
-def _loss(logits, inputs):
-    loss_sum, weight_sum = dflash_loss(logits, inputs["labels"], inputs["weights"])
-    return loss_sum / weight_sum
-
-
-def _all_gather(t, group):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
 
 
 @pytest.mark.world(2)
@@ -37,7 +26,7 @@ def test_draft_tp2_equals_tp1(utils, sp):
     inputs = draft_inputs(cfg1, batch=2, seq_len=48, seed=8)
     logits1 = draft1(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
                      inputs["position_ids"])
-    loss1 = _loss(logits1, inputs)
+    loss1 = weighted_loss(logits1, inputs)
     loss1.backward()
     full_weights = params(draft1)
     grads1 = {n: p.grad.clone() for n, p in draft1.named_parameters()}
@@ -58,14 +47,14 @@ def test_draft_tp2_equals_tp1(utils, sp):
     logits2 = ddp(inputs["block_input_ids"], features, inputs["attention_mask"],
                   inputs["position_ids"])
     assert logits2.shape[-1] == logits1.shape[-1] // 2
-    full_logits = torch.cat(_all_gather(logits2.detach(), tp_group), dim=-1)
+    full_logits = torch.cat(all_gather(logits2.detach(), tp_group), dim=-1)
     assert (full_logits - logits1).abs().max() < 1e-5
-    loss2 = _loss(logits2, inputs)
+    loss2 = weighted_loss(logits2, inputs)
     assert abs(loss2.item() - loss1.item()) < 1e-5
     loss2.backward()
     finalize_model_grads([ddp])
     local = {n: p.main_grad for n, p in draft2.named_parameters()}
-    shards = [dict(zip(local, parts)) for parts in zip(*(_all_gather(g, tp_group) for g in local.values()))]
+    shards = [dict(zip(local, parts)) for parts in zip(*(all_gather(g, tp_group) for g in local.values()))]
     grads2 = state_dict_adapter.gather(shards)
     assert sorted(grads2) == sorted(grads1)
     for name, g in grads1.items():

@@ -8,25 +8,14 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
                                        finalize_model_grads)
 from megatron.core.transformer.spec_utils import build_module
 
-from dflash_testing import (build_draft, dflash_config, draft_inputs, head_only_target, head_state,
+from dflash_testing import (all_gather, build_draft, dflash_config, draft_inputs, head_only_target,
+                            head_state, weighted_loss,
                             load_head_shard, load_params, params, randomize_, target_config)
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.config import draft_transformer_config
-from megatron_dflash.loss import dflash_loss
 from megatron_dflash.model import target_head
 from megatron_dflash.sparse_attention import dflash_block_mask
 from megatron_dflash.specs import get_dflash_model_spec
-
-
-def _loss(logits, inputs):
-    loss_sum, weight_sum = dflash_loss(logits, inputs["labels"], inputs["weights"])
-    return loss_sum / weight_sum
-
-
-def _all_gather(t, group):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return parts
 
 
 @pytest.mark.world(2)
@@ -40,7 +29,7 @@ def test_sparse_tp2_sp_equals_dense_tp1(utils):
     inputs = draft_inputs(cfg1, batch=2, seq_len=48, seed=8)
     logits1 = draft1(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],
                      inputs["position_ids"])
-    _loss(logits1, inputs).backward()
+    weighted_loss(logits1, inputs).backward()
     grads1 = {n: p.grad.clone() for n, p in draft1.named_parameters()}
 
     utils.initialize_model_parallel(2)
@@ -60,12 +49,12 @@ def test_sparse_tp2_sp_equals_dense_tp1(utils):
     mask = dflash_block_mask(inputs["anchors"], inputs["keep"], 48, cfg2.block_size)
     logits2 = ddp(inputs["block_input_ids"], inputs["features"].chunk(2)[rank], mask,
                   inputs["position_ids"])
-    full_logits = torch.cat(_all_gather(logits2.detach(), tp_group), dim=-1)
+    full_logits = torch.cat(all_gather(logits2.detach(), tp_group), dim=-1)
     assert (full_logits - logits1).abs().max() < 1e-5
-    _loss(logits2, inputs).backward()
+    weighted_loss(logits2, inputs).backward()
     finalize_model_grads([ddp])
     local = {n: p.main_grad for n, p in draft2.named_parameters()}
-    gathered = zip(*(_all_gather(g, tp_group) for g in local.values()))
+    gathered = zip(*(all_gather(g, tp_group) for g in local.values()))
     shards = [dict(zip(local, parts)) for parts in gathered]
     grads2 = state_dict_adapter.gather(shards)
     for name, g in grads1.items():
