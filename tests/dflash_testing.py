@@ -61,8 +61,9 @@ def dflash_config(tcfg: TransformerConfig, **overrides) -> DFlashConfig:
     return DFlashConfig(**kw).resolve(tcfg, vocab_size=VOCAB, target_rope_theta=ROPE_THETA)
 
 
-def build_draft(tcfg: TransformerConfig, cfg: DFlashConfig, target: GPTModel, backend="local"):
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend),
+def build_draft(tcfg: TransformerConfig, cfg: DFlashConfig, target: GPTModel, backend="local",
+                attention="dense"):
+    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
                          config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
     draft.borrow_target_head(*target_head(target))
     return draft

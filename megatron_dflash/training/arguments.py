@@ -7,8 +7,12 @@ chitchat conversations); flags use Megatron-LM's names where Megatron-LM has one
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
+
+from megatron_dflash.fp8 import add_fp8_args, fp8_settings
+from megatron_dflash.specs import ATTENTIONS
 
 _EMBEDDED_TARGET_LAYERS = 30  # SmolLM2-135M-Instruct
 
@@ -44,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of distillation to the target's next-token distribution "
                         "(0 = hard labels only, 1 = distillation only); default 0, or 1 with the "
                         "embedded default data, which the target did not write")
+    g.add_argument("--attention", choices=ATTENTIONS, default="dense",
+                   help="draft training attention: 'dense' scores every block against the whole "
+                        "packed sequence under a mask; 'sparse' computes only what each block "
+                        "sees (FlexAttention on GPU), so its cost follows the number of anchors")
     g.add_argument("--draft-num-attention-heads", type=int, default=None)
     g.add_argument("--draft-num-query-groups", type=int, default=None)
     g.add_argument("--draft-kv-channels", type=int, default=None)
@@ -60,7 +68,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
                    action="store_false", help="use megatron's plain DDP optimizer")
-    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
+                   help="megatron's layer implementation for target and draft: 'local' (torch, "
+                        "runs on CPU) or Transformer Engine's fused kernels (GPU, needed for FP8)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=1)
@@ -89,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure held-out tau every N iterations (always at start and end)")
     g.add_argument("--eval-samples", type=int, default=16)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=True,
+                   help="on SIGTERM or SIGUSR1 (SLURM pre-emption / time-limit warning) finish the "
+                        "iteration, save a checkpoint to --save and exit 0 (all ranks together)")
+    add_fp8_args(p)
     return p
 
 
@@ -152,6 +166,11 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
                    f"--{flag.replace('_', '-')}: {path} does not exist")
     _check(a.load is None or os.path.isdir(a.load), f"--load={a.load}: not a directory")
     _check(not a.finetune or a.load is not None, "--finetune needs --load")
+    _check(a.transformer_impl != "transformer_engine"
+           or importlib.util.find_spec("transformer_engine") is not None,
+           "--transformer-impl transformer_engine needs Transformer Engine: pip install "
+           "'megatron_dflash[te]' on a CUDA machine (or use --transformer-impl local)")
+    a.fp8, a.target_fp8 = fp8_settings(a)
     return a
 
 

@@ -6,6 +6,7 @@ Everything distributed is megatron's own: `parallel_state` groups, the pipeline 
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -31,6 +32,7 @@ from megatron_dflash.data.conversations import DataReport
 from megatron_dflash.data.dataset import (ResumableSampler, build_dataset, collate, encode_files,
                                           write_indexed_dataset)
 from megatron_dflash.data.tokenize import load_chat_tokenizer
+from megatron_dflash.fp8 import sequence_multiple
 from megatron_dflash.loss import estimated_acceptance_length
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target import build_target, load_hf_config, load_hf_weights, target_transformer_config
@@ -38,6 +40,7 @@ from megatron_dflash.target.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOK
                                          smollm2_gguf)
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
+from megatron_dflash.training.signals import ExitSignalHandler
 from megatron_dflash.training.step import (anchor_generator, global_weight_sum, make_forward_step,
                                            prepare_microbatch)
 
@@ -90,7 +93,8 @@ def build_models(args, device):
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
                                      sequence_parallel=args.sequence_parallel, params_dtype=dtype,
-                                     pipeline_parallel_size=args.pipeline_model_parallel_size)
+                                     pipeline_parallel_size=args.pipeline_model_parallel_size,
+                                     **args.target_fp8.fields())
     target = build_target(hf_config, tcfg, backend=_backend(args))
     load_hf_weights(target, args.target)
     cfg = DFlashConfig(
@@ -107,10 +111,11 @@ def build_models(args, device):
     # MoE token dispatcher, which a dense model never uses.)
     pipelined = args.pipeline_model_parallel_size > 1
     dcfg = draft_transformer_config(cfg, tcfg, perform_initialization=True,
-                                    deallocate_pipeline_outputs=pipelined)
+                                    deallocate_pipeline_outputs=pipelined, **args.fp8.fields())
     dcfg.variable_seq_lengths = pipelined
     if target.post_process:
-        draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, _backend(args)),
+        draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, _backend(args),
+                                                   args.attention),
                              config=dcfg, dflash_config=cfg)
         # The borrowed LM head expects inputs at the scale of the target's final norm: start there.
         with torch.no_grad():
@@ -151,13 +156,20 @@ def build_optimizer(args, model):
 
 
 class MicroBatches:
-    """This data-parallel rank's micro-batches, prepared (anchors drawn) from the resumable sampler."""
+    """This data-parallel rank's micro-batches, prepared (anchors drawn) from the resumable sampler.
+
+    Sequences are padded to what sequence parallelism and the target's and draft's FP8 GEMMs need,
+    the block tokens (N * block_size) to what the draft's need.
+    """
 
     def __init__(self, dataset, args, cfg: DFlashConfig, pad_id: int, consumed_samples: int,
                  shuffle: bool = True, seed: int | None = None):
         self.dataset, self.cfg, self.pad_id = dataset, cfg, pad_id
         self.seed = args.seed if seed is None else seed
-        self.pad_multiple = args.tensor_model_parallel_size if args.sequence_parallel else 1
+        tp, sp = args.tensor_model_parallel_size, args.sequence_parallel
+        self.pad_multiple = sequence_multiple(tp, sp, args.fp8, args.target_fp8)
+        self.block_multiple = sequence_multiple(tp, sp, args.fp8)
+        self.attention = args.attention
         self.sampler = ResumableSampler(
             len(dataset), args.micro_batch_size, parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(), seed=self.seed,
@@ -170,7 +182,8 @@ class MicroBatches:
         position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
         batch = collate([self.dataset[i] for i in indices], self.pad_id, self.pad_multiple)
         return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
-                                  anchor_generator(self.seed, position))
+                                  anchor_generator(self.seed, position), self.attention,
+                                  self.block_multiple)
 
 
 def _reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
@@ -287,47 +300,58 @@ def pretrain(args) -> dict:
                    "world_size": dist.get_world_size()}
     start_iteration, start_time = iteration, time.time()
     window_tokens, window_time, window_iters = 0, 0.0, 0
-    while iteration < args.train_iters:
-        t = time.time()
-        microbatches = [batches.next() for _ in range(args.num_microbatches)]
-        reports, grad_norm = train_step(model, optimizer, scheduler, microbatches, cfg, args)
-        iteration += 1
-        r = _reduce_reports(reports)
-        loss = float(r["loss"][0] / r["loss"][1].clamp(min=1e-12))
-        tau = float(estimated_acceptance_length(r["correct"], r["total"]))
-        acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
-        lr = scheduler.get_lr(optimizer.param_groups[0])
-        result["losses"].append(loss)
-        result["grad_norms"].append(grad_norm)
-        window_tokens += sum(mb["tokens"].numel() for mb in microbatches) \
-            * parallel_state.get_data_parallel_world_size()
-        window_time += time.time() - t
-        window_iters += 1
-        if writer is not None:
-            for k, v in (("loss", loss), ("tau_hat", tau), ("lr", lr), ("grad_norm", grad_norm),
-                         ("acc_pos1", acc[0])):
-                writer.add_scalar(f"train/{k}", v, iteration)
-        if iteration % args.log_interval == 0 or iteration == args.train_iters:
-            eta = (args.train_iters - iteration) * (time.time() - start_time) / (iteration - start_iteration)
-            log(f"iter {iteration:5d}/{args.train_iters} | loss {loss:.4f} | tau^ {tau:.3f} | acc@1..3 "
-                + " ".join(f"{a:.3f}" for a in acc[:3])
-                + f" | lr {lr:.2e} | grad norm {grad_norm:.3f}"
-                + f" | {window_tokens / window_time:.0f} target tok/s | {window_time / window_iters:.2f} s/iter"
-                + f" | ETA {_fmt(eta)}")
-            window_tokens, window_time, window_iters = 0, 0.0, 0
-        log("json " + json.dumps({"iteration": iteration, "loss": loss, "tau_hat": tau,
-                                  "grad_norm": grad_norm, "lr": lr}))
-        if valid is not None and args.eval_interval and iteration % args.eval_interval == 0 \
-                and iteration < args.train_iters:
-            t_, _ = evaluate_tau(model, valid, cfg, args, pad_id)
-            log(f"held-out tau {t_:.3f} at iteration {iteration}")
-        if args.save and ((args.save_interval and iteration % args.save_interval == 0)
-                          or iteration == args.train_iters):
-            path = checkpoint.save_checkpoint(
-                args.save, iteration, model, optimizer, scheduler,
-                dict(extra_state, consumed_samples=batches.sampler.consumed_samples))
-            log(f"saved checkpoint {path}")
-    if valid is not None:
+    # SIGTERM / SIGUSR1 (SLURM pre-emption, time limit): finish the iteration, save, leave.
+    exit_signal = ExitSignalHandler() if args.exit_signal_handler else None
+    result["exit_signal"] = None
+    with exit_signal or contextlib.nullcontext():
+        while iteration < args.train_iters:
+            t = time.time()
+            microbatches = [batches.next() for _ in range(args.num_microbatches)]
+            reports, grad_norm = train_step(model, optimizer, scheduler, microbatches, cfg, args)
+            iteration += 1
+            r = _reduce_reports(reports)
+            loss = float(r["loss"][0] / r["loss"][1].clamp(min=1e-12))
+            tau = float(estimated_acceptance_length(r["correct"], r["total"]))
+            acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
+            lr = scheduler.get_lr(optimizer.param_groups[0])
+            result["losses"].append(loss)
+            result["grad_norms"].append(grad_norm)
+            window_tokens += sum(mb["tokens"].numel() for mb in microbatches) \
+                * parallel_state.get_data_parallel_world_size()
+            window_time += time.time() - t
+            window_iters += 1
+            if writer is not None:
+                for k, v in (("loss", loss), ("tau_hat", tau), ("lr", lr), ("grad_norm", grad_norm),
+                             ("acc_pos1", acc[0])):
+                    writer.add_scalar(f"train/{k}", v, iteration)
+            if iteration % args.log_interval == 0 or iteration == args.train_iters:
+                eta = (args.train_iters - iteration) * (time.time() - start_time) / (iteration - start_iteration)
+                log(f"iter {iteration:5d}/{args.train_iters} | loss {loss:.4f} | tau^ {tau:.3f} | acc@1..3 "
+                    + " ".join(f"{a:.3f}" for a in acc[:3])
+                    + f" | lr {lr:.2e} | grad norm {grad_norm:.3f}"
+                    + f" | {window_tokens / window_time:.0f} target tok/s | {window_time / window_iters:.2f} s/iter"
+                    + f" | ETA {_fmt(eta)}")
+                window_tokens, window_time, window_iters = 0, 0.0, 0
+            log("json " + json.dumps({"iteration": iteration, "loss": loss, "tau_hat": tau,
+                                      "grad_norm": grad_norm, "lr": lr}))
+            if valid is not None and args.eval_interval and iteration % args.eval_interval == 0 \
+                    and iteration < args.train_iters:
+                t_, _ = evaluate_tau(model, valid, cfg, args, pad_id)
+                log(f"held-out tau {t_:.3f} at iteration {iteration}")
+            exiting = exit_signal is not None and exit_signal.should_exit()
+            if args.save and (exiting or iteration == args.train_iters
+                              or (args.save_interval and iteration % args.save_interval == 0)):
+                path = checkpoint.save_checkpoint(
+                    args.save, iteration, model, optimizer, scheduler,
+                    dict(extra_state, consumed_samples=batches.sampler.consumed_samples))
+                log(f"saved checkpoint {path}")
+            if exiting:
+                result["exit_signal"] = (exit_signal.received.name if exit_signal.received
+                                         else "a signal on another rank")
+                log(f"exiting after iteration {iteration}: received {result['exit_signal']}"
+                    + ("" if args.save else " (no --save: nothing saved)"))
+                break
+    if valid is not None and result["exit_signal"] is None:
         result["tau_end"], acc = evaluate_tau(model, valid, cfg, args, pad_id)
         log(f"held-out tau {result['tau_end']:.3f} at iteration {iteration} | acc@1..3 "
             + " ".join(f"{a:.3f}" for a in acc[:3]))

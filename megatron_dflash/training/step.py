@@ -22,8 +22,10 @@ from megatron_dflash.anchors import (block_input_ids, block_labels, block_loss_m
                                      block_loss_weights, block_position_ids, block_positions,
                                      sample_anchors)
 from megatron_dflash.config import DFlashConfig
+from megatron_dflash.fp8 import pad_blocks
 from megatron_dflash.loss import accuracy_counts, dflash_loss, target_greedy_labels
 from megatron_dflash.masks import dflash_attention_mask
+from megatron_dflash.sparse_attention import dflash_block_mask
 
 
 def anchor_generator(seed: int, sample_position: int) -> torch.Generator:
@@ -33,19 +35,30 @@ def anchor_generator(seed: int, sample_position: int) -> torch.Generator:
 
 
 def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlashConfig,
-                       generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Anchors, block inputs/labels/weights, positions and the dense mask for [b, S] tokens."""
+                       generator: torch.Generator, attention: str = "dense",
+                       block_multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Anchors, block inputs/labels/weights, positions and the mask for [b, S] tokens.
+
+    `attention` picks the mask the draft's spec takes: the dense tensor, or the per-block
+    `DFlashBlockMask` of the sparse attention. `block_multiple`: the number of block tokens
+    (N * block_size) is padded with unkept blocks to a multiple of it (FP8 GEMM alignment).
+    """
     B, seq_len = cfg.block_size, tokens.shape[1]
     anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator)
     if anchors.shape[1] == 0:  # nothing eligible: one unkept block (weight 0) keeps shapes valid
         anchors = torch.zeros(tokens.shape[0], 1, dtype=torch.long)
         keep = torch.zeros_like(anchors, dtype=torch.bool)
+    anchors, keep = pad_blocks(anchors, keep, B, block_multiple)
     supervised = block_loss_mask(loss_mask, anchors, keep, B)
+    masks = {"dense": dflash_attention_mask, "sparse": dflash_block_mask}
+    if attention not in masks:
+        raise ValueError(f"attention={attention!r} must be one of {tuple(masks)}")
+    mask = masks[attention]
     return dict(
         tokens=tokens,
         position_ids=torch.arange(seq_len).expand_as(tokens),
         block_input_ids=block_input_ids(tokens, anchors, keep, B, cfg.mask_token_id),
-        attention_mask=dflash_attention_mask(anchors, keep, seq_len, B),
+        attention_mask=mask(anchors, keep, seq_len, B),
         block_position_ids=block_position_ids(seq_len, anchors, B),
         labels=block_labels(tokens, anchors, B),
         label_positions=block_positions(anchors, B),

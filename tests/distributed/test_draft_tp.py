@@ -2,7 +2,6 @@
 parameter gradient after megatron DDP + finalize_model_grads, fp32, <= 1e-5."""
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)

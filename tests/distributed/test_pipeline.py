@@ -3,7 +3,8 @@
 * Taps on the first, a middle and the last stage reach the draft equal to the PP=1 capture, and
   the last stage's word-embedding replica equals the target's embedding (tied and untied).
 * For the same weights, data and seed, every micro-batch loss, every step's loss and grad norm over
-  a 20-step trajectory (after optimizer updates) equal the single-process run (<= 1e-5, fp32),
+  a 20-step trajectory (after optimizer updates) equal the single-process run (<= 1e-5, fp32) —
+  also with the sparse block attention against the dense single-process reference —
   and parameters replicated over TP stay bitwise identical. The reference is the same driver in a
   fresh single process.
 * A checkpoint saved at TP2xPP2 resumes at TP1xPP1 and DP2 with the uninterrupted run's next
@@ -44,6 +45,8 @@ LAYOUTS = {
     4: {"pp4": dict(pipeline_model_parallel_size=4),
         "tp2pp2_sp": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                           sequence_parallel=True),
+        "tp2pp2_sp_sparse": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                                 sequence_parallel=True, attention="sparse"),
         "tp2dp2": dict(tensor_model_parallel_size=2),
         "pp2dp2": dict(pipeline_model_parallel_size=2)},
 }

@@ -2,7 +2,6 @@
 logits and every parameter gradient, fp32, <= 1e-5."""
 import pytest
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from dflash.model import DFlashDraftModel as ReferenceDraft
 from transformers import Qwen3Config
 
-from dflash_testing import (HIDDEN, ROPE_THETA, VOCAB, build_draft, dflash_config, draft_inputs,
+from dflash_testing import (HIDDEN, VOCAB, build_draft, dflash_config, draft_inputs,
                             head_only_target, head_state, load_params, randomize_,
                             target_config)
 from megatron_dflash import state_dict_adapter

@@ -9,10 +9,12 @@ import textwrap
 import pytest
 import torch
 
-from dflash_testing import dflash_config, target_config
+from dflash_testing import (build_draft, dflash_config, head_only_target, randomize_,
+                            target_config, weighted_loss)
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.fp8 import (FP8Settings, add_fp8_args, fp8_settings, fp8_unavailable_reason,
                                  pad_blocks, sequence_multiple)
+from megatron_dflash.training.step import prepare_microbatch
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
@@ -111,3 +113,33 @@ def test_nothing_needs_transformer_engine_unless_asked():
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=300)
     assert run.stdout.strip().endswith("OK"), run.stderr[-3000:]
+
+
+@pytest.mark.parametrize("attention", ["dense", "sparse"])
+def test_padded_blocks_change_neither_loss_nor_gradients(utils, attention):
+    """The training step pads the blocks to the FP8 GEMM multiple (`block_multiple`); the added
+    blocks are unkept: same weighted loss and draft gradients as without them (fp32)."""
+    utils.initialize_model_parallel(1)
+    tcfg = target_config()
+    cfg = dflash_config(tcfg, block_size=8, num_anchors=5)
+    draft = build_draft(tcfg, cfg, head_only_target(), attention=attention)
+    randomize_(draft, seed=1)
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 256, (2, 64), generator=g)
+    loss_mask = torch.ones_like(tokens, dtype=torch.bool)
+    loss_mask[:, :16] = False
+    features = torch.randn(64, 2, len(cfg.target_layer_ids) * cfg.hidden_size, generator=g)
+    results = []
+    for multiple in (1, 48):  # 48 tokens = 6 blocks of 8: 5 anchors become 6 blocks
+        mb = prepare_microbatch(tokens, loss_mask, cfg, torch.Generator().manual_seed(5),
+                                attention, block_multiple=multiple)
+        assert mb["block_input_ids"].shape[1] == (40 if multiple == 1 else 48)
+        draft.zero_grad()
+        loss = weighted_loss(draft(mb["block_input_ids"], features, mb["attention_mask"],
+                                   mb["block_position_ids"]), mb)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in draft.named_parameters()}))
+    (loss, grads), (padded_loss, padded_grads) = results
+    assert (padded_loss - loss).abs() <= 1e-6 * loss.abs()
+    for n, grad in grads.items():
+        assert (padded_grads[n] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), n

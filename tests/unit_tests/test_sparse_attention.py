@@ -3,18 +3,16 @@ and in the whole draft."""
 import pytest
 import torch
 import torch.nn.functional as F
-from megatron.core.transformer.spec_utils import build_module
 from torch.utils.flop_counter import FlopCounterMode
 
-from dflash_testing import (dflash_config, head_only_target, load_params, params, randomize_,
-                            target_config)
+from dflash_testing import (build_draft, dflash_config, head_only_target, load_params, params,
+                            randomize_, target_config)
 from megatron_dflash.anchors import block_input_ids, block_position_ids
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.masks import dflash_attention_mask
-from megatron_dflash.model import target_head
 from megatron_dflash.sparse_attention import (DFlashSparseAttention, dflash_block_mask,
                                               flex_block_attention, gather_block_attention)
-from megatron_dflash.specs import get_dflash_layer_spec, get_dflash_model_spec
+from megatron_dflash.specs import get_dflash_layer_spec
 
 S, B = 40, 8
 # Anchor 0, unkept blocks (anchor 0, keep False), an anchor at the last eligible position, and a
@@ -105,20 +103,14 @@ def test_layer_spec_selects_core_attention():
         get_dflash_layer_spec("local", attention="flash")
 
 
-def build(tcfg, cfg, target, attention):
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, "local", attention),
-                         config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
-    draft.borrow_target_head(*target_head(target))
-    return draft
-
-
 def test_sparse_draft_equals_dense_draft(utils):
     """Logits and every parameter gradient of a 2-layer GQA draft, fp32, same weights."""
     utils.initialize_model_parallel(1)
     tcfg = target_config()
     cfg = dflash_config(tcfg, block_size=B, num_anchors=ANCHORS.shape[1])
     target = head_only_target()
-    dense, sparse = build(tcfg, cfg, target, "dense"), build(tcfg, cfg, target, "sparse")
+    dense = build_draft(tcfg, cfg, target, attention="dense")
+    sparse = build_draft(tcfg, cfg, target, attention="sparse")
     randomize_(dense, seed=7)
     load_params(sparse, params(dense))
     g = torch.Generator().manual_seed(3)

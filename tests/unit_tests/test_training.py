@@ -1,8 +1,9 @@
-"""Training end to end: learning, bad data, flag validation, kill-and-resume exactness."""
+"""Training end to end: learning, sparse == dense attention, bad data, flag validation,
+kill-and-resume exactness, save-and-exit on a signal."""
+import importlib.util
 import io
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -62,6 +63,16 @@ def test_training_lowers_loss_and_raises_tau(target, data):
     assert result["tau_end"] > result["tau_start"] + 1.0, (result["tau_start"], result["tau_end"])
 
 
+def test_sparse_attention_trains_like_dense(target, data):
+    """--attention sparse (the gather path on CPU) follows the dense-mask run step for step."""
+    dense, sparse = (run_in_process(flags(target, data[0], train_iters=8, distill_weight=0.5,
+                                          attention=attention))
+                     for attention in ("dense", "sparse"))
+    for key in ("losses", "grad_norms"):
+        assert max(abs(a - b) for a, b in zip(dense[key], sparse[key], strict=True)) <= 1e-5, key
+    assert dense["losses"][-1] < dense["losses"][0]
+
+
 def test_distillation_trains_and_writes_tensorboard(target, data, tmp_path):
     result = run_in_process(flags(target, *data, train_iters=30, distill_weight=0.5,
                                   tensorboard_dir=str(tmp_path / "tb")))
@@ -116,11 +127,25 @@ def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
     (["--target", "/tmp"], "--mask-token-id"),
     (["--block-size", "1"], "--block-size"),
     (["--finetune"], "--finetune"),
+    (["--attention", "flash"], "--attention"),
+    (["--fp8-recipe", "delayed"], "--fp8-recipe"),
+    (["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
+    (["--target-fp8-format", "e4m3"], "--transformer-impl transformer_engine"),
 ])
 def test_bad_flags_fail_before_any_work(argv, flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_transformer_engine_impl_needs_transformer_engine(capsys):
+    argv = ["--transformer-impl", "transformer_engine"]
+    if importlib.util.find_spec("transformer_engine") is None:  # the CPU CI
+        with pytest.raises(SystemExit):
+            parse_args(argv)
+        assert "needs Transformer Engine: pip install" in capsys.readouterr().err
+    else:
+        assert parse_args(argv).transformer_impl == "transformer_engine"
 
 
 def test_tracker_ignores_partial_save(tmp_path):
@@ -193,3 +218,43 @@ def test_kill_and_resume_is_exact(target, data, tmp_path, nproc):
     assert sorted(expected) == list(range(1, k + n + 1))
     assert sorted(before) == list(range(1, k + 1)) and sorted(after) == list(range(k + 1, k + n + 1))
     assert {**before, **after} == expected  # bit-exact on CPU fp32
+
+
+def _workers(job) -> dict[int, psutil.Process]:
+    """torchrun's worker processes by global rank."""
+    out = {}
+    for proc in psutil.Process(job.pid).children(recursive=True):
+        rank = proc.environ().get("RANK")
+        if rank is not None and "pretrain_dflash.py" in " ".join(proc.cmdline()):
+            out[int(rank)] = proc
+    return out
+
+
+def test_signal_on_one_rank_saves_and_exits_together(target, data, tmp_path):
+    """SIGTERM (pre-emption) reaching only rank 0 of two: both ranks finish the iteration, save
+    one checkpoint there and exit 0 (no final evaluation); resuming from it continues exactly as
+    a straight run."""
+    n = 3
+    common = flags(target, *data, log_interval=1, lr_decay_style="constant", lr_warmup_fraction=0,
+                   eval_samples=4)
+    save, log = tmp_path / "ckpt", tmp_path / "signalled.log"
+    job = _torchrun(2, common + ["--train-iters", "100000", "--save", str(save),
+                                 "--save-interval", "100000"], log)
+    deadline = time.time() + 300
+    while len(_losses(log)) < 2:
+        assert job.poll() is None and time.time() < deadline, open(log).read()[-3000:]
+        time.sleep(0.1)
+    _workers(job)[0].send_signal(signal.SIGTERM)
+    assert job.wait(timeout=300) == 0, open(log).read()[-3000:]
+    text = open(log).read()
+    k = max(_losses(log))
+    assert checkpoint.latest_iteration(str(save)) == k
+    assert f"exiting after iteration {k}: received a signal on another rank" in text
+    assert text.count("held-out tau") == 1 and f"iter {k + 1:5d}" not in text  # start only
+
+    resumed = _torchrun(2, common + ["--train-iters", str(k + n), "--load", str(save)],
+                        tmp_path / "resumed.log")
+    assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
+    straight = _torchrun(2, common + ["--train-iters", str(k + n)], tmp_path / "straight.log")
+    assert straight.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
+    assert {**_losses(log), **_losses(tmp_path / "resumed.log")} == _losses(tmp_path / "straight.log")
