@@ -39,21 +39,18 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
-                                       finalize_model_grads)
-from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import build_module
 from transformers import LlamaConfig, Qwen3Config
 
 from megatron_dflash.anchors import sample_anchors
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
-from megatron_dflash.fp8 import FP8_RECIPES, FP8Settings, fp8_unavailable_reason
+from megatron_dflash.fp8 import FP8_RECIPES, FP8Settings, fp8_unavailable_reason, sequence_multiple
 from megatron_dflash.masks import block_context_lengths
-from megatron_dflash.sparse_attention import dflash_block_mask
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target import build_target, target_transformer_config
-from megatron_dflash.training.loop import build_optimizer, train_step
+from megatron_dflash.training.loop import build_optimizer, train_step, wrap_training_chunk
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.step import anchor_generator, prepare_microbatch
 
@@ -112,33 +109,14 @@ def model_flops(t, d: DFlashConfig, vocab: int, seq_len: int,
     return out
 
 
-def microbatch(tokens, loss_mask, cfg: DFlashConfig, seed: int, attention: str) -> dict:
-    """`prepare_microbatch`'s micro-batch; for sparse attention its mask as a DFlashBlockMask of
-    the same anchors (drawn again from the same generator)."""
-    mb = prepare_microbatch(tokens, loss_mask, cfg, anchor_generator(seed, 0))
-    if attention == "sparse":
-        anchors, keep = sample_anchors(loss_mask, cfg.block_size, cfg.num_anchors,
-                                       anchor_generator(seed, 0))
-        mb["attention_mask"] = dflash_block_mask(anchors, keep, tokens.shape[1], cfg.block_size)
-    return mb
-
-
 def build_draft_chunk(target, tcfg, cfg, backend, attention, fp8: FP8Settings, device):
     """The DDP-wrapped training chunk around `target` with a fresh draft (as
     `loop.build_models` builds it)."""
     dcfg = draft_transformer_config(cfg, tcfg, **fp8.fields())
     draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
                          config=dcfg, dflash_config=cfg)
-    module = DFlashTrainingModule(target, draft).to(device)
-    if dcfg.bf16:
-        module = Float16Module(dcfg, module)
-    ddp = DistributedDataParallel(
-        config=dcfg, module=module,
-        ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                                 use_distributed_optimizer=True))
-    dcfg.no_sync_func = ddp.no_sync
-    dcfg.finalize_model_grads_func = finalize_model_grads
-    return ddp
+    return wrap_training_chunk(DFlashTrainingModule(target, draft).to(device), dcfg,
+                               use_distributed_optimizer=True)
 
 
 def _sync():
@@ -202,10 +180,16 @@ def benchmark(args) -> dict:
     tokens = torch.randint(0, hf.vocab_size - 1, (args.micro_batch_size, args.seq_length),
                            generator=g)
     loss_mask = torch.arange(args.seq_length).expand_as(tokens) >= args.seq_length // 10
-    mbs = {a: microbatch(tokens, loss_mask, cfg, args.seed, a) for a in args.attention}
+    # Padded to what FP8 GEMMs need (a no-op for the default shapes: 3072 and 512 x 16).
+    align = sequence_multiple(1, False, *(FP8Settings(args.fp8_format, p.removeprefix("fp8-"))
+                                          for p in args.precisions if p != "bf16"))
+    tokens = F.pad(tokens, (0, -args.seq_length % align))
+    loss_mask = F.pad(loss_mask, (0, -args.seq_length % align))
+    mbs = {a: prepare_microbatch(tokens, loss_mask, cfg, anchor_generator(args.seed, 0), a, align)
+           for a in args.attention}
     anchors, keep = sample_anchors(loss_mask, cfg.block_size, cfg.num_anchors,
                                    anchor_generator(args.seed, 0))
-    flops = model_flops(base, cfg, hf.vocab_size, args.seq_length,
+    flops = model_flops(base, cfg, hf.vocab_size, tokens.shape[1],
                         block_context_lengths(anchors, keep))
     result = {"shape": args.shape, "device": torch.cuda.get_device_name() if device.type == "cuda"
               else "cpu", "backend": args.backend,

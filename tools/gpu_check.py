@@ -3,9 +3,10 @@
   draft_backends  one draft's logits and gradients with each backend/attention/dtype against the
                   local dense fp32 draft: local sparse (FlexAttention, with its backward),
                   local bf16, TE bf16 dense (arbitrary mask), TE bf16 sparse
-  fp8_training    the real training step (DFlashTrainingModule, DDP, DistributedOptimizer) on a
-                  tiny learnable task, bf16 and each FP8 recipe: the loss must fall, and FP8's
-                  about as far as bf16's
+  fp8_training    the training job itself (`pretrain` from command-line flags, as
+                  examples/pretrain_dflash.py runs it) on a tiny learnable task, bf16 and each
+                  FP8 recipe (draft and target): the loss must fall, and FP8's about as far as
+                  bf16's
 
 Checks that this machine cannot run (no TE, no GPU, a recipe the GPU lacks) are reported as
 skipped, so the script also runs on a CPU (`python tests/cpu_run.py tools/gpu_check.py`).
@@ -13,7 +14,6 @@ skipped, so the script also runs on a CPU (`python tests/cpu_run.py tools/gpu_ch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import importlib.util
 import json
@@ -28,21 +28,18 @@ from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import build_module
 
 REPO = Path(__file__).resolve().parents[1]
-# Small configs and targets shared with the tests; the benchmark's training-chunk builder.
-sys.path[:0] = [str(REPO / "tests"), str(REPO / "tools")]
+# Small configs, targets and data shared with the tests.
+sys.path.insert(0, str(REPO / "tests"))
 
-from benchmark_dflash import build_draft_chunk  # noqa: E402
-from dflash_testing import (dflash_config, draft_inputs, head_only_target, randomize_,  # noqa: E402
-                            target_config, tiny_target_dir)
-from megatron_dflash.config import DFlashConfig, draft_transformer_config  # noqa: E402
+from dflash_testing import (dflash_config, draft_inputs, head_only_target,  # noqa: E402
+                            pattern_dataset, randomize_, target_config, tiny_target_dir)
+from megatron_dflash.config import draft_transformer_config  # noqa: E402
 from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason  # noqa: E402
 from megatron_dflash.model import target_head  # noqa: E402
 from megatron_dflash.sparse_attention import dflash_block_mask  # noqa: E402
 from megatron_dflash.specs import get_dflash_model_spec  # noqa: E402
-from megatron_dflash.target import build_target, load_hf_config, load_hf_weights  # noqa: E402
-from megatron_dflash.target import target_transformer_config  # noqa: E402
-from megatron_dflash.training.loop import build_optimizer, train_step  # noqa: E402
-from megatron_dflash.training.step import prepare_microbatch  # noqa: E402
+from megatron_dflash.training.arguments import parse_args  # noqa: E402
+from megatron_dflash.training.loop import pretrain  # noqa: E402
 
 TE_REASON = (None if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")
              else "needs Transformer Engine and a GPU")
@@ -119,68 +116,43 @@ def check_draft_backends(device) -> list[dict]:
     return rows
 
 
-def pattern_batch(g, batch: int, seq_len: int, vocab: int):
-    """A random prompt, then a response cycling through 5 tokens from a random phase: a draft
-    learns quickly to continue it from the anchor token."""
-    tokens = torch.randint(0, vocab - 1, (batch, seq_len), generator=g)
-    start = seq_len // 4
-    phase = torch.randint(0, 5, (batch, 1), generator=g)
-    tokens[:, start:] = 10 + (phase + torch.arange(seq_len - start)) % 5
-    return tokens, torch.arange(seq_len).expand(batch, -1) >= start
-
-
 def check_fp8_training(device, steps: int = 40) -> list[dict]:
-    backend = "local" if TE_REASON else "te"
-    with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = tiny_target_dir(Path(tmp) / "target", layers=6, hidden=128)  # FP8 GEMM sizes
-        hf = load_hf_config(hf_dir)
-        tcfg = dataclasses.replace(target_transformer_config(hf, params_dtype=torch.bfloat16),
-                                   use_cpu_initialization=device.type == "cpu",
-                                   perform_initialization=True)  # the draft inherits it
-        target = build_target(hf, tcfg, backend=backend).to(device)
-        load_hf_weights(target, hf_dir)
-    cfg = DFlashConfig(block_size=16, num_draft_layers=1, target_layer_ids=[1, 4],
-                       mask_token_id=hf.vocab_size - 1, num_anchors=8).resolve(
-        tcfg, vocab_size=hf.vocab_size, target_rope_theta=hf.rope_parameters["rope_theta"])
-    opt_args = argparse.Namespace(lr=1e-2, min_lr=1e-2, weight_decay=0.0, adam_beta1=0.9,
-                                  adam_beta2=0.95, clip_grad=1.0, bf16=True,
-                                  use_distributed_optimizer=True, lr_warmup_fraction=0.0,
-                                  train_iters=steps, lr_decay_style="constant",
-                                  distill_weight=0.0, micro_batch_size=4)
-
-    def train(fp8):
-        """Losses of `steps` training steps from the same draft weights and batches."""
-        torch.manual_seed(0)
-        tensor_parallel.model_parallel_cuda_manual_seed(0)
-        model = build_draft_chunk(target, tcfg, cfg, backend, "dense", fp8, device)
-        optimizer, scheduler = build_optimizer(opt_args, model)
-        g = torch.Generator().manual_seed(0)
-        losses = []
-        for _ in range(steps):
-            tokens, loss_mask = pattern_batch(g, 4, 64, hf.vocab_size)
-            mb = prepare_microbatch(tokens, loss_mask, cfg, g)
-            reports, _ = train_step(model, optimizer, scheduler, [mb], cfg, opt_args)
-            losses.append(float(reports[0]["loss"][0] / reports[0]["loss"][1]))
-        return losses
-
+    """The training job itself (`pretrain` with command-line flags) for bf16 and, per recipe,
+    FP8 for the draft and the frozen target."""
+    impl = "local" if TE_REASON else "transformer_engine"
     rows, bf16_last = [], None
-    for precision in ("bf16",) + tuple(f"fp8-{r}" for r in RECIPES):
-        name = f"train {backend} {precision}"
-        fp8 = FP8Settings() if precision == "bf16" else FP8Settings("hybrid", precision[4:])
-        reason = fp8_unavailable_reason(fp8)
-        if reason:
-            rows.append({"check": name, "ok": None, "detail": f"skipped: {reason}"})
-            continue
-        try:
-            losses = train(fp8)
-        except Exception as e:  # noqa: BLE001 - report it, run the other recipes
-            rows.append({"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"[:400]})
-            continue
-        first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
-        bf16_last = last if bf16_last is None else bf16_last
-        rows.append({"check": name, "ok": last < 0.8 * first and last < 1.25 * bf16_last,
-                     "detail": f"mean loss of the first/last 5 of {steps} steps {first:.3f} -> "
-                               f"{last:.3f} (needs < 80%, and < 125% of bf16's {bf16_last:.3f})"})
+    with tempfile.TemporaryDirectory() as tmp:
+        base = ["--target", tiny_target_dir(Path(tmp) / "target", layers=6, hidden=128),
+                "--train-data", pattern_dataset(Path(tmp) / "train", 64, 64, seed=1),
+                "--mask-token-id", "255", "--seq-length", "64", "--block-size", "16",
+                "--num-anchors", "8", "--num-draft-layers", "1", "--target-layer-ids", "1", "4",
+                "--micro-batch-size", "4", "--global-batch-size", "4", "--train-iters", str(steps),
+                "--lr", "1e-2", "--min-lr", "1e-2", "--lr-decay-style", "constant",
+                "--lr-warmup-fraction", "0", "--log-interval", str(steps), "--bf16",
+                "--transformer-impl", impl]
+        for precision in ("bf16",) + tuple(f"fp8-{r}" for r in RECIPES):
+            name = f"train {'te' if impl == 'transformer_engine' else 'local'} {precision}"
+            fp8 = FP8Settings() if precision == "bf16" else FP8Settings("hybrid", precision[4:])
+            reason = fp8_unavailable_reason(fp8)
+            if reason:
+                rows.append({"check": name, "ok": None, "detail": f"skipped: {reason}"})
+                continue
+            flags = base if not fp8.enabled else base + [
+                "--fp8-format", "hybrid", "--fp8-recipe", fp8.recipe,
+                "--target-fp8-format", "hybrid", "--target-fp8-recipe", fp8.recipe]
+            parallel_state.destroy_model_parallel()
+            try:
+                losses = pretrain(parse_args(flags))["losses"]
+            except Exception as e:  # noqa: BLE001 - report it, run the other recipes
+                rows.append({"check": name, "ok": False,
+                             "detail": f"{type(e).__name__}: {e}"[:400]})
+                continue
+            first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+            bf16_last = last if bf16_last is None else bf16_last
+            rows.append({"check": name, "ok": last < 0.8 * first and last < 1.25 * bf16_last,
+                         "detail": f"mean loss of the first/last 5 of {steps} steps {first:.3f} "
+                                   f"-> {last:.3f} (needs < 80%, and < 125% of bf16's "
+                                   f"{bf16_last:.3f})"})
     return rows
 
 

@@ -52,6 +52,9 @@ def render(launcher: str, *, nodes: int, gpus_per_node: int, run_dir: str | Path
         raise ValueError(f"examples/pretrain_dflash.py does not take {unknown}")
     if args.save is not None or args.load is not None:
         raise ValueError("--save / --load: the script sets them (RUN_DIR/checkpoints)")
+    if not args.exit_signal_handler:
+        raise ValueError("--no-exit-signal-handler: the job saves and requeues on SIGUSR1 / "
+                         "SIGTERM, which needs the trainer's exit-signal handler")
     world = nodes * gpus_per_node
     model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     if world % model_parallel:

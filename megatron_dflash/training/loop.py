@@ -110,7 +110,10 @@ def build_models(args, device):
     # shape. (Set after construction: TransformerConfig refuses variable lengths with its default
     # MoE token dispatcher, which a dense model never uses.)
     pipelined = args.pipeline_model_parallel_size > 1
+    # The target is allocated on the CPU and loaded there; the draft is initialised where it
+    # trains.
     dcfg = draft_transformer_config(cfg, tcfg, perform_initialization=True,
+                                    use_cpu_initialization=device.type == "cpu",
                                     deallocate_pipeline_outputs=pipelined, **args.fp8.fields())
     dcfg.variable_seq_lengths = pipelined
     if target.post_process:
@@ -124,16 +127,22 @@ def build_models(args, device):
         module = DFlashTrainingModule(target, draft, embedding=embedding)
     else:
         module = DFlashTrainingModule(target, config=dcfg, target_layer_ids=cfg.target_layer_ids)
-    module = module.to(device)
-    if args.bf16:
+    return wrap_training_chunk(module.to(device), dcfg, args.use_distributed_optimizer), cfg, \
+        hf_config
+
+
+def wrap_training_chunk(module: DFlashTrainingModule, dcfg, use_distributed_optimizer: bool):
+    """`module` as megatron's schedule and optimizer take it: Float16Module when the draft is
+    bf16, then megatron DDP (fp32 gradient reduction), with the config hooks the schedule calls."""
+    if dcfg.bf16:
         module = Float16Module(dcfg, module)
     ddp = DistributedDataParallel(
         config=dcfg, module=module,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=args.use_distributed_optimizer))
+            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer))
     dcfg.no_sync_func = ddp.no_sync
     dcfg.finalize_model_grads_func = finalize_model_grads
-    return ddp, cfg, hf_config
+    return ddp
 
 
 def _backend(args) -> str:

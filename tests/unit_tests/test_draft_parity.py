@@ -2,26 +2,12 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from dflash.model import DFlashDraftModel as ReferenceDraft
-from transformers import Qwen3Config
 
 from dflash_testing import (HIDDEN, VOCAB, build_draft, dflash_config, draft_inputs,
                             head_only_target, head_state, load_params, randomize_,
                             target_config)
+from interop_testing import reference_model
 from megatron_dflash import state_dict_adapter
-from megatron_dflash.config import DFlashConfig
-
-
-def reference_model(cfg: DFlashConfig, num_target_layers: int) -> ReferenceDraft:
-    config = Qwen3Config(
-        hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
-        num_hidden_layers=cfg.num_draft_layers, num_attention_heads=cfg.num_attention_heads,
-        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,
-        rms_norm_eps=cfg.norm_eps, vocab_size=VOCAB, max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-        block_size=cfg.block_size, num_target_layers=num_target_layers,
-        dflash_config={"mask_token_id": cfg.mask_token_id, "target_layer_ids": cfg.target_layer_ids})
-    return ReferenceDraft(config).eval()
 
 
 def reference_logits(ref, head, inputs):
@@ -37,8 +23,7 @@ def test_draft_matches_reference(utils, block_size, anchors):
     tcfg = target_config()
     cfg = dflash_config(tcfg, block_size=block_size, num_anchors=anchors)
     target = head_only_target()
-    ref = reference_model(cfg, tcfg.num_layers)
-    randomize_(ref, seed=1)
+    ref = reference_model(cfg, seed=1)
     draft = build_draft(tcfg, cfg, target)
     load_params(draft, state_dict_adapter.hf_to_megatron(ref.state_dict(), cfg))
     inputs = draft_inputs(cfg, batch=2, seq_len=48, seed=2)
@@ -77,8 +62,7 @@ def test_round_trip_reference_names(utils):
     utils.initialize_model_parallel(1)
     tcfg = target_config()
     cfg = dflash_config(tcfg)
-    ref = reference_model(cfg, tcfg.num_layers)
-    randomize_(ref, seed=5)
+    ref = reference_model(cfg, seed=5)
     hf = ref.state_dict()
     back = state_dict_adapter.megatron_to_hf(state_dict_adapter.hf_to_megatron(hf, cfg), cfg)
     assert sorted(back) == sorted(hf) and all(torch.equal(back[k], hf[k]) for k in hf)

@@ -126,6 +126,7 @@ def test_task_wrapper_sets_ranks_and_ignores_usr1():
 @pytest.mark.parametrize("train_args,match", [
     (TRAIN + ["--save", "/x"], "--save / --load"),
     (TRAIN + ["--no-such-flag"], "does not take"),
+    (TRAIN + ["--no-exit-signal-handler"], "exit-signal handler"),
     (["--tensor-model-parallel-size", "8", "--pipeline-model-parallel-size", "4"], "divisible"),
 ])
 def test_rejects_what_cannot_run(tmp_path, train_args, match):
