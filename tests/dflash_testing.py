@@ -1,6 +1,9 @@
 """Small models and inputs shared by the tests (random-initialised, built from configs)."""
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import torch
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
@@ -16,6 +19,16 @@ from megatron_dflash.model import target_head
 from megatron_dflash.specs import LocalRMSNorm, get_dflash_model_spec
 
 VOCAB, HIDDEN, ROPE_THETA = 256, 64, 10000.0
+REPO = Path(__file__).resolve().parents[1]
+
+
+def load_script(path: str):
+    """A script of the repository (`tools/x.py`, `examples/...`: not packages) as a module, to
+    call its functions in-process."""
+    spec = importlib.util.spec_from_file_location(Path(path).stem, REPO / path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def target_config(tp=1, sp=False, layers=6) -> TransformerConfig:

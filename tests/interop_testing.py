@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -17,7 +16,7 @@ from dflash.model import DFlashDraftModel as ReferenceDraft
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from dflash_testing import randomize_
+from dflash_testing import load_script, randomize_
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.export import reference_config, save_model_checkpoint
 
@@ -122,11 +121,8 @@ def shared_tmp_dir():
 
 
 def tool(name: str):
-    """A CLI module from tools/ (not a package), to call its `main(argv)` in-process."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """A CLI module from tools/, to call its `main(argv)` in-process."""
+    return load_script(f"tools/{name}.py")
 
 
 def reference_tensors(directory) -> dict[str, torch.Tensor]:

@@ -1,5 +1,6 @@
-"""The draft at TP=2 (with and without sequence parallel) reproduces TP=1: logits and every
-parameter gradient after megatron DDP + finalize_model_grads, fp32, <= 1e-5."""
+"""The draft at TP=2 (with and without sequence parallel, dense or sparse block attention)
+reproduces the dense TP=1 draft: logits and every parameter gradient after megatron DDP +
+finalize_model_grads, fp32, <= 1e-5."""
 import pytest
 import torch
 from megatron.core import parallel_state
@@ -7,14 +8,16 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
                                        finalize_model_grads)
 
 from dflash_testing import (all_gather, build_draft, dflash_config, draft_inputs, head_only_target,
-                            head_state, weighted_loss,
-                            load_head_shard, load_params, params, randomize_, target_config)
+                            head_state, load_head_shard, load_params, params, randomize_,
+                            target_config, weighted_loss)
 from megatron_dflash import state_dict_adapter
+from megatron_dflash.sparse_attention import dflash_block_mask
 
 
 @pytest.mark.world(2)
-@pytest.mark.parametrize("sp", [False, True], ids=["tp2", "tp2-sp"])
-def test_draft_tp2_equals_tp1(utils, sp):
+@pytest.mark.parametrize("sp,attention", [(False, "dense"), (True, "dense"), (True, "sparse")],
+                         ids=["tp2", "tp2-sp", "tp2-sp-sparse"])
+def test_draft_tp2_equals_tp1(utils, sp, attention):
     # Reference: TP=1, computed locally on every rank.
     utils.initialize_model_parallel(1)
     tcfg1 = target_config()
@@ -38,13 +41,14 @@ def test_draft_tp2_equals_tp1(utils, sp):
     cfg2 = dflash_config(tcfg2)
     target2 = head_only_target(tp=2, sp=sp)
     load_head_shard(target2, head, rank, 2)
-    draft2 = build_draft(tcfg2, cfg2, target2)
+    draft2 = build_draft(tcfg2, cfg2, target2, attention=attention)
     load_params(draft2, state_dict_adapter.shard(full_weights, cfg2, rank, 2))
     ddp = DistributedDataParallel(config=draft2.config, module=draft2,
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     features = inputs["features"].chunk(2)[rank] if sp else inputs["features"]
-    logits2 = ddp(inputs["block_input_ids"], features, inputs["attention_mask"],
-                  inputs["position_ids"])
+    mask = (inputs["attention_mask"] if attention == "dense" else
+            dflash_block_mask(inputs["anchors"], inputs["keep"], 48, cfg2.block_size))
+    logits2 = ddp(inputs["block_input_ids"], features, mask, inputs["position_ids"])
     assert logits2.shape[-1] == logits1.shape[-1] // 2
     full_logits = torch.cat(all_gather(logits2.detach(), tp_group), dim=-1)
     assert (full_logits - logits1).abs().max() < 1e-5
@@ -53,7 +57,8 @@ def test_draft_tp2_equals_tp1(utils, sp):
     loss2.backward()
     finalize_model_grads([ddp])
     local = {n: p.main_grad for n, p in draft2.named_parameters()}
-    shards = [dict(zip(local, parts)) for parts in zip(*(all_gather(g, tp_group) for g in local.values()))]
+    gathered = zip(*(all_gather(g, tp_group) for g in local.values()))
+    shards = [dict(zip(local, parts)) for parts in gathered]
     grads2 = state_dict_adapter.gather(shards)
     assert sorted(grads2) == sorted(grads1)
     for name, g in grads1.items():

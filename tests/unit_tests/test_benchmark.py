@@ -1,18 +1,14 @@
 """tools/benchmark_dflash.py end to end on the `tiny` shape (CPU: FP8 cases are skipped)."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from dflash_testing import load_script
 from megatron_dflash.masks import dflash_attention_mask
 
-_path = Path(__file__).resolve().parents[2] / "tools/benchmark_dflash.py"
-_spec = importlib.util.spec_from_file_location("benchmark_dflash", _path)
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+bench = load_script("tools/benchmark_dflash.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine tools/gpu_check.sh "

@@ -1,6 +1,5 @@
 """Chat data pipeline: JSONL forms, bad-data reports, assistant-only loss masks, indexed datasets,
 resumable sampling, collation, held-out splits and the chitchat conversion."""
-import importlib.util
 import io
 import json
 import os
@@ -9,6 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
+from dflash_testing import load_script
 from megatron_dflash.data import (ChatTemplateError, ConversationDataset,
                                   IndexedConversationDataset, ResumableSampler, SampleError,
                                   SentencePieceChatTokenizer, build_dataset, collate,
@@ -35,11 +35,7 @@ SHAREGPT = {"conversations": [{"from": "system", "value": "You are terse."},
 
 
 def _load_tool():
-    spec = importlib.util.spec_from_file_location("preprocess_data",
-                                                  os.path.join(ROOT, "tools", "preprocess_data.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("tools/preprocess_data.py")
 
 
 def _write_jsonl(path, records):

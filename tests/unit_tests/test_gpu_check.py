@@ -1,16 +1,13 @@
 """tools/gpu_check.py's checks run on the CPU too (TE and FP8 variants skipped), so the script
 that only a GPU machine runs in full is exercised here."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-_path = Path(__file__).resolve().parents[2] / "tools/gpu_check.py"
-_spec = importlib.util.spec_from_file_location("gpu_check", _path)
-gpu_check = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(gpu_check)
+from dflash_testing import load_script
+
+gpu_check = load_script("tools/gpu_check.py")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine tools/gpu_check.sh "

@@ -1,6 +1,5 @@
 """The SLURM scripts of examples/slurm, rendered for 2 nodes x 8 GPUs (TP8 x PP2) and run by bash
 against stand-ins for srun / scontrol / scancel: command lines, resume, USR1 -> save -> requeue."""
-import importlib.util
 import os
 import signal
 import subprocess
@@ -10,12 +9,11 @@ from pathlib import Path
 
 import pytest
 
+from dflash_testing import load_script
 from megatron_dflash.training.arguments import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("render", REPO / "examples/slurm/render.py")
-render_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(render_module)
+render_module = load_script("examples/slurm/render.py")
 render = render_module.render
 
 TRAIN = ["--target", "/models/Qwen3-8B", "--mask-token-id", "151669", "--bf16",
