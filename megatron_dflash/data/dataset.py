@@ -231,7 +231,7 @@ class ResumableSampler:
 
 def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
     """Right-pad to the longest sample, rounded up to a multiple (sequence parallel needs S % TP
-    == 0); padding has loss_mask 0."""
+    == 0, FP8 GEMMs 16 or 32 tokens); padding has loss_mask 0."""
     length = max(len(s["tokens"]) for s in samples)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     tokens = torch.full((len(samples), length), pad_id, dtype=torch.long)

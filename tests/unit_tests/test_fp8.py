@@ -9,11 +9,14 @@ import textwrap
 import pytest
 import torch
 
-from dflash_testing import (build_draft, dflash_config, head_only_target, randomize_,
-                            target_config, weighted_loss)
+from dflash_testing import (build_draft, dflash_config, head_only_target, pattern_dataset,
+                            randomize_, target_config, tiny_target_dir, weighted_loss)
+from megatron_dflash.data.dataset import build_dataset
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.fp8 import (FP8Settings, add_fp8_args, fp8_settings, fp8_unavailable_reason,
                                  pad_blocks, sequence_multiple)
+from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.training.loop import MicroBatches
 from megatron_dflash.training.step import prepare_microbatch
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -143,3 +146,27 @@ def test_padded_blocks_change_neither_loss_nor_gradients(utils, attention):
     assert (padded_loss - loss).abs() <= 1e-6 * loss.abs()
     for n, grad in grads.items():
         assert (padded_grads[n] - grad).abs().max() <= 1e-5 * max(1.0, grad.abs().max()), n
+
+
+def test_training_microbatches_are_padded_for_fp8(utils, tmp_path):
+    """What the training loop feeds the models under FP8: sequences padded to the larger of the
+    draft's and the target's alignment (mxfp8: 32), block tokens to the draft's (16); padding is
+    never supervised. (FP8 itself needs TE and a GPU; the settings are set directly here.)"""
+    utils.initialize_model_parallel(1)
+    data = pattern_dataset(tmp_path / "train", 8, 40)
+    args = parse_args(["--target", tiny_target_dir(tmp_path / "target"), "--mask-token-id", "255",
+                       "--train-data", data, "--seq-length", "40", "--block-size", "8",
+                       "--num-anchors", "3", "--micro-batch-size", "2", "--global-batch-size", "2",
+                       "--attention", "sparse"])
+    cfg = dflash_config(target_config(), block_size=8, num_anchors=3)
+    train, _ = build_dataset(args.train_data, None, 40)
+    expected = {(FP8Settings(), FP8Settings()): (40, 24),
+                (FP8Settings("hybrid"), FP8Settings()): (48, 32),
+                (FP8Settings(), FP8Settings("e4m3", "mxfp8")): (64, 24),
+                (FP8Settings("hybrid"), FP8Settings("e4m3", "mxfp8")): (64, 32)}
+    for (args.fp8, args.target_fp8), (seq_len, block_tokens) in expected.items():
+        mb = MicroBatches(train, args, cfg, pad_id=0, consumed_samples=0).next()
+        assert mb["tokens"].shape == (2, seq_len)
+        assert mb["block_input_ids"].shape == (2, block_tokens)
+        assert mb["attention_mask"].anchors.shape == (2, block_tokens // 8)
+        assert mb["weights"][:, 24:].eq(0).all() and not mb["attention_mask"].keep[:, 3:].any()
