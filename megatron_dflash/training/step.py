@@ -28,6 +28,10 @@ from megatron_dflash.masks import dflash_attention_mask
 from megatron_dflash.sparse_attention import dflash_block_mask
 
 
+# The mask each draft attention (`get_dflash_layer_spec(attention=...)`) takes.
+MASKS = {"dense": dflash_attention_mask, "sparse": dflash_block_mask}
+
+
 def anchor_generator(seed: int, sample_position: int) -> torch.Generator:
     """The anchors of a micro-batch depend only on the seed and the global position (in consumed
     samples) of its first sample: re-drawn every step, reproducible on resume and across layouts."""
@@ -43,6 +47,8 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     `DFlashBlockMask` of the sparse attention. `block_multiple`: the number of block tokens
     (N * block_size) is padded with unkept blocks to a multiple of it (FP8 GEMM alignment).
     """
+    if attention not in MASKS:
+        raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
     B, seq_len = cfg.block_size, tokens.shape[1]
     anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator)
     if anchors.shape[1] == 0:  # nothing eligible: one unkept block (weight 0) keeps shapes valid
@@ -50,15 +56,11 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
         keep = torch.zeros_like(anchors, dtype=torch.bool)
     anchors, keep = pad_blocks(anchors, keep, B, block_multiple)
     supervised = block_loss_mask(loss_mask, anchors, keep, B)
-    masks = {"dense": dflash_attention_mask, "sparse": dflash_block_mask}
-    if attention not in masks:
-        raise ValueError(f"attention={attention!r} must be one of {tuple(masks)}")
-    mask = masks[attention]
     return dict(
         tokens=tokens,
         position_ids=torch.arange(seq_len).expand_as(tokens),
         block_input_ids=block_input_ids(tokens, anchors, keep, B, cfg.mask_token_id),
-        attention_mask=mask(anchors, keep, seq_len, B),
+        attention_mask=MASKS[attention](anchors, keep, seq_len, B),
         block_position_ids=block_position_ids(seq_len, anchors, B),
         labels=block_labels(tokens, anchors, B),
         label_positions=block_positions(anchors, B),
