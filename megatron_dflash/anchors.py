@@ -16,12 +16,15 @@ import torch
 
 
 def sample_anchors(loss_mask: torch.Tensor, block_size: int, num_anchors: int,
-                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                   generator: torch.Generator, lengths: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw up to `num_anchors` distinct anchors per sequence, uniformly among eligible positions.
 
-    A position a is eligible when `loss_mask[a]` is set and a + block_size <= S. Every TP rank must
+    A position a is eligible when `loss_mask[a]` is set and a + block_size <= S, S being the
+    sample's own length (`lengths` [b], when the batch is padded past it). Every TP rank must
     draw the same anchors, so randomness comes only from `generator` (seeded by the caller from
-    seed, step and sample); its draws do not depend on the device of `loss_mask`.
+    seed, step and sample); its draws depend neither on the device of `loss_mask` nor on padding
+    at the end of the sequence.
 
     Args:
         loss_mask: [b, S], nonzero on response tokens.
@@ -31,11 +34,14 @@ def sample_anchors(loss_mask: torch.Tensor, block_size: int, num_anchors: int,
     """
     b, seq_len = loss_mask.shape
     positions = torch.arange(seq_len, device=loss_mask.device)
-    eligible = loss_mask.bool() & (positions + block_size <= seq_len)
+    ends = torch.full((b,), seq_len) if lengths is None else lengths
+    eligible = loss_mask.bool() & (positions + block_size <= ends.to(positions.device)[:, None])
     counts = eligible.sum(1)
     n = min(num_anchors, int(counts.max()))
     # A uniform random permutation of the eligible positions: iid scores, eligible ones first.
-    scores = torch.rand(b, seq_len, generator=generator, device=generator.device)
+    # Drawn position-major, so padding the sequence (never eligible) leaves every real
+    # position's score, and so the anchors, unchanged.
+    scores = torch.rand(seq_len, b, generator=generator, device=generator.device).t()
     scores = scores.to(loss_mask.device).masked_fill(~eligible, 2.0)
     picked = scores.topk(n, dim=1, largest=False).indices
     keep = torch.arange(n, device=loss_mask.device) < counts[:, None]

@@ -121,12 +121,12 @@ def sequence_multiple(tensor_parallel_size: int, sequence_parallel: bool,
 
 
 def pad_blocks(anchors: torch.Tensor, keep: torch.Tensor, block_size: int,
-               multiple: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append unkept blocks (anchor 0, keep False) until N * block_size is a multiple of
-    `multiple`; they carry no loss weight and see no context."""
-    n = anchors.shape[1]
+               multiple: int, min_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append unkept blocks (anchor 0, keep False) until there are at least `min_blocks` and
+    N * block_size is a multiple of `multiple`; they carry no loss weight and see no context."""
+    n = max(anchors.shape[1], min_blocks)
     step = multiple // math.gcd(multiple, block_size)  # blocks per aligned group
-    extra = -n % step
+    extra = n - anchors.shape[1] + (-n % step)
     if extra == 0:
         return anchors, keep
     return (torch.cat([anchors, anchors.new_zeros(anchors.shape[0], extra)], dim=1),

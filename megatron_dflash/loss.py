@@ -33,10 +33,7 @@ def _tp(tp_group):
 def cross_entropy_per_token(logits: torch.Tensor, labels: torch.Tensor,
                             tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
     """[b, Q] hard CE of vocab-parallel logits [Q, b, V/tp] against labels [b, Q]."""
-    # megatron's CE subtracts and exponentiates fp32 logits in place; work on a copy so the
-    # caller's logits stay valid for distillation and metrics.
-    return tensor_parallel.vocab_parallel_cross_entropy(
-        logits.to(torch.float32, copy=True), labels.t().contiguous(), tp_group=_tp(tp_group)).t()
+    return per_token_loss(logits, labels.t(), tp_group=tp_group).t()
 
 
 class _VocabParallelSoftCrossEntropy(torch.autograd.Function):
@@ -90,9 +87,35 @@ def distillation_per_token(logits: torch.Tensor, target_logits: torch.Tensor,
     """[b, Q] soft CE of the draft logits [Q, b, V/tp] against the target's logits [S, b, V/tp] at
     `label_positions - 1`, where label_positions [b, Q] = a_j + k (`anchors.block_positions`).
     Slot 0 of a block at position 0 has no teacher row; row 0 stands in (its weight is 0)."""
-    rows = (label_positions - 1).clamp(0, target_logits.shape[0] - 1).t()
-    batch = torch.arange(rows.shape[1], device=rows.device)
-    return vocab_parallel_soft_cross_entropy(logits, target_logits[rows, batch], tp_group).t()
+    return per_token_loss(logits, None, _teacher_logits(target_logits, label_positions),
+                          1.0, tp_group).t()
+
+
+def _teacher_logits(target_logits: torch.Tensor, label_positions: torch.Tensor) -> torch.Tensor:
+    """[Q, b, V/tp] the target's logits aligned with the slots (see `_teacher_rows`)."""
+    rows = _teacher_rows(label_positions, target_logits.shape[0])
+    return target_logits[rows, torch.arange(rows.shape[1], device=rows.device)]
+
+
+def _teacher_rows(label_positions: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[Q, b] the target position whose next-token distribution teaches each slot: a_j+k-1."""
+    return (label_positions - 1).clamp(0, seq_len - 1).t()
+
+
+def per_token_loss(logits: torch.Tensor, labels: torch.Tensor,
+                   teacher_logits: torch.Tensor | None = None, distill_weight: float = 0.0,
+                   tp_group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """(1-α)·CE + α·KD per row of vocab-parallel logits [..., V/tp], with labels [...] and the
+    teacher's logits for the same rows [..., V/tp]; a term that α zeroes is not computed."""
+    per_token = 0.0
+    if distill_weight < 1:
+        # megatron's CE subtracts and exponentiates fp32 logits in place: work on a copy.
+        per_token = (1 - distill_weight) * tensor_parallel.vocab_parallel_cross_entropy(
+            logits.to(torch.float32, copy=True), labels.contiguous(), tp_group=_tp(tp_group))
+    if distill_weight > 0:
+        per_token = per_token + distill_weight * vocab_parallel_soft_cross_entropy(
+            logits, teacher_logits, tp_group)
+    return per_token
 
 
 def dflash_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor, *,
@@ -106,12 +129,8 @@ def dflash_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tenso
         raise ValueError(f"distill_weight={distill_weight!r} must be in [0, 1]")
     if distill_weight > 0 and (target_logits is None or label_positions is None):
         raise ValueError("distill_weight > 0 needs target_logits and label_positions")
-    per_token = 0.0
-    if distill_weight < 1:
-        per_token = (1 - distill_weight) * cross_entropy_per_token(logits, labels, tp_group)
-    if distill_weight > 0:
-        per_token = per_token + distill_weight * distillation_per_token(
-            logits, target_logits, label_positions, tp_group)
+    teacher = _teacher_logits(target_logits, label_positions) if distill_weight > 0 else None
+    per_token = per_token_loss(logits, labels.t(), teacher, distill_weight, tp_group).t()
     weights = weights.float()
     return (weights * per_token).sum(), weights.sum()
 
@@ -123,9 +142,8 @@ def target_greedy_labels(target_logits: torch.Tensor, label_positions: torch.Ten
     [S, b, V/tp] at a_j+k-1. Speculative decoding accepts a drafted token when it equals this,
     so accuracy against it estimates acceptance whatever wrote the data."""
     tp_group = _tp(tp_group)
-    rows = (label_positions - 1).clamp(0, target_logits.shape[0] - 1).t()
-    batch = torch.arange(rows.shape[1], device=rows.device)
-    return _vocab_parallel_argmax(target_logits[rows, batch], tp_group, get_pg_size(tp_group)).t()
+    return _vocab_parallel_argmax(_teacher_logits(target_logits, label_positions), tp_group,
+                                  get_pg_size(tp_group)).t()
 
 
 @torch.no_grad()

@@ -123,8 +123,13 @@ def target_head(gpt_model) -> tuple[Callable, Callable]:
         return gpt_model.embedding(input_ids=ids, position_ids=None)
 
     def output(hidden):
-        weight = (gpt_model.shared_embedding_or_output_weight()
-                  if gpt_model.share_embeddings_and_output_weights else None)
-        return gpt_model.output_layer(hidden, weight=weight)[0]
+        return gpt_model.output_layer(hidden, weight=output_weight(gpt_model))[0]
 
     return embed, output
+
+
+def output_weight(gpt_model) -> torch.Tensor:
+    """The [V/tp, H] weight of a GPTModel's output layer (the embedding's, when tied)."""
+    if gpt_model.share_embeddings_and_output_weights:
+        return gpt_model.shared_embedding_or_output_weight()
+    return gpt_model.output_layer.weight

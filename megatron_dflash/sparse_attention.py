@@ -60,25 +60,41 @@ class DFlashBlockMask:
                                self.seq_len, self.block_size)
 
     def flex_block_mask(self) -> BlockMask:
-        """The FlexAttention BlockMask, built on first use and then shared by every layer.
-
-        FlexAttention pads Q_LEN up to its 128-token tiles, so `mask_mod` also sees query indices
-        past N*B: their block index is clamped before the lookup and ANDed with `< N`
-        (SpecForge PR #501/#511).
-        """
+        """The FlexAttention BlockMask, built on first use and then shared by every layer
+        (compiled on CUDA: eager, `create_block_mask` materialises the whole mask)."""
         if self._flex is None:
-            n, s, bs = self.num_blocks, self.seq_len, self.block_size
-            ctx = self.context_lengths()
-
-            def mask_mod(b, h, q_idx, kv_idx):
-                q_block = q_idx // bs
-                visible = block_visible(ctx[b, q_block.clamp(max=n - 1)], q_block, kv_idx, s, bs)
-                return visible & (q_block < n)
-
-            build = _compiled(create_block_mask) if self.anchors.is_cuda else create_block_mask
-            self._flex = build(mask_mod, B=self.anchors.shape[0], H=None, Q_LEN=n * bs,
-                               KV_LEN=s + n * bs, device=self.anchors.device)
+            create = _compiled(create_block_mask) if self.anchors.is_cuda else create_block_mask
+            self._flex = build_flex_block_mask(self, create)
         return self._flex
+
+
+def build_flex_block_mask(mask: DFlashBlockMask, create=create_block_mask) -> BlockMask:
+    """`create(mask_mod, ...)` for a DFlash mask (`create`: `create_block_mask`, maybe compiled).
+
+    Everything that varies between micro-batches reaches `mask_mod` as tensors (the context
+    lengths, and S, B, N in `dims`), never as Python constants of a closure, so a compiled
+    `create` is traced once per padded shape (b, N, S) and reused after (`prepare_microbatch`
+    fixes N, the data pipeline S), instead of recompiling each micro-batch until dynamo's limit
+    sends it to eager. FlexAttention pads Q_LEN up to its 128-token tiles, so `mask_mod` also sees
+    query indices past N*B: their block index is clamped before the lookup and ANDed with `< N`
+    (SpecForge PR #501/#511).
+    """
+    n, s, bs = mask.num_blocks, mask.seq_len, mask.block_size
+    return create(_dflash_mask_mod(mask.context_lengths(),
+                                   torch.tensor([s, bs, n], device=mask.anchors.device)),
+                  B=mask.anchors.shape[0], H=None, Q_LEN=n * bs, KV_LEN=s + n * bs,
+                  device=mask.anchors.device)
+
+
+def _dflash_mask_mod(context_lengths: torch.Tensor, dims: torch.Tensor):
+    def mask_mod(b, h, q_idx, kv_idx):
+        seq_len, block_size, n = dims[0], dims[1], dims[2]
+        q_block = q_idx // block_size
+        visible = block_visible(context_lengths[b, torch.minimum(q_block, n - 1)], q_block,
+                                kv_idx, seq_len, block_size)
+        return visible & (q_block < n)
+
+    return mask_mod
 
 
 def dflash_block_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,

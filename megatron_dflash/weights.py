@@ -18,7 +18,7 @@ import torch
 
 __all__ = [
     "merge_qkv", "split_qkv", "merge_fc1", "split_fc1",
-    "shard_columns", "shard_rows", "shard_qkv", "shard_fc1",
+    "shard_range", "check_qkv_groups", "shard_columns", "shard_rows", "shard_qkv", "shard_fc1",
     "gather_columns", "gather_rows", "gather_qkv", "gather_fc1",
 ]
 
@@ -62,13 +62,21 @@ def split_fc1(fc1: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return gate, up
 
 
-def _shard(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+def shard_range(shape: tuple[int, ...], dim: int, rank: int, size: int) -> tuple[int, int]:
+    """`[start, stop)` of rank `rank`'s even slice of dim `dim` of a `shape` tensor: one rule for
+    slicing a tensor in memory and for reading only that slice from a checkpoint."""
     if not 0 <= rank < size:
         raise ValueError(f"tensor-parallel rank {rank} is outside [0, {size - 1}]")
-    if tensor.shape[dim] % size:
-        raise ValueError(f"dim {dim} of a {tuple(tensor.shape)} tensor is not divisible by the "
+    if shape[dim] % size:
+        raise ValueError(f"dim {dim} of a {tuple(shape)} tensor is not divisible by the "
                          f"tensor-parallel size {size}")
-    return tensor.chunk(size, dim=dim)[rank]
+    step = shape[dim] // size
+    return rank * step, (rank + 1) * step
+
+
+def _shard(tensor: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
+    start, stop = shard_range(tensor.shape, dim, rank, size)
+    return tensor.narrow(dim, start, stop - start)
 
 
 def shard_columns(tensor: torch.Tensor, rank: int, size: int) -> torch.Tensor:
@@ -92,10 +100,15 @@ def shard_qkv(qkv: torch.Tensor, num_query_groups: int, rank: int, size: int) ->
     are therefore a plain split along dim 0; this checks that they line up with groups as
     megatron assumes.
     """
+    check_qkv_groups(num_query_groups, size)
+    return _shard(qkv, 0, rank, size)
+
+
+def check_qkv_groups(num_query_groups: int, size: int) -> None:
+    """megatron shards QKV by whole groups or splits each group evenly over ranks (`shard_qkv`)."""
     if num_query_groups % size and size % num_query_groups:
         raise ValueError(f"num_query_groups={num_query_groups} must divide or be divisible by the "
                          f"tensor-parallel size {size}")
-    return _shard(qkv, 0, rank, size)
 
 
 def shard_fc1(fc1: torch.Tensor, rank: int, size: int) -> torch.Tensor:

@@ -229,10 +229,17 @@ class ResumableSampler:
                 yield order[first:first + self.micro_batch_size]
 
 
-def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> dict:
+def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1,
+            buckets: list[int] | None = None) -> dict:
     """Right-pad to the longest sample, rounded up to a multiple (sequence parallel needs S % TP
-    == 0, FP8 GEMMs 16 or 32 tokens); padding has loss_mask 0."""
+    == 0, FP8 GEMMs 16 or 32 tokens), or to the smallest of the fixed lengths `buckets` that
+    holds it; padding has loss_mask 0. `lengths` [b] keeps each sample's own length."""
     length = max(len(s["tokens"]) for s in samples)
+    if buckets is not None:
+        fits = [b for b in buckets if b >= length]
+        if not fits:
+            raise ValueError(f"a {length}-token sample exceeds the longest bucket {max(buckets)}")
+        length = min(fits)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
     tokens = torch.full((len(samples), length), pad_id, dtype=torch.long)
     loss_mask = torch.zeros((len(samples), length), dtype=torch.bool)
@@ -240,7 +247,8 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1) -> di
         n = len(s["tokens"])
         tokens[i, :n] = s["tokens"]
         loss_mask[i, :n] = s["loss_mask"]
-    return {"tokens": tokens, "loss_mask": loss_mask}
+    return {"tokens": tokens, "loss_mask": loss_mask,
+            "lengths": torch.tensor([len(s["tokens"]) for s in samples])}
 
 
 def split_indices(n: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:

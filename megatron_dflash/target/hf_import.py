@@ -25,14 +25,16 @@ from megatron.core.pipeline_parallel.utils import is_pp_first_stage, is_pp_last_
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_dflash.specs import LocalRMSNorm, _check_backend, _te
-from megatron_dflash.weights import (merge_fc1, merge_qkv, shard_columns, shard_fc1, shard_qkv,
-                                     shard_rows)
+from megatron_dflash.target.sdpa_attention import SDPACoreAttention
+from megatron_dflash.weights import (check_qkv_groups, merge_fc1, merge_qkv, shard_columns,
+                                     shard_range)
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
 CONFIG_FILE = "config.json"
@@ -113,12 +115,19 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
 
 def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend: str = "local",
                  pre_process: bool | None = None, post_process: bool | None = None,
-                 pg_collection: ProcessGroupCollection | None = None) -> GPTModel:
+                 pg_collection: ProcessGroupCollection | None = None,
+                 last_layer: int | None = None) -> GPTModel:
     """A frozen GPTModel with this pipeline stage's layers (embedding on the first stage, final
     norm and output layer on the last; by default from the PP group's rank).
 
+    `last_layer` (a 0-based global layer id) builds a feature extractor: only the layers up to
+    that one and no final norm, so a forward stops at the deepest tapped layer and nothing past it
+    is allocated, loaded or computed (a stage whose layers all lie past it holds none). The output
+    layer stays on the last stage (the draft borrows it).
+
     `backend="local"` uses megatron's local layer spec with every norm a `LocalRMSNorm` (megatron's
-    torch norm refuses sequence parallelism); `backend="te"` uses Transformer Engine layers.
+    torch norm refuses sequence parallelism) and torch SDPA as core attention
+    (`SDPACoreAttention`); `backend="te"` uses Transformer Engine layers.
     The output layer keeps its vocab-parallel logits (`parallel_output`).
     """
     _check_backend(backend)
@@ -132,7 +141,11 @@ def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend
                                        normalization="RMSNorm",
                                        pp_rank=get_pg_rank(pg_collection.pp))
     if backend == "local":
-        block = _with_local_norms(block, config)
+        block = _with_local_modules(block, config)
+    if last_layer is not None:
+        offset = get_transformer_layer_offset(config, pp_rank=get_pg_rank(pg_collection.pp))
+        block = replace(block, layer_specs=block.layer_specs[:max(0, last_layer + 1 - offset)],
+                        layer_norm=None)
     model = GPTModel(config, block, vocab_size=hf_config.vocab_size,
                      max_sequence_length=hf_config.max_position_embeddings,
                      pre_process=pre_process, post_process=post_process,
@@ -151,7 +164,8 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def load_hf_weights(gpt_model: GPTModel,
                     path_or_state_dict: str | Path | Mapping[str, torch.Tensor]) -> None:
     """Copy HF weights into `gpt_model`: this pipeline stage's tensors, sliced for this rank of
-    the model's TP group. HF layer i goes to the local layer with `layer_number == i + 1`.
+    the model's TP group and read slice by slice, so each rank reads only what it holds. HF layer
+    i goes to the local layer with `layer_number == i + 1`.
 
     Before anything is copied, checks that every model parameter has an HF source and that
     every needed HF tensor exists with the shape the model config implies (from headers).
@@ -168,11 +182,12 @@ def load_hf_weights(gpt_model: GPTModel,
         raise ValueError(f"no Hugging Face tensor maps to the megatron parameters {unmapped}: the "
                          "model was not built by build_target(target_transformer_config(...))")
     tp_group = gpt_model.pg_collection.tp
-    convert = _converters(gpt_model.config, get_pg_rank(tp_group), get_pg_size(tp_group))
+    convert = _converters(gpt_model.config.num_query_groups, get_pg_rank(tp_group),
+                          get_pg_size(tp_group))
     with _Checkpoint(path_or_state_dict) as checkpoint, torch.no_grad():
         checkpoint.check(_hf_shapes(rows, gpt_model.config, gpt_model.vocab_size))
         for name, hf_names, kind in rows:
-            value = convert[kind](*(checkpoint.get(n) for n in hf_names))
+            value = convert[kind](checkpoint, *hf_names)
             if value.shape != params[name].shape:
                 raise ValueError(f"{name}: {list(hf_names)} give a {list(value.shape)} tensor on "
                                  f"this rank, the model holds {list(params[name].shape)}")
@@ -225,15 +240,17 @@ def _rope_kwargs(hf_config: PretrainedConfig, where=CONFIG_FILE) -> dict:
                      "original_max_position_embeddings 8192 (Llama 3.1-3.3)")
 
 
-def _with_local_norms(block: TransformerBlockSubmodules,
-                      config: TransformerConfig) -> TransformerBlockSubmodules:
-    """Every norm of megatron's local block spec, final norm included, as `LocalRMSNorm`."""
+def _with_local_modules(block: TransformerBlockSubmodules,
+                        config: TransformerConfig) -> TransformerBlockSubmodules:
+    """megatron's local block spec with every norm, final norm included, a `LocalRMSNorm` and
+    the core attention `SDPACoreAttention` (megatron's is an unfused matmul-softmax)."""
     qk_norm = LocalRMSNorm if config.qk_layernorm else IdentityOp
 
     def layer(spec):
         attention = spec.submodules.self_attention
         attention = replace(attention, submodules=replace(
-            attention.submodules, q_layernorm=qk_norm, k_layernorm=qk_norm))
+            attention.submodules, core_attention=SDPACoreAttention, q_layernorm=qk_norm,
+            k_layernorm=qk_norm))
         return replace(spec, submodules=replace(
             spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm,
             self_attention=attention))
@@ -297,27 +314,53 @@ def _hf_shapes(rows, config: TransformerConfig, vocab_size: int) -> dict[str, tu
     return {n: by_leaf[".".join(n.split(".")[-2:])] for _, hf_names, _ in rows for n in hf_names}
 
 
-def _converters(config: TransformerConfig, rank: int, size: int) -> dict:
-    """HF tensors -> this TP rank's megatron tensor, by the conversion named in `_mapping`."""
-    groups = config.num_query_groups
+def _converters(num_query_groups: int, rank: int, size: int) -> dict:
+    """(checkpoint, HF tensor names) -> this TP rank's megatron tensor, by the conversion named
+    in `_mapping`. Each reads only the slices the rank holds (fc1: `[gate_r; up_r]`)."""
+    def columns(checkpoint, key):
+        return checkpoint.get_shard(key, 0, rank, size)
+
     return {
-        "replicated": lambda t: t,
-        "columns": lambda t: shard_columns(t, rank, size),
-        "rows": lambda t: shard_rows(t, rank, size),
-        "qkv": lambda q, k, v: shard_qkv(merge_qkv(q, k, v, groups), groups, rank, size),
-        "fc1": lambda gate, up: shard_fc1(merge_fc1(gate, up), rank, size),
+        "replicated": lambda checkpoint, key: checkpoint.get(key),
+        "columns": columns,
+        "rows": lambda checkpoint, key: checkpoint.get_shard(key, 1, rank, size),
+        "qkv": lambda checkpoint, q, k, v: _read_qkv(checkpoint, (q, k, v), num_query_groups,
+                                                     rank, size),
+        "fc1": lambda checkpoint, gate, up: merge_fc1(columns(checkpoint, gate),
+                                                      columns(checkpoint, up)),
     }
+
+
+def _read_qkv(checkpoint: _Checkpoint, qkv: tuple[str, str, str], num_query_groups: int,
+              rank: int, size: int) -> torch.Tensor:
+    """Rank `rank`'s slice of the fused QKV (`shard_qkv`) from only the q/k/v rows it needs.
+
+    With `num_query_groups >= size` the slice is the rank's whole groups, the rank's shard of
+    each of q, k and v. With fewer groups it is a piece of one group: read that group's rows
+    and cut the rank's piece of it.
+    """
+    check_qkv_groups(num_query_groups, size)
+    if num_query_groups % size == 0:
+        parts = (checkpoint.get_shard(key, 0, rank, size) for key in qkv)
+        return merge_qkv(*parts, num_query_groups // size)
+    ranks_per_group = size // num_query_groups
+    group = merge_qkv(*(checkpoint.get_shard(key, 0, rank // ranks_per_group, num_query_groups)
+                        for key in qkv), 1)
+    return shard_columns(group, rank % ranks_per_group, ranks_per_group)
 
 
 class _Checkpoint(contextlib.ExitStack):
     """Names, shapes and tensors of a safetensors checkpoint directory or an in-memory state dict.
 
-    Shapes come from the safetensors headers; a tensor's data is read only by `get`.
+    Shapes come from the safetensors headers; a tensor's data is read only by `get` (whole) or
+    `get_shard` (one TP slice). `elements_read` counts the elements they returned, so tests can
+    check that a rank reads only its slices.
     """
 
     def __init__(self, source: str | Path | Mapping[str, torch.Tensor]):
         super().__init__()
         self._handles = {}
+        self.elements_read = 0
         self._state_dict = source if isinstance(source, Mapping) else None
         if self._state_dict is not None:
             self.name = "state dict"
@@ -356,8 +399,31 @@ class _Checkpoint(contextlib.ExitStack):
 
     def get(self, key: str) -> torch.Tensor:
         if self._state_dict is not None:
-            return self._state_dict[key]
+            tensor = self._state_dict[key]
+        else:
+            tensor = self._handle(key).get_tensor(key)
+        self.elements_read += tensor.numel()
+        return tensor
+
+    def get_shard(self, key: str, dim: int, rank: int, size: int) -> torch.Tensor:
+        """Rank `rank`'s even slice of `key` along `dim`, reading only that slice."""
+        start, stop = shard_range(self.shapes[key], dim, rank, size)
+        if self._state_dict is not None:
+            tensor = self._state_dict[key].narrow(dim, start, stop - start)
+        else:
+            tensor = self._handle(key).get_slice(key)[(slice(None),) * dim + (slice(start, stop),)]
+        self.elements_read += tensor.numel()
+        return tensor
+
+    def _handle(self, key: str):
         file = self.files[key]
         if file not in self._handles:
             self._handles[file] = self.enter_context(safe_open(file, framework="pt"))
-        return self._handles[file].get_tensor(key)
+        return self._handles[file]
+
+
+def hf_tensor(path: str | Path, name: str) -> torch.Tensor:
+    """One tensor of an HF checkpoint directory (e.g. `model.norm.weight` for a draft's initial
+    final norm when the target was built without it)."""
+    with _Checkpoint(path) as checkpoint:
+        return checkpoint.get(name)

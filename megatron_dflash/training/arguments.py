@@ -12,6 +12,7 @@ import json
 import os
 
 from megatron_dflash.fp8 import add_fp8_args, fp8_settings
+from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS
 from megatron_dflash.specs import ATTENTIONS
 
 _EMBEDDED_TARGET_LAYERS = 30  # SmolLM2-135M-Instruct
@@ -48,10 +49,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of distillation to the target's next-token distribution "
                         "(0 = hard labels only, 1 = distillation only); default 0, or 1 with the "
                         "embedded default data, which the target did not write")
-    g.add_argument("--attention", choices=ATTENTIONS, default="dense",
+    g.add_argument("--attention", choices=ATTENTIONS + ("auto",), default="auto",
                    help="draft training attention: 'dense' scores every block against the whole "
                         "packed sequence under a mask; 'sparse' computes only what each block "
-                        "sees (FlexAttention on GPU), so its cost follows the number of anchors")
+                        "sees (FlexAttention on GPU), so its cost follows the number of anchors; "
+                        "'auto': sparse (both are exact; sparse was the faster one on GPU and "
+                        "CPU)")
+    g.add_argument("--seq-length-buckets", type=int, default=1,
+                   help="pad every micro-batch to the smallest of this many evenly spaced "
+                        "lengths up to --seq-length (1: always --seq-length), so compiled "
+                        "attention sees at most this many shapes")
+    g.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_ROWS,
+                   help="supervised block slots projected through the LM head per chunk: the "
+                        "loss never holds more than this many rows of vocabulary logits")
     g.add_argument("--draft-num-attention-heads", type=int, default=None)
     g.add_argument("--draft-num-query-groups", type=int, default=None)
     g.add_argument("--draft-kv-channels", type=int, default=None)
@@ -115,7 +125,8 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     """Raise ValueError naming the first bad flag; fill derived values (data_parallel_size, ...)."""
     for flag in ("seq_length", "block_size", "num_draft_layers", "num_anchors", "micro_batch_size",
                  "global_batch_size", "train_iters", "tensor_model_parallel_size",
-                 "pipeline_model_parallel_size", "log_interval", "eval_samples"):
+                 "pipeline_model_parallel_size", "log_interval", "eval_samples",
+                 "seq_length_buckets", "loss_chunk_size"):
         v = getattr(a, flag)
         _check(v >= 1, f"--{flag.replace('_', '-')}={v} must be >= 1")
     _check(a.block_size >= 2, f"--block-size={a.block_size} must be >= 2")
@@ -171,6 +182,8 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
            "--transformer-impl transformer_engine needs Transformer Engine: pip install "
            "'megatron_dflash[te]' on a CUDA machine (or use --transformer-impl local)")
     a.fp8, a.target_fp8 = fp8_settings(a)
+    if a.attention == "auto":
+        a.attention = "sparse"
     return a
 
 

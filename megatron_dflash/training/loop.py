@@ -35,14 +35,16 @@ from megatron_dflash.data.tokenize import load_chat_tokenizer
 from megatron_dflash.fp8 import sequence_multiple
 from megatron_dflash.loss import estimated_acceptance_length
 from megatron_dflash.specs import get_dflash_model_spec
-from megatron_dflash.target import build_target, load_hf_config, load_hf_weights, target_transformer_config
+from megatron_dflash.target import (build_target, hf_tensor, load_hf_config, load_hf_weights,
+                                   target_transformer_config)
 from megatron_dflash.target.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOKEN_ID, convert_gguf,
                                          smollm2_gguf)
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
 from megatron_dflash.training.signals import ExitSignalHandler
+from megatron_dflash.training.prefetch import Prefetcher
 from megatron_dflash.training.step import (anchor_generator, global_weight_sum, make_forward_step,
-                                           prepare_microbatch)
+                                           prepare_microbatch, to_device)
 
 EVAL_SEED = 987_654_321
 
@@ -88,15 +90,18 @@ def _resolve_embedded_defaults(args) -> None:
 
 def build_models(args, device):
     """Frozen target (HF import; this pipeline stage's layers) and, on the last stage, a fresh
-    draft, as one DDP-wrapped training chunk."""
+    draft, as one DDP-wrapped training chunk.
+
+    Without distillation nothing reads the target past its deepest tapped layer, so it is built
+    as a feature extractor up to that layer (`build_target(last_layer=...)`): later layers, its
+    final norm and their weights are never allocated, loaded or run.
+    """
     hf_config = load_hf_config(args.target)
     dtype = torch.bfloat16 if args.bf16 else torch.float32
     tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
                                      sequence_parallel=args.sequence_parallel, params_dtype=dtype,
                                      pipeline_parallel_size=args.pipeline_model_parallel_size,
                                      **args.target_fp8.fields())
-    target = build_target(hf_config, tcfg, backend=_backend(args))
-    load_hf_weights(target, args.target)
     cfg = DFlashConfig(
         block_size=args.block_size, num_draft_layers=args.num_draft_layers,
         target_layer_ids=args.target_layer_ids, mask_token_id=args.mask_token_id,
@@ -104,7 +109,11 @@ def build_models(args, device):
         num_key_value_heads=args.draft_num_query_groups, head_dim=args.draft_kv_channels,
         ffn_hidden_size=args.draft_ffn_hidden_size, loss_gamma=args.loss_gamma,
         num_anchors=args.num_anchors,
-    ).resolve(tcfg, vocab_size=hf_config.vocab_size, target_rope_theta=target.rotary_base)
+    ).resolve(tcfg, vocab_size=hf_config.vocab_size,
+              target_rope_theta=hf_config.rope_parameters["rope_theta"])
+    last_layer = None if args.distill_weight > 0 else max(cfg.target_layer_ids)
+    target = build_target(hf_config, tcfg, backend=_backend(args), last_layer=last_layer)
+    load_hf_weights(target, args.target)
     # PP > 1: a sent payload is freed at once (only its autograd node is needed, for the zero
     # gradient), and since micro-batches differ in length the schedule exchanges every payload's
     # shape. (Set after construction: TransformerConfig refuses variable lengths with its default
@@ -122,7 +131,7 @@ def build_models(args, device):
                              config=dcfg, dflash_config=cfg)
         # The borrowed LM head expects inputs at the scale of the target's final norm: start there.
         with torch.no_grad():
-            draft.decoder.final_layernorm.weight.copy_(target.decoder.final_layernorm.weight)
+            draft.decoder.final_layernorm.weight.copy_(hf_tensor(args.target, "model.norm.weight"))
         embedding = None if target.pre_process else word_embedding_replica(target, args.target)
         module = DFlashTrainingModule(target, draft, embedding=embedding)
     else:
@@ -167,8 +176,10 @@ def build_optimizer(args, model):
 class MicroBatches:
     """This data-parallel rank's micro-batches, prepared (anchors drawn) from the resumable sampler.
 
-    Sequences are padded to what sequence parallelism and the target's and draft's FP8 GEMMs need,
-    the block tokens (N * block_size) to what the draft's need.
+    Sequences are padded to the smallest of `--seq-length-buckets` fixed lengths that holds the
+    micro-batch (one bucket: always `--seq-length`), each a multiple of what sequence
+    parallelism and the target's and draft's FP8 GEMMs need, so compiled attention sees one shape
+    per bucket; the block tokens (N * block_size) are padded to what the draft's GEMMs need.
     """
 
     def __init__(self, dataset, args, cfg: DFlashConfig, pad_id: int, consumed_samples: int,
@@ -176,7 +187,8 @@ class MicroBatches:
         self.dataset, self.cfg, self.pad_id = dataset, cfg, pad_id
         self.seed = args.seed if seed is None else seed
         tp, sp = args.tensor_model_parallel_size, args.sequence_parallel
-        self.pad_multiple = sequence_multiple(tp, sp, args.fp8, args.target_fp8)
+        self.buckets = sequence_buckets(args.seq_length, args.seq_length_buckets,
+                                        sequence_multiple(tp, sp, args.fp8, args.target_fp8))
         self.block_multiple = sequence_multiple(tp, sp, args.fp8)
         self.attention = args.attention
         self.sampler = ResumableSampler(
@@ -189,10 +201,20 @@ class MicroBatches:
         indices = next(self._it)
         s = self.sampler
         position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
-        batch = collate([self.dataset[i] for i in indices], self.pad_id, self.pad_multiple)
+        batch = collate([self.dataset[i] for i in indices], self.pad_id, buckets=self.buckets)
         return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
                                   anchor_generator(self.seed, position), self.attention,
-                                  self.block_multiple)
+                                  self.block_multiple, batch["lengths"])
+
+    def prefetcher(self, device: torch.device, depth: int = 2) -> Prefetcher:
+        """These micro-batches prepared `depth` ahead, each with the consumed-sample count after it."""
+        return Prefetcher(lambda: (self.next(), self.sampler.consumed_samples), device, depth)
+
+
+def sequence_buckets(seq_length: int, count: int, multiple: int) -> list[int]:
+    """`count` evenly spaced padded lengths up to `seq_length`, each rounded up to `multiple`."""
+    return sorted({-(-(seq_length * (i + 1) // count) // multiple) * multiple
+                   for i in range(count)})
 
 
 def _reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
@@ -212,13 +234,15 @@ def _reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def run_step(model, microbatches: list[dict], cfg, args, forward_only: bool):
-    """One forward(+backward) over `microbatches` with megatron's schedule; returns the reports."""
+    """One forward(+backward) over `microbatches` (on the training device) with megatron's
+    schedule; returns the reports."""
     scale = 1.0
     if not forward_only:
         total = global_weight_sum(microbatches, parallel_state.get_data_parallel_group())
         scale = len(microbatches) * parallel_state.get_data_parallel_world_size() / max(total, 1e-12)
     return get_forward_backward_func()(
-        forward_step_func=make_forward_step(cfg, args.distill_weight, scale),
+        forward_step_func=make_forward_step(cfg, args.distill_weight, scale,
+                                            args.loss_chunk_size),
         data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
         seq_length=microbatches[0]["tokens"].shape[1], micro_batch_size=args.micro_batch_size,
         forward_only=forward_only)
@@ -247,7 +271,9 @@ def evaluate_tau(model, valid, cfg, args, pad_id) -> tuple[float, list[float]]:
     batches = MicroBatches(torch.utils.data.Subset(valid, range(n)), args, cfg, pad_id, 0,
                            shuffle=False, seed=EVAL_SEED)
     count = n // (args.micro_batch_size * parallel_state.get_data_parallel_world_size())
-    reports = run_step(model, [batches.next() for _ in range(count)], cfg, args, forward_only=True)
+    device = next(model.parameters()).device
+    reports = run_step(model, [to_device(batches.next(), device) for _ in range(count)], cfg, args,
+                       forward_only=True)
     model.train()
     r = _reduce_reports(reports)
     acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
@@ -312,10 +338,13 @@ def pretrain(args) -> dict:
     # SIGTERM / SIGUSR1 (SLURM pre-emption, time limit): finish the iteration, save, leave.
     exit_signal = ExitSignalHandler() if args.exit_signal_handler else None
     result["exit_signal"] = None
-    with exit_signal or contextlib.nullcontext():
+    with exit_signal or contextlib.nullcontext(), batches.prefetcher(device) as prefetched:
         while iteration < args.train_iters:
             t = time.time()
-            microbatches = [batches.next() for _ in range(args.num_microbatches)]
+            microbatches = []
+            for _ in range(args.num_microbatches):
+                mb, consumed = prefetched.next()
+                microbatches.append(mb)
             reports, grad_norm = train_step(model, optimizer, scheduler, microbatches, cfg, args)
             iteration += 1
             r = _reduce_reports(reports)
@@ -352,7 +381,7 @@ def pretrain(args) -> dict:
                               or (args.save_interval and iteration % args.save_interval == 0)):
                 path = checkpoint.save_checkpoint(
                     args.save, iteration, model, optimizer, scheduler,
-                    dict(extra_state, consumed_samples=batches.sampler.consumed_samples))
+                    dict(extra_state, consumed_samples=consumed))
                 log(f"saved checkpoint {path}")
             if exiting:
                 result["exit_signal"] = (exit_signal.received.name if exit_signal.received

@@ -21,7 +21,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dflash.model import DFlashDraftModel, target_head
+from megatron_dflash.model import DFlashDraftModel, output_weight, target_head
 from megatron_dflash.target.capture import FeatureCapture
 from megatron_dflash.training.pipeline import link_received, pack, unpack
 
@@ -73,10 +73,13 @@ class DFlashTrainingModule(MegatronModule):
         self._received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
     def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids):
-        """Last stage: (draft vocab-parallel logits [Q, b, V/tp], target logits [b, S, V/tp]).
-        Other stages: (payload for the next stage [s(/tp), b, H*(1+K)], None).
+        """Last stage: (draft final-norm hidden states [Q(/tp), b, H], target hidden states
+        [S(/tp), b, H]). Other stages: the payload for the next stage [s(/tp), b, H*(1+K)].
 
-        The target runs under no_grad: none of its activations are kept for backward.
+        The target runs under no_grad (none of its activations are kept for backward) and never
+        through its output layer: the loss projects only the rows it reads (`head_loss`). Its
+        hidden states are final-norm ones, the teacher's for distillation, unless it was built
+        as a feature extractor (`build_target(last_layer=...)`).
         """
         received = self._received
         if received is None:
@@ -85,16 +88,21 @@ class DFlashTrainingModule(MegatronModule):
             hidden, taps = unpack(received.detach(), self._num_taps)
         self.target.set_input_tensor(hidden)
         with torch.no_grad(), self._capture:
-            output = self.target(tokens, position_ids, attention_mask=None)
+            hidden = self.target(tokens, position_ids, attention_mask=None,
+                                 output_processor=_decoder_output)
         local = self._capture.features()
         if local is not None:
             for slot, tap in zip(self._local_slots, local.chunk(len(self._local_slots), dim=-1)):
                 taps[slot] = tap
         if self.draft is None:
-            return link_received(pack(output, taps), received), None
-        logits = self.draft(block_input_ids, torch.cat(taps, dim=-1), attention_mask,
-                            block_position_ids)
-        return link_received(logits, received), output
+            return link_received(pack(hidden, taps), received)
+        draft_hidden = self.draft(block_input_ids, torch.cat(taps, dim=-1), attention_mask,
+                                  block_position_ids, return_hidden=True)
+        return link_received(draft_hidden, received), hidden
+
+    def output_weight(self) -> torch.Tensor:
+        """The target's frozen vocab-parallel output weight [V/tp, H] (last stage)."""
+        return output_weight(self.target)
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """Only the draft (empty before the last stage): the target is frozen and is loaded from
@@ -108,3 +116,8 @@ class DFlashTrainingModule(MegatronModule):
         if self.draft is None:
             return {}
         return self.draft.state_dict_for_save_checkpoint(prefix=f"{prefix}draft.", keep_vars=keep_vars)
+
+
+def _decoder_output(hidden_states, **_):
+    """GPTModel `output_processor`: the decoder's output as it is, without the output layer."""
+    return hidden_states

@@ -18,12 +18,15 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from megatron.core import tensor_parallel
+from megatron.core.utils import get_attr_wrapped_model
+
 from megatron_dflash.anchors import (block_input_ids, block_labels, block_loss_mask,
                                      block_loss_weights, block_position_ids, block_positions,
                                      sample_anchors)
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.fp8 import pad_blocks
-from megatron_dflash.loss import accuracy_counts, dflash_loss, target_greedy_labels
+from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS, vocab_head_loss
 from megatron_dflash.masks import dflash_attention_mask
 from megatron_dflash.sparse_attention import dflash_block_mask
 
@@ -40,22 +43,32 @@ def anchor_generator(seed: int, sample_position: int) -> torch.Generator:
 
 def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlashConfig,
                        generator: torch.Generator, attention: str = "dense",
-                       block_multiple: int = 1) -> dict[str, torch.Tensor]:
-    """Anchors, block inputs/labels/weights, positions and the mask for [b, S] tokens.
+                       block_multiple: int = 1,
+                       lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Anchors, block inputs/labels/weights, positions, the mask and the loss rows for [b, S]
+    tokens.
 
+    Shapes depend only on (b, S) and the config: N is always `cfg.num_anchors` (unkept blocks fill
+    what the data cannot), so compiled attention sees one shape per sequence bucket. `lengths`
+    [b]: the samples' own lengths when `tokens` is padded past them; with it, padding changes
+    neither the anchors nor the loss.
     `attention` picks the mask the draft's spec takes: the dense tensor, or the per-block
     `DFlashBlockMask` of the sparse attention. `block_multiple`: the number of block tokens
     (N * block_size) is padded with unkept blocks to a multiple of it (FP8 GEMM alignment).
+
+    The loss reads only the supervised slots: `loss_index` holds their flat indices into [b, Q]
+    and `teacher_index` those of the target positions that teach them (a_j+k-1) into [b, S].
     """
     if attention not in MASKS:
         raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
     B, seq_len = cfg.block_size, tokens.shape[1]
-    anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator)
-    if anchors.shape[1] == 0:  # nothing eligible: one unkept block (weight 0) keeps shapes valid
-        anchors = torch.zeros(tokens.shape[0], 1, dtype=torch.long)
-        keep = torch.zeros_like(anchors, dtype=torch.bool)
-    anchors, keep = pad_blocks(anchors, keep, B, block_multiple)
+    anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator, lengths)
+    anchors, keep = pad_blocks(anchors, keep, B, block_multiple, min_blocks=cfg.num_anchors)
     supervised = block_loss_mask(loss_mask, anchors, keep, B)
+    label_positions = block_positions(anchors, B)
+    loss_index = supervised.flatten().nonzero().squeeze(1)
+    batch = torch.arange(tokens.shape[0]).repeat_interleave(label_positions.shape[1])
+    teacher_index = (batch * seq_len + label_positions.flatten() - 1)[loss_index]
     return dict(
         tokens=tokens,
         position_ids=torch.arange(seq_len).expand_as(tokens),
@@ -63,53 +76,83 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
         attention_mask=MASKS[attention](anchors, keep, seq_len, B),
         block_position_ids=block_position_ids(seq_len, anchors, B),
         labels=block_labels(tokens, anchors, B),
-        label_positions=block_positions(anchors, B),
+        label_positions=label_positions,
         weights=block_loss_weights(supervised, B, cfg.loss_gamma),
         supervised=supervised,
+        loss_index=loss_index,
+        teacher_index=teacher_index,
     )
 
 
 def global_weight_sum(microbatches: list[dict], dp_group) -> float:
-    """Σ w over the micro-batches of every data-parallel rank (the loss normaliser)."""
+    """Σ w over the micro-batches of every data-parallel rank (the loss normaliser). The
+    micro-batches must be on the training device: an NCCL group reduces CUDA tensors only."""
     total = torch.stack([mb["weights"].sum() for mb in microbatches]).sum().double()
     dist.all_reduce(total, group=dp_group)
     return float(total)
 
 
-def _to(mb: dict, device) -> dict:
+def to_device(mb: dict, device) -> dict:
+    """A micro-batch on `device` (asynchronous copies from pinned memory)."""
     return {k: v.to(device, non_blocking=True) for k, v in mb.items()}
 
 
-def loss_func(mb: dict, target_logits, block_size: int, distill_weight: float, scale: float,
-              output: torch.Tensor):
+def loss_rows(hidden: torch.Tensor, index: torch.Tensor, sequence_parallel: bool,
+              tp_group) -> torch.Tensor:
+    """[M, H] rows `index` (flat into [b, s]) of megatron [s(/tp), b, H] hidden states, replicated
+    over TP: gathered under sequence parallelism; otherwise passed through the TP copy, whose
+    backward sums the ranks' partial gradients (each projects its own vocabulary slice)."""
+    if sequence_parallel:
+        hidden = tensor_parallel.gather_from_sequence_parallel_region(
+            hidden, tensor_parallel_output_grad=True, group=tp_group)
+    elif hidden.requires_grad:
+        hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, index)
+
+
+def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_rows: int,
+              scale: float, output):
     """megatron loss_func: (scaled Σ w·ℓ, report of summable [numerator, denominator] counts).
 
-    When distilling, accuracy (and so τ̂) is measured against the target's greedy tokens — what
-    speculative decoding accepts — since the data were not written by the target.
+    The draft's supervised rows go through the target's output layer in chunks (`head_loss`).
+    When distilling, the teacher is the target at the rows the loss reads, and accuracy (and so
+    τ̂) is measured against the target's greedy tokens — what speculative decoding accepts — since
+    the data were not written by the target.
     """
-    target_logits = None if target_logits is None else target_logits.transpose(0, 1)
-    loss_sum, weight_sum = dflash_loss(
-        output, mb["labels"], mb["weights"], distill_weight=distill_weight,
-        target_logits=target_logits, label_positions=mb["label_positions"])
-    labels = mb["labels"] if target_logits is None else \
-        target_greedy_labels(target_logits, mb["label_positions"])
-    correct, total = accuracy_counts(output, labels, mb["supervised"], block_size)
-    report = {"loss": torch.stack([loss_sum.detach(), weight_sum]).double(),
+    draft_hidden, target_hidden = output
+    config, tp_group = module.draft.config, module.draft.tp_group
+    rows = loss_rows(draft_hidden, mb["loss_index"], config.sequence_parallel, tp_group)
+    teacher = None
+    if distill_weight > 0:
+        teacher = loss_rows(target_hidden, mb["teacher_index"], config.sequence_parallel, tp_group)
+    labels = mb["labels"].flatten()[mb["loss_index"]]
+    loss_sum, predicted, teacher_predicted = vocab_head_loss(
+        rows, module.output_weight(), labels, mb["weights"].flatten()[mb["loss_index"]],
+        teacher_rows=teacher, distill_weight=distill_weight, chunk_rows=chunk_rows,
+        tp_group=tp_group)
+    reference = labels if teacher_predicted is None else teacher_predicted
+    slot = mb["loss_index"] % block_size
+    correct = torch.bincount(slot[predicted == reference], minlength=block_size)[1:]
+    total = torch.bincount(slot, minlength=block_size)[1:]
+    report = {"loss": torch.stack([loss_sum.detach(), mb["weights"].sum()]).double(),
               "correct": correct, "total": total}
     return loss_sum * scale, report
 
 
-def make_forward_step(cfg: DFlashConfig, distill_weight: float, scale: float = 1.0):
+def make_forward_step(cfg: DFlashConfig, distill_weight: float, scale: float = 1.0,
+                      chunk_rows: int = DEFAULT_CHUNK_ROWS):
     """forward_step_func(data_iterator, model) for megatron's `get_forward_backward_func()`.
 
-    `scale` = M·DP / global Σ w for training; 1 for evaluation (forward only).
+    `scale` = M·DP / global Σ w for training; 1 for evaluation (forward only). Micro-batches
+    arrive on the training device. The outputs stay in model precision (no fp32 copy).
     """
     def forward_step(data_iterator, model):
-        device = next(model.parameters()).device
-        mb = _to(next(data_iterator), device)
-        logits, target_logits = model(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
-                                      mb["attention_mask"], mb["block_position_ids"])
-        return logits, partial(loss_func, mb, target_logits if distill_weight > 0 else None,
-                               cfg.block_size, distill_weight, scale)
+        mb = next(data_iterator)
+        half = {"fp32_output": False} if model.config.bf16 or model.config.fp16 else {}
+        output = model(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
+                       mb["attention_mask"], mb["block_position_ids"], **half)
+        module = get_attr_wrapped_model(model, "output_weight", return_model_obj=True)
+        return output, partial(loss_func, mb, module, cfg.block_size, distill_weight, chunk_rows,
+                               scale)
 
     return forward_step

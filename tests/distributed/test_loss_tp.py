@@ -53,3 +53,39 @@ def test_vocab_parallel_loss_grads_and_metrics_match_tp1(utils, alpha):
     assert torch.equal(wsum2, wsum1)
     assert torch.equal(correct2, correct1) and torch.equal(total2, total1)
     assert total1.sum() > correct1.sum() > 0
+
+
+@pytest.mark.world(2)
+@pytest.mark.parametrize("alpha", [0.0, 1.0, 0.35])
+def test_chunked_head_loss_at_tp2_equals_unchunked_tp1(utils, alpha):
+    """The chunked LM head + loss with the vocabulary split over TP=2 (rows replicated, their
+    gradient reduced by the TP copy's backward) equals the unchunked full-vocabulary objective:
+    loss, row gradients and both argmaxes (ties across shards included)."""
+    from megatron.core import tensor_parallel
+
+    from megatron_dflash.head_loss import vocab_head_loss
+    from megatron_dflash.loss import per_token_loss
+
+    utils.initialize_model_parallel(tp=2)
+    rank = dist.get_rank()
+    solo = [dist.new_group([r]) for r in range(2)][rank]
+    g = torch.Generator().manual_seed(1)
+    m, hidden = 23, 8
+    rows, teacher = torch.randn(m, hidden, generator=g), torch.randn(m, hidden, generator=g)
+    weight = torch.randn(V, hidden, generator=g)
+    weight[7] = weight[1]  # the draft's argmax ties across the two shards on some rows
+    labels, weights = torch.randint(0, V, (m,), generator=g), torch.rand(m, generator=g) + 0.1
+    full = rows.clone().requires_grad_()
+    logits, teacher_logits = full @ weight.t(), teacher @ weight.t()
+    ref = (weights * per_token_loss(logits, labels, teacher_logits, alpha, solo)).sum()
+    ref.backward()
+    mine = rows.clone().requires_grad_()
+    shard = weight[rank * V // 2:(rank + 1) * V // 2]
+    loss, predicted, teacher_predicted = vocab_head_loss(
+        tensor_parallel.copy_to_tensor_model_parallel_region(mine), shard, labels, weights,
+        teacher_rows=teacher, distill_weight=alpha, chunk_rows=5)
+    loss.backward()
+    torch.testing.assert_close(loss, ref.detach(), rtol=1e-6, atol=0)
+    torch.testing.assert_close(mine.grad, full.grad, rtol=0, atol=1e-6)
+    assert torch.equal(predicted, logits.argmax(-1))
+    assert torch.equal(teacher_predicted, teacher_logits.argmax(-1))

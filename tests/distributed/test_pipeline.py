@@ -57,7 +57,8 @@ def flags(target, train, **kw):
     base = dict(target=target, mask_token_id=MASK, train_data=train, seq_length=48, block_size=8,
                 num_draft_layers=1, target_layer_ids=TAPS, num_anchors=4, micro_batch_size=2,
                 global_batch_size=8, lr=3e-3, lr_decay_style="constant", lr_warmup_fraction=0,
-                distill_weight=0.5, log_interval=1, seed=7, train_iters=STEPS)
+                distill_weight=0.5, log_interval=1, seed=7, train_iters=STEPS,
+                seq_length_buckets=3)
     base.update(kw)
     out = []
     for k, v in base.items():
@@ -90,8 +91,9 @@ def trajectory(argv, steps=STEPS) -> dict:
              and parallel_state.get_tensor_model_parallel_rank() == 0)
     per_rank = [None] * dist.get_world_size()
     dist.all_gather_object(per_rank, (parallel_state.get_data_parallel_rank(), owner, mine,
-                                      grad_norms, _replicated_params_agree(model)))
-    by_dp = dict(sorted((dp, losses) for dp, owns, losses, _, _ in per_rank if owns))
+                                      grad_norms, _replicated_params_agree(model),
+                                      len(model.module.target.decoder.layers)))
+    by_dp = dict(sorted((dp, losses) for dp, owns, losses, *_ in per_rank if owns))
     microbatch, losses = [], []
     for step in range(steps):
         sums = [by_dp[dp][step][i] for i in range(len(by_dp[0][step])) for dp in by_dp]
@@ -99,8 +101,9 @@ def trajectory(argv, steps=STEPS) -> dict:
         losses.append(sum(n for n, _ in sums) / sum(d for _, d in sums))
     Utils.destroy_model_parallel()
     return {"microbatch": microbatch, "loss": losses, "lengths": sorted(lengths),
-            "grad_norms": [norms for _, _, _, norms, _ in per_rank],
-            "replicated_agree": all(agree for *_, agree in per_rank)}
+            "grad_norms": [norms for _, _, _, norms, *_ in per_rank],
+            "replicated_agree": all(agree for *_, agree, _ in per_rank),
+            "target_layers": [layers for *_, layers in per_rank]}
 
 
 def _replicated_params_agree(model) -> bool:
@@ -202,6 +205,28 @@ def test_layout_equals_one_process(world, layout, shared, reference):
     assert reference["loss"][-1] < 0.9 * reference["loss"][0]  # and it does train
 
 
+@pytest.mark.world(2)
+def test_stage_past_the_deepest_tap_computes_no_layer(shared):
+    """Without distillation the target stops at its deepest tap: with taps on stage 0 only, the
+    last stage of PP=2 holds no target layer (it passes the payload to the draft) and trains
+    exactly like one process, whose target holds only the tapped layers 0-1."""
+    argv = flags(os.path.join(shared, "target"), _data(shared), target_layer_ids=[0, 1],
+                 distill_weight=0, train_iters=8)
+    result = [None]
+    if dist.get_rank() == 0:
+        out = os.path.join(shared, "reference_taps01.json")
+        _finish(_single_process(shared, f"json.dump(trajectory({argv!r}, 8), open({out!r}, 'w'))"))
+        with open(out) as f:
+            result[0] = json.load(f)
+    dist.broadcast_object_list(result, src=0)
+    reference = result[0]
+    got = trajectory(argv + ["--pipeline-model-parallel-size", "2"], steps=8)
+    assert reference["target_layers"] == [2] and got["target_layers"] == [2, 0]
+    assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
+    for norms in got["grad_norms"]:
+        assert max(abs(a - b) for a, b in zip(norms, reference["grad_norms"][0], strict=True)) <= TOL
+
+
 def _gather_sequence(t, group):
     parts = [torch.empty_like(t) for _ in range(group.size())]
     dist.all_gather(parts, t.contiguous(), group=group)
@@ -238,7 +263,8 @@ def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
                                     args.pipeline_model_parallel_size, seed=args.seed)
     model, cfg, _ = loop.build_models(args, torch.device("cpu"))
     module = model.module
-    mb = prepare_microbatch(tokens, loss_mask, cfg, torch.Generator().manual_seed(4))
+    mb = prepare_microbatch(tokens, loss_mask, cfg, torch.Generator().manual_seed(4),
+                            args.attention)
     with torch.no_grad():
         ref_embedding = ref.embedding(input_ids=mb["block_input_ids"], position_ids=None)
     stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),

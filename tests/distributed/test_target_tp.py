@@ -1,13 +1,18 @@
 """Imported target under TP=2 (with and without sequence parallelism) and PP=2: logits and captured
 features equal the TP=1 import. Run with `torchrun --nproc-per-node 2 -m pytest`."""
+import math
+
 import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from dflash_testing import tiny_target_dir
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
+from megatron_dflash.target import hf_import
 from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (build_target, load_hf_weights,
+from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 128, 64, 4, 16, 2
@@ -108,3 +113,48 @@ def test_pp2_stages_match_tp1(utils):
             assert (logits - ref_logits).abs().max() <= TOL
     expected = ref_features[..., :HIDDEN] if first else ref_features[..., HIDDEN:]
     assert (features - expected).abs().max() <= TOL
+
+
+@pytest.mark.world(2)
+def test_tp2_reads_only_its_slices(utils, tmp_path, monkeypatch):
+    """Each rank reads from the safetensors exactly the elements of its own parameters
+    (replicated norms in full), not the whole checkpoint; the header check reads none."""
+    opened = []
+
+    class Recorded(hf_import._Checkpoint):
+        def __init__(self, source):
+            super().__init__(source)
+            opened.append(self)
+
+    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    path = [tiny_target_dir(tmp_path / "target") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)  # transformers saves on rank 0 only
+    path = path[0]
+    utils.initialize_model_parallel(2, 1)
+    hf = load_hf_config(path)
+    model = build_target(hf, target_transformer_config(hf, tensor_parallel_size=2))
+    load_hf_weights(model, path)
+    headers, load = opened
+    full = sum(math.prod(shape) for shape in load.shapes.values())
+    assert headers.elements_read == 0
+    assert load.elements_read == sum(p.numel() for p in model.parameters())
+    assert load.elements_read < 0.55 * full
+
+
+@pytest.mark.world(2)
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_tp2_sdpa_equals_local_attention(kind, utils, monkeypatch):
+    """At TP=2 the SDPA core attention (the local default) gives this rank's logits and features
+    of megatron's DotProductAttention, also with one KV group for two ranks."""
+    hf = hf_model(kind)
+    utils.initialize_model_parallel(2, 1)
+    results = []
+    for core_attention in (hf_import.SDPACoreAttention, DotProductAttention):
+        monkeypatch.setattr(hf_import, "SDPACoreAttention", core_attention)
+        model = import_target(hf, tensor_parallel_size=2)
+        assert type(model.decoder.layers[0].self_attention.core_attention) is core_attention
+        with FeatureCapture(model, TAPS) as capture:
+            results.append(target_forward(model, *tokens(), capture))
+    (logits, features), (ref_logits, ref_features) = results
+    assert (logits - ref_logits).abs().max() <= TOL
+    assert (features - ref_features).abs().max() <= TOL

@@ -17,6 +17,7 @@ from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.evaluate import (Generation, SpeculativeDecoder, build_decoder, evaluate,
                                       plot_position_acceptance, position_acceptance, tau)
 from megatron_dflash.loss import dflash_loss
+from megatron_dflash.model import target_head
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.step import prepare_microbatch
 
@@ -104,8 +105,9 @@ def test_lossless_with_trained_draft(utils, tmp_path, models):
     draft.train()
     for _ in range(40):
         mb = prepare_microbatch(tokens, loss_mask, cfg, g)
-        logits, _ = module(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
+        hidden, _ = module(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
                            mb["attention_mask"], mb["block_position_ids"])
+        logits = target_head(target)[1](hidden)
         loss_sum, weight_sum = dflash_loss(logits, mb["labels"], mb["weights"])
         optimizer.zero_grad()
         (loss_sum / weight_sum).backward()

@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 
 from megatron_dflash import weights
 from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+from megatron_dflash.target.hf_import import (_Checkpoint, _converters, build_target,
+                                              load_hf_config, load_hf_weights,
                                               target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 128, 64, 4, 16, 2
@@ -174,6 +175,48 @@ def test_fc1_and_row_column_shards():
         weights.shard_columns(down, 0, 4)
     with pytest.raises(ValueError, match="num_query_groups=3 must divide"):
         weights.shard_qkv(torch.randn(30, 4), 3, 0, 2)
+
+
+# --- sliced reads: each TP rank reads only the slices it holds ----------------------------------
+
+def full_read_then_shard(kind, tensors, groups, rank, size):
+    """The rank's tensor from whole HF tensors (the layout functions alone)."""
+    if kind == "qkv":
+        return weights.shard_qkv(weights.merge_qkv(*tensors, groups), groups, rank, size)
+    if kind == "fc1":
+        return weights.shard_fc1(weights.merge_fc1(*tensors), rank, size)
+    shard = {"replicated": lambda t, r, s: t, "columns": weights.shard_columns,
+             "rows": weights.shard_rows}[kind]
+    return shard(*tensors, rank, size)
+
+
+@pytest.mark.parametrize("source", ["safetensors", "state_dict"])
+@pytest.mark.parametrize("heads,groups,tp", [(4, 2, 1), (4, 2, 2), (4, 2, 4), (4, 1, 2), (8, 1, 4)])
+def test_sliced_reads_match_full_read_then_shard(heads, groups, tp, source, tmp_path):
+    """Every conversion, GQA with groups >= and < ranks: bit-identical to reading whole tensors,
+    reading only the rank's elements (with fewer groups than ranks, its group's q/k/v rows)."""
+    hd, hidden, ffn, vocab = 4, 8, 12, 16
+    torch.manual_seed(0)
+    state = {"q": torch.randn(heads * hd, hidden), "k": torch.randn(groups * hd, hidden),
+             "v": torch.randn(groups * hd, hidden), "q.bias": torch.randn(heads * hd),
+             "k.bias": torch.randn(groups * hd), "v.bias": torch.randn(groups * hd),
+             "gate": torch.randn(ffn, hidden), "up": torch.randn(ffn, hidden),
+             "down": torch.randn(hidden, ffn), "embed": torch.randn(vocab, hidden),
+             "norm": torch.randn(hidden)}
+    if source == "safetensors":
+        save_file(state, tmp_path / "model.safetensors")
+    conversions = [("replicated", ("norm",)), ("columns", ("embed",)), ("rows", ("down",)),
+                   ("fc1", ("gate", "up")), ("qkv", ("q", "k", "v")),
+                   ("qkv", ("q.bias", "k.bias", "v.bias"))]
+    for rank in range(tp):
+        convert = _converters(groups, rank, tp)
+        for kind, names in conversions:
+            with _Checkpoint(tmp_path if source == "safetensors" else state) as checkpoint:
+                value = convert[kind](checkpoint, *names)
+                expected = full_read_then_shard(kind, [state[n] for n in names], groups, rank, tp)
+                assert value.dtype == expected.dtype and torch.equal(value, expected), (kind, rank)
+                group_reads = tp // groups if kind == "qkv" and groups < tp else 1
+                assert checkpoint.elements_read == expected.numel() * group_reads, (kind, rank)
 
 
 # --- errors: one clear error per bad checkpoint, before any model is built ----------------------
