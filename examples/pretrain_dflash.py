@@ -8,11 +8,11 @@ distillation on, printing held-out tau at the start and the end. With a GPU it u
 """
 import datetime
 import os
-import sys
 
 import torch
 import torch.distributed as dist
 
+from megatron_dflash import cpu
 from megatron_dflash.training.arguments import parse_args
 
 
@@ -23,10 +23,7 @@ def main(argv=None):
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend = "nccl"
     else:
-        # megatron-core needs a few patches to run without CUDA; they live with the tests.
-        sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-        import cpu_compat
-        cpu_compat.apply()
+        cpu.apply()  # megatron-core's CPU adaptations
         backend = "gloo"
     if "RANK" not in os.environ:  # plain `python examples/pretrain_dflash.py`
         os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")

@@ -7,15 +7,16 @@ A test marked `@pytest.mark.world(n)` runs only in a world of n processes (other
 each parallel layout is exercised exactly once by the README's test command.
 """
 import datetime
+import gc
 import os
 import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-import cpu_compat  # noqa: E402
+from megatron_dflash import cpu  # noqa: E402
 
-cpu_compat.apply()
+cpu.apply()
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -51,8 +52,22 @@ def gloo_world():
         dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
     yield
     dist.barrier()
-    cpu_compat.destroy_model_parallel_and_groups()
+    destroy_model_parallel_and_groups()
     dist.destroy_process_group()
+
+
+def destroy_model_parallel_and_groups():
+    """destroy_model_parallel() drops megatron's references but gloo groups stay registered in c10d
+    (~60 threads each); destroy every non-WORLD group so repeated layouts stay fast."""
+    from megatron.core import parallel_state
+    from torch.distributed import distributed_c10d as c10d
+
+    parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        for pg in list(c10d._world.pg_map.keys()):
+            if pg is not c10d.GroupMember.WORLD:
+                dist.destroy_process_group(pg)
+    gc.collect()
 
 
 class Utils:
@@ -62,7 +77,7 @@ class Utils:
     def initialize_model_parallel(tp=1, pp=1, seed=123):
         from megatron.core import parallel_state, tensor_parallel
 
-        cpu_compat.destroy_model_parallel_and_groups()
+        destroy_model_parallel_and_groups()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
                                                  pipeline_model_parallel_size=pp)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
@@ -71,7 +86,7 @@ class Utils:
     def destroy_model_parallel():
         if dist.is_initialized():
             dist.barrier()
-        cpu_compat.destroy_model_parallel_and_groups()
+        destroy_model_parallel_and_groups()
 
 
 @pytest.fixture

@@ -85,10 +85,9 @@ def _worker(pretrain_flags: list[str]) -> None:
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
-    else:  # megatron-core needs the test-side CUDA shims on a CPU-only machine
-        sys.path.insert(0, os.path.join(REPO, "tests"))
-        import cpu_compat
-        cpu_compat.apply()
+    else:
+        from megatron_dflash import cpu
+        cpu.apply()  # megatron-core's CPU adaptations
         backend, device = "gloo", torch.device("cpu")
     import psutil
     from megatron.core import parallel_state, tensor_parallel

@@ -48,8 +48,9 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     """Anchors, block inputs/labels/weights, positions, the mask and the loss rows for [b, S]
     tokens.
 
-    Shapes depend only on (b, S) and the config: N is always `cfg.num_anchors` (unkept blocks fill
-    what the data cannot), so compiled attention sees one shape per sequence bucket. `lengths`
+    Shapes depend only on (b, S) and the config: N is always min(`cfg.num_anchors`, S - B + 1,
+    the most blocks S can hold), unkept blocks filling what the data cannot, so compiled
+    attention sees one shape per sequence bucket. `lengths`
     [b]: the samples' own lengths when `tokens` is padded past them; with it, padding changes
     neither the anchors nor the loss.
     `attention` picks the mask the draft's spec takes: the dense tensor, or the per-block
@@ -63,7 +64,8 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
         raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
     B, seq_len = cfg.block_size, tokens.shape[1]
     anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator, lengths)
-    anchors, keep = pad_blocks(anchors, keep, B, block_multiple, min_blocks=cfg.num_anchors)
+    anchors, keep = pad_blocks(anchors, keep, B, block_multiple,
+                               min_blocks=min(cfg.num_anchors, max(1, seq_len - B + 1)))
     supervised = block_loss_mask(loss_mask, anchors, keep, B)
     label_positions = block_positions(anchors, B)
     loss_index = supervised.flatten().nonzero().squeeze(1)

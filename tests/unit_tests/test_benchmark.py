@@ -13,27 +13,36 @@ bench = load_script("tools/benchmark_dflash.py")
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine tools/gpu_check.sh "
                     "runs it for real, on NCCL (the test session's world is gloo)")
-def test_tiny_benchmark_writes_every_field(utils, tmp_path):
+def test_tiny_benchmark_writes_every_field_for_both_sides(tmp_path):
+    """Every case in its own process (ours: sparse and dense; SpecForge's own step), with the
+    derived figures and the ours/SpecForge ratios."""
     out = tmp_path / "bench.json"
     bench.main(["--shape", "tiny", "--seq-length", "64", "--num-anchors", "4", "--block-size",
                 "8", "--num-draft-layers", "2", "--steps", "2", "--warmup", "1",
-                "--precisions", "bf16", "fp8-tensorwise", "--json", str(out)])
+                "--precisions", "fp32", "fp8-tensorwise", "--json", str(out)])
     result = json.loads(out.read_text())
     flops = result["flops"]
-    parts = ("target_forward", "target_lm_head", "draft_forward", "draft_backward", "draft_lm_head")
+    parts = ("target_forward", "draft_forward", "draft_backward", "draft_lm_head")
     assert all(flops[k] > 0 for k in parts) and flops["total"] == sum(flops[k] for k in parts)
     assert 0 < flops["draft_attention_density"] < 1
-    cases = {(c["precision"], c["attention"]): c for c in result["cases"]}
-    assert sorted(cases) == sorted((p, a) for p in ("bf16", "fp8-tensorwise")
-                                   for a in ("sparse", "dense"))
-    for attention in ("sparse", "dense"):
-        c = cases["bf16", attention]
+    cases = {(c["side"], c["precision"], c["attention"]): c for c in result["cases"]}
+    assert sorted(cases) == sorted(
+        [("megatron_dflash", p, a) for p in ("fp32", "fp8-tensorwise") for a in ("sparse", "dense")]
+        + [("specforge", "fp32", "sdpa")])
+    for key in [("megatron_dflash", "fp32", a) for a in ("sparse", "dense")] + \
+            [("specforge", "fp32", "sdpa")]:
+        c = cases[key]
         assert c["ms_per_step"] > 0 and c["target_tokens_per_s"] > 0 and math.isfinite(c["loss"])
         assert math.isclose(c["draft_tokens_per_s"], c["target_tokens_per_s"] * 4 * 8 / 64)
         assert math.isclose(c["mfu"], c["tflops"] / 989.0)
-        assert cases["fp8-tensorwise", attention]["skipped"]
-    # Same data, same initial draft: the two attentions train the same model.
-    assert abs(cases["bf16", "sparse"]["loss"] - cases["bf16", "dense"]["loss"]) < 2e-2
+        assert c["peak_memory_gib"] > 0 and c["executed_flops"] > 0
+    for attention in ("sparse", "dense"):
+        assert cases["megatron_dflash", "fp8-tensorwise", attention]["skipped"]
+    # Same data, same initial draft: the two attentions train the same model, exactly.
+    assert abs(cases["megatron_dflash", "fp32", "sparse"]["loss"]
+               - cases["megatron_dflash", "fp32", "dense"]["loss"]) < 1e-5
+    assert {(r["precision"], r["attention"]) for r in result["ratios"]} == \
+        {("fp32", "sparse"), ("fp32", "dense")}
 
 
 def test_flops_count_exactly_the_visible_attention():
@@ -44,6 +53,7 @@ def test_flops_count_exactly_the_visible_attention():
         t, vocab_size=hf.vocab_size, target_rope_theta=1e6)
     anchors = torch.tensor([[0, 5, 30, 0], [12, 40, 3, 0]])
     keep = torch.tensor([[True, True, True, False], [True, True, True, True]])
-    flops = bench.model_flops(t, cfg, hf.vocab_size, 48, bench.block_context_lengths(anchors, keep))
+    flops = bench.model_flops(t, cfg, hf.vocab_size, 48, bench.block_context_lengths(anchors, keep),
+                              supervised=7 * 11)
     visible = (~dflash_attention_mask(anchors, keep, 48, 8)).double().mean()
     assert math.isclose(flops["draft_attention_density"], float(visible))

@@ -1,7 +1,8 @@
-"""Run megatron-core 0.19.2 on a CPU-only machine (gloo). Test-side only: the package never imports it.
+"""megatron-core 0.19.2 on a machine without CUDA (gloo): the few adaptations it needs, in one place.
 
-`apply()` is a no-op when CUDA is available, so the same tests run unchanged on a GPU machine.
-Each patch answers one concrete failure (measured in ../shared/docs/cpu_megatron.md §4):
+CPU is where the embedded default trains, so this is part of the product: the main job, the tools
+and the tests call `apply()` when CUDA is absent; it is a no-op where CUDA is available. Each
+patch answers one concrete failure of megatron-core on CPU:
   * torch.cuda.current_device() -> cpu: buffers, RoPE inv_freq and TP collectives allocate on it;
   * a CPU RNG tracker: attention/dropout always fork the model-parallel CUDA RNG state;
   * stream/event/synchronize no-ops: megatron DDP touches torch.cuda.current_stream();
@@ -9,7 +10,6 @@ Each patch answers one concrete failure (measured in ../shared/docs/cpu_megatron
     and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the string).
 """
 import contextlib
-import gc
 
 import torch
 
@@ -111,18 +111,3 @@ def apply():
     _install_cpu_rng_tracker()
     CudaToCpuMode().__enter__()  # active for the life of the process
     _applied = True
-
-
-def destroy_model_parallel_and_groups():
-    """destroy_model_parallel() drops megatron's references but gloo groups stay registered in c10d
-    (~60 threads each); destroy every non-WORLD group so repeated layouts stay fast."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-    from torch.distributed import distributed_c10d as c10d
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        for pg in list(c10d._world.pg_map.keys()):
-            if pg is not c10d.GroupMember.WORLD:
-                dist.destroy_process_group(pg)
-    gc.collect()
