@@ -12,6 +12,8 @@ batch), without its "-1". Shapes: b sequences, S tokens, N blocks, B = block_siz
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -33,9 +35,7 @@ def sample_anchors(loss_mask: torch.Tensor, block_size: int, num_anchors: int,
         row the kept anchors come first, ascending; the remaining slots hold anchor 0, keep False.
     """
     b, seq_len = loss_mask.shape
-    positions = torch.arange(seq_len, device=loss_mask.device)
-    ends = torch.full((b,), seq_len) if lengths is None else lengths
-    eligible = loss_mask.bool() & (positions + block_size <= ends.to(positions.device)[:, None])
+    eligible = eligible_anchors(loss_mask, block_size, lengths)
     counts = eligible.sum(1)
     n = min(num_anchors, int(counts.max()))
     # A uniform random permutation of the eligible positions: iid scores, eligible ones first.
@@ -48,6 +48,16 @@ def sample_anchors(loss_mask: torch.Tensor, block_size: int, num_anchors: int,
     # Sentinel S sorts the unused slots last, so `keep` stays a prefix of each row.
     anchors = picked.masked_fill(~keep, seq_len).sort(dim=1).values.masked_fill(~keep, 0)
     return anchors, keep
+
+
+def eligible_anchors(loss_mask: torch.Tensor, block_size: int,
+                     lengths: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, S] bool: response positions a whose whole block fits in the sample, a + B <= S
+    (S: `lengths` [b], or the padded width)."""
+    b, seq_len = loss_mask.shape
+    positions = torch.arange(seq_len, device=loss_mask.device)
+    ends = torch.full((b,), seq_len) if lengths is None else lengths
+    return loss_mask.bool() & (positions + block_size <= ends.to(positions.device)[:, None])
 
 
 def block_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -99,3 +109,16 @@ def block_loss_weights(mask: torch.Tensor, block_size: int, gamma: float) -> tor
     decay = torch.exp(-(k - 1).clamp(min=0) / gamma).float()
     return mask.float() * decay.repeat(mask.shape[1] // block_size)
 
+
+def pad_blocks(anchors: torch.Tensor, keep: torch.Tensor, block_size: int,
+               multiple: int, min_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Append unkept blocks (anchor 0, keep False) until there are at least `min_blocks` and
+    N * block_size is a multiple of `multiple` (e.g. the FP8 GEMM alignment, fp8.py); they carry
+    no loss weight and see no context."""
+    n = max(anchors.shape[1], min_blocks)
+    step = multiple // math.gcd(multiple, block_size)  # blocks per aligned group
+    extra = n - anchors.shape[1] + (-n % step)
+    if extra == 0:
+        return anchors, keep
+    return (torch.cat([anchors, anchors.new_zeros(anchors.shape[0], extra)], dim=1),
+            torch.cat([keep, keep.new_zeros(keep.shape[0], extra)], dim=1))

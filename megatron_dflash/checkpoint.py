@@ -13,7 +13,9 @@ per-rank RNG states, the data position and the DFlash/target description.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pickle
 import random
 import shutil
 
@@ -21,10 +23,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.core import CheckpointingException, maybe_load_config
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_dflash import atomic
 
 TRACKER = "latest_checkpointed_iteration.txt"
+DRAFT_PREFIX = "draft."  # the draft's keys under "model" (the training module's prefix)
 _OPTIM_FORMAT = {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
@@ -102,11 +110,9 @@ def _torch_adam_states(optimizer):
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
     """Save the draft, optimizer, scheduler, RNG and `extra` (data position, configs) collectively."""
-    final, partial = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".partial"
+    final, partial = iteration_dir(root, iteration), _partial_dir(root, iteration)
     if dist.get_rank() == 0:
-        os.makedirs(root, exist_ok=True)
-        shutil.rmtree(partial, ignore_errors=True)
-        os.makedirs(partial)
+        atomic.make_partial(partial)
     dist.barrier()
     sd = _sharded_state_dict(_unwrap(model), optimizer, is_loading=False)
     sd["scheduler"] = scheduler.state_dict()
@@ -114,27 +120,171 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
     dist_checkpointing.save(sd, partial)
     dist.barrier()
     if dist.get_rank() == 0:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(root, TRACKER))
+        atomic.publish(partial, final, replace=True)
+        _write_tracker(root, iteration)
     dist.barrier()
     return final
+
+
+def save_model_checkpoint(root: str, draft, extra: dict, iteration: int = 0) -> str:
+    """A draft-only checkpoint in the training layout ("model" = the draft's sharded state dict
+    under "draft.", plus "extra"; no optimizer), written under `.partial` and renamed, then the
+    tracker. Collective; `root` must not hold a checkpoint yet."""
+    final, partial = iteration_dir(root, iteration), _partial_dir(root, iteration)
+    created = not os.path.exists(root)
+    dist.barrier()
+    try:
+        if dist.get_rank() == 0:
+            atomic.make_partial(partial)
+        dist.barrier()
+        dist_checkpointing.save({"model": draft.sharded_state_dict(prefix=DRAFT_PREFIX),
+                                 "extra": dict(extra, iteration=iteration)}, partial)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            atomic.publish(partial, final)
+            _write_tracker(root, iteration)
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(root if created else partial, ignore_errors=True)
+        raise
+    dist.barrier()
+    return final
+
+
+def _partial_dir(root: str, iteration: int) -> str:
+    """Where every rank writes an iteration before rank 0 renames it to `iteration_dir`."""
+    return iteration_dir(root, iteration) + ".partial"
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    """Point the tracker at a published iteration (replaced atomically; rank 0)."""
+    atomic.write_text(os.path.join(root, TRACKER), str(iteration))
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded into this run; the message is one line naming the
+    checkpoint (and the file, where one is at fault)."""
+
+
+# DFlashConfig fields a resumed or fine-tuned run may change: they shape the loss and which blocks
+# are sampled, not the draft the saved weights belong to.
+MAY_CHANGE = ("loss_gamma", "num_anchors")
+
+
+def check_readable(path: str) -> None:
+    """Raise CheckpointError naming the first file of the dist checkpoint `path` (an iteration
+    directory) that is missing, truncated or unreadable.
+
+    Reads only metadata.json, the torch_dist index (`.metadata`) and the data files' sizes, so
+    every rank checks every file before any collective and all fail together, with one message.
+    """
+    config = _read_file(path, "metadata.json", lambda: maybe_load_config(path))
+    if config is None:
+        raise CheckpointError(f"checkpoint {path}: metadata.json is missing (not a megatron "
+                              "dist checkpoint)")
+    if config.sharded_backend != "torch_dist":
+        return
+    metadata = _read_file(path, ".metadata", lambda: FileSystemReader(path).read_metadata())
+    ends = {}
+    for info in (metadata.storage_data or {}).values():
+        ends[info.relative_path] = max(ends.get(info.relative_path, 0), info.offset + info.length)
+    for name, end in sorted(ends.items()):
+        file = os.path.join(path, name)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"checkpoint {path}: {name} is missing (listed in .metadata)")
+        size = os.path.getsize(file)
+        if size < end:
+            raise CheckpointError(f"checkpoint {path}: {name} is truncated or unreadable ({size} "
+                                  f"bytes, .metadata places data up to byte {end})")
+
+
+def read_extra(root: str, iteration: int | None = None) -> dict:
+    """The `extra` dict (data position, DFlash config, target) of the latest (or the given)
+    checkpoint in `root`, after `check_readable`. Needs no process group."""
+    path = iteration_dir(root, _resolve_iteration(root, iteration))
+    check_readable(path)
+    return _load_common(path)["extra"]
+
+
+def check_compatible(saved: dict | None, cfg, flags: dict[str, str] | None = None,
+                     where: str = "the checkpoint") -> list[str]:
+    """Compare the DFlash settings a checkpoint was saved with (`extra["dflash_config"]`) with
+    this run's resolved DFlashConfig `cfg`.
+
+    Returns one line per setting that changed and may (`MAY_CHANGE`), e.g.
+    "num_anchors: 512 in the checkpoint, 256 now". Every other difference changes the draft the
+    saved weights belong to (block size, layers, taps, mask id, sizes, heads, RoPE, norm): they are
+    all raised as one CheckpointError. `flags` names a field (e.g. its command-line flag).
+    """
+    if not saved:
+        return [f"{where} records no DFlash settings: this run's are not checked against it"]
+    flags = flags or {}
+    changed, conflicts = [], []
+    for name, now in dataclasses.asdict(cfg).items():
+        if name not in saved or saved[name] == now:
+            continue
+        line = f"{flags.get(name, name)}: {_show(saved[name])} in the checkpoint, {_show(now)} now"
+        (changed if name in MAY_CHANGE else conflicts).append(line)
+    if conflicts:
+        raise CheckpointError(f"{where} holds a draft built with other settings: "
+                              f"{'; '.join(conflicts)} (these change the model; rerun with the "
+                              "checkpoint's values)")
+    return changed
+
+
+def _show(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+def _read_file(path: str, name: str, read):
+    """`read()`, with any failure reported as `name` in checkpoint `path` being unreadable."""
+    try:
+        return read()
+    except FileNotFoundError as e:
+        raise CheckpointError(f"checkpoint {path}: {name} is missing") from e
+    except Exception as e:  # whatever the reader raises on a damaged file
+        raise CheckpointError(f"checkpoint {path}: {name} is truncated or unreadable "
+                              f"({_cause(e)})") from e
+
+
+def _cause(e: BaseException) -> str:
+    """One line for an exception (torch DCP puts the cause's traceback in its message: its last
+    line)."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {' '.join(lines[-1].split())}" if lines else type(e).__name__
+
+
+def _load_common(path: str) -> dict:
+    with _reading(path, "the common state"):
+        return dist_checkpointing.load_common_state_dict(path)
+
+
+@contextlib.contextmanager
+def _reading(path: str, what: str):
+    """Report a checkpoint that fails to load as one CheckpointError: what megatron rejects
+    (CheckpointingException) or a file that cannot be read."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except CheckpointingException as e:
+        raise CheckpointError(f"checkpoint {path}: {' '.join(str(e).split())}") from e
+    except (EOFError, pickle.UnpicklingError, OSError, CheckpointException) as e:
+        raise CheckpointError(f"checkpoint {path}: {what} is truncated or unreadable "
+                              f"({_cause(e)})") from e
 
 
 def load_weights(root: str, model, iteration: int | None = None) -> dict:
     """Only the draft's weights, e.g. a drafter imported with tools/import_hf.py (which writes no
     optimizer state) or a run to fine-tune from; returns the saved `extra` dict."""
     path = iteration_dir(root, _resolve_iteration(root, iteration))
+    check_readable(path)
+    extra = _load_common(path)["extra"]
     module = _unwrap(model)
-    loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
-    _load_trainable(module, loaded.get("model", {}))
-    return dist_checkpointing.load_common_state_dict(path)["extra"]
+    with _reading(path, "the draft's weights"):
+        loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
+    _load_trainable(module, loaded.get("model", {}), path)
+    return extra
 
 
 def _resolve_iteration(root: str, iteration: int | None) -> int:
@@ -152,15 +302,17 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | Non
     the world size matches the saved one (they are meaningless across layouts).
     """
     path = iteration_dir(root, _resolve_iteration(root, iteration))
-    common = dist_checkpointing.load_common_state_dict(path)
+    check_readable(path)
+    common = _load_common(path)
     module = _unwrap(model)
     _init_torch_adam_state(optimizer)
     sd = _sharded_state_dict(module, optimizer, is_loading=True)
     same_world = common["extra"].get("world_size") == dist.get_world_size()
     if not same_world:
         sd.pop("rng")
-    loaded = dist_checkpointing.load(sd, path)
-    _load_trainable(module, loaded.get("model", {}))
+    with _reading(path, "the draft and optimizer state"):
+        loaded = dist_checkpointing.load(sd, path)
+    _load_trainable(module, loaded.get("model", {}), path)
     if _holds_params(optimizer):
         with torch.no_grad(), _skip_torch_adam_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
@@ -207,13 +359,13 @@ def _init_torch_adam_state(optimizer) -> None:
                                           exp_avg_sq=torch.zeros_like(p))
 
 
-def _load_trainable(module, state_dict) -> None:
+def _load_trainable(module, state_dict, path: str = "") -> None:
     """Load the draft; the only keys allowed to be absent are frozen ones (the target's)."""
     result = module.load_state_dict(state_dict, strict=False)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}
     bad = sorted(set(result.missing_keys) & trainable) + sorted(result.unexpected_keys)
     if bad:
-        raise RuntimeError(f"checkpoint does not match the draft: {bad[:5]}")
+        raise CheckpointError(f"checkpoint {path or '?'} does not match the draft: {bad[:5]}")
 
 
 def _unwrap(model):

@@ -62,7 +62,8 @@ class DFlashConfig:
     head_dim: int | None = None
     """Draft head dimension; may differ from hidden/heads (default: target's kv_channels)."""
     ffn_hidden_size: int | None = None
-    """Draft SwiGLU intermediate size (default: target's)."""
+    """Draft SwiGLU intermediate size (default: the target's dense FFN size, its TransformerConfig's
+    `ffn_hidden_size` = HF `intermediate_size`, also for MoE targets: never the per-expert one)."""
     rope_theta: float | None = None
     """Draft RoPE base (default: target's)."""
     norm_eps: float | None = None
@@ -141,7 +142,8 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
                              **overrides) -> TransformerConfig:
     """The draft's TransformerConfig: Qwen3-style layers on the target's TP/SP, dtype and init.
 
-    The draft lives on one pipeline stage, so every pipeline-split field is reset. The DFlash loss
+    The draft lives on one pipeline stage, so every pipeline-split field is reset, and it is dense
+    (its FFN `dflash.ffn_hidden_size`), so an MoE target's expert fields are too. The DFlash loss
     is a weighted mean over the whole global batch with fractional weights, which megatron's
     integer per-token count cannot express: the training step normalises it itself
     (`training.step`), so megatron's own per-token normalisation stays off.
@@ -173,8 +175,17 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
         account_for_embedding_in_pipeline_split=False,
         account_for_loss_in_pipeline_split=False,
         calculate_per_token_loss=False,
+        **_DENSE_FIELDS,
         **overrides,
     )
+
+
+# The draft is dense whatever the target is: every mixture-of-experts field of an MoE target
+# (`target.moe.moe_transformer_fields`) goes back to TransformerConfig's default.
+_DENSE_FIELDS = {f.name: f.default for f in dataclasses.fields(TransformerConfig)
+                 if (f.name.startswith("moe_") or f.name in (
+                     "num_moe_experts", "expert_model_parallel_size",
+                     "expert_tensor_parallel_size")) and f.default is not dataclasses.MISSING}
 
 
 def _default(value, fallback):

@@ -5,7 +5,14 @@ and the tests call `apply()` when CUDA is absent; it is a no-op where CUDA is av
 patch answers one concrete failure of megatron-core on CPU:
   * torch.cuda.current_device() -> cpu: buffers, RoPE inv_freq and TP collectives allocate on it;
   * a CPU RNG tracker: attention/dropout always fork the model-parallel CUDA RNG state;
-  * stream/event/synchronize no-ops: megatron DDP touches torch.cuda.current_stream();
+  * stream/event/synchronize no-ops: megatron DDP touches torch.cuda.current_stream(), the MoE
+    alltoall token dispatcher records and waits on a device-to-host stream's event;
+  * the MoE alltoall token dispatcher's split sizes: on GPU its device-to-host copy hands them
+    to all_to_all_single as numpy arrays; on CPU nothing is copied and they stay tensors, which
+    c10d refuses: convert them as the copy would;
+  * uneven all-gather / reduce-scatter (megatron's `output_split_sizes` / `input_split_sizes`),
+    which the MoE alltoall dispatcher runs over the expert-TP group: gloo takes equal pieces
+    only, so gather padded pieces, and reduce whole then keep the rank's piece (the same sums);
   * CudaToCpuMode: hard-coded device="cuda" in schedules, optimizer, clip_grads, dist_checkpointing,
     and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the string).
 """
@@ -28,6 +35,9 @@ class _NullStream:
 
     def query(self):
         return True
+
+    def record_event(self, *a, **k):  # an event to synchronize on later (MoE alltoall dispatcher)
+        return _NullStream()
 
     def __enter__(self):
         return self
@@ -97,6 +107,49 @@ def _install_cpu_rng_tracker():
     initialize_rng_tracker(force_reset=True)
 
 
+def _patch_moe_split_sizes():
+    from megatron.core.transformer.moe import token_dispatcher
+
+    move = token_dispatcher.maybe_move_tensor_to_cpu
+
+    def maybe_move_tensor_to_cpu(tensor, as_numpy=False, record_stream=False):
+        if as_numpy and torch.is_tensor(tensor) and not tensor.is_cuda:
+            return tensor.numpy()
+        return move(tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+    token_dispatcher.maybe_move_tensor_to_cpu = maybe_move_tensor_to_cpu
+
+
+def _patch_uneven_collectives():
+    import torch.distributed as dist
+    from megatron.core.tensor_parallel import mappings
+
+    gather, scatter = mappings._gather_along_first_dim, mappings._reduce_scatter_along_first_dim
+
+    def _gather_along_first_dim(input_, group, output_split_sizes=None, use_global_buffer=False):
+        if output_split_sizes is None or group.size() == 1:
+            return gather(input_, group, output_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in output_split_sizes]
+        padded = input_.new_zeros((max(sizes),) + tuple(input_.shape[1:]))
+        padded[:input_.shape[0]] = input_
+        parts = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(parts, padded, group=group)
+        return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+    def _reduce_scatter_along_first_dim(input_, group, input_split_sizes=None,
+                                        use_global_buffer=False):
+        if input_split_sizes is None or group.size() == 1:
+            return scatter(input_, group, input_split_sizes, use_global_buffer)
+        sizes = [int(n) for n in input_split_sizes]
+        total = input_.contiguous().clone()
+        dist.all_reduce(total, group=group)
+        start = sum(sizes[:group.rank()])
+        return total[start:start + sizes[group.rank()]].clone()
+
+    mappings._gather_along_first_dim = _gather_along_first_dim
+    mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
+
+
 def apply():
     global _applied
     if _applied or torch.cuda.is_available():
@@ -109,5 +162,7 @@ def apply():
     torch.cuda.stream = lambda *a, **k: _NullStream()
     torch.cuda.empty_cache = lambda: None
     _install_cpu_rng_tracker()
+    _patch_moe_split_sizes()
+    _patch_uneven_collectives()
     CudaToCpuMode().__enter__()  # active for the life of the process
     _applied = True

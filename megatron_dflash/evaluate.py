@@ -38,7 +38,8 @@ from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.config import draft_transformer_config
-from megatron_dflash.export import load_draft_source, load_draft_weights
+from megatron_dflash.draft_import import load_draft_weights
+from megatron_dflash.draft_reader import load_draft_source
 from megatron_dflash.model import target_head
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target.capture import FeatureCapture
@@ -139,6 +140,8 @@ class SpeculativeDecoder:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 1")
         prompt = torch.as_tensor(prompt, dtype=torch.long, device=self.device).flatten()
         num_prompt = prompt.shape[0]
+        if num_prompt < 1:
+            raise ValueError("the prompt is empty: greedy decoding needs at least one token")
         max_length = num_prompt + max_new_tokens
         mask_id = self.draft.dflash_config.mask_token_id if self.draft is not None else 0
         output = torch.full((max_length + 1,), mask_id, dtype=torch.long, device=self.device)

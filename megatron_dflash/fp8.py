@@ -8,18 +8,17 @@ from the target's, so its FP8 fields are always set explicitly (`FP8Settings.fie
 inherited. The borrowed LM head and `fc` run outside the draft's TransformerBlock, hence in bf16.
 
 FP8 GEMMs need token counts divisible by `get_fp8_align_size` (16; 32 for mxfp8): pad the
-sequence (`sequence_multiple`) and the number of blocks (`pad_blocks`; the added blocks are
-unkept: no loss, no context).
+sequence to `sequence_multiple` and the number of blocks with `anchors.pad_blocks` (the added
+blocks are unkept: no loss, no context). The `--fp8-*` flags and their validation are in
+training/arguments.py.
 
-The mapping works without Transformer Engine; validation only looks for it (`find_spec`), and
-only `fp8_unavailable_reason` imports it, to ask what this GPU supports.
+The mapping works without Transformer Engine; only `fp8_unavailable_reason` imports it, to ask
+what this GPU supports.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import importlib.util
-import math
 
 import torch
 from megatron.core.enums import Fp8Recipe
@@ -62,40 +61,6 @@ class FP8Settings:
         return dataclasses.replace(config, **self.fields())
 
 
-def add_fp8_args(parser: argparse.ArgumentParser) -> None:
-    """The FP8 flags (Megatron-LM's names for the draft; `--target-` for the frozen target)."""
-    g = parser.add_argument_group("FP8 (Transformer Engine, needs --transformer-impl "
-                                  "transformer_engine)")
-    g.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
-                   help="train the draft's transformer layers in FP8 with this format "
-                        "(hybrid: e4m3 forward, e5m2 gradients)")
-    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
-                   help="draft FP8 scaling recipe (default delayed); mxfp8 needs Blackwell")
-    g.add_argument("--target-fp8-format", choices=FP8_FORMATS, default=None,
-                   help="run the frozen target's forward in FP8 with this format")
-    g.add_argument("--target-fp8-recipe", choices=FP8_RECIPES, default=None,
-                   help="target FP8 scaling recipe (default delayed)")
-
-
-def fp8_settings(args: argparse.Namespace) -> tuple[FP8Settings, FP8Settings]:
-    """(draft, target) settings from the flags; ValueError naming the flag when inconsistent."""
-    out = []
-    for prefix in ("", "target_"):
-        fmt, recipe = getattr(args, f"{prefix}fp8_format"), getattr(args, f"{prefix}fp8_recipe")
-        flag = f"--{prefix.replace('_', '-')}fp8"
-        if recipe is not None and fmt is None:
-            raise ValueError(f"{flag}-recipe={recipe} needs {flag}-format (e4m3 or hybrid)")
-        out.append(FP8Settings(fmt, recipe or "delayed"))
-    if any(s.enabled for s in out):
-        if getattr(args, "transformer_impl", None) != "transformer_engine":
-            raise ValueError("FP8 (--fp8-format / --target-fp8-format) needs --transformer-impl "
-                             "transformer_engine: only Transformer Engine linears run in FP8")
-        if importlib.util.find_spec("transformer_engine") is None:
-            raise ValueError("FP8 (--fp8-format / --target-fp8-format) needs Transformer Engine: "
-                             "pip install 'megatron_dflash[te]' on a CUDA machine")
-    return out[0], out[1]
-
-
 def fp8_unavailable_reason(settings: FP8Settings) -> str | None:
     """Why this machine cannot run `settings` (None: it can, or FP8 is off). Imports TE."""
     if not settings.enabled:
@@ -118,16 +83,3 @@ def sequence_multiple(tensor_parallel_size: int, sequence_parallel: bool,
     times the TP size under sequence parallelism (every rank's shard stays aligned)."""
     align = max([s.align for s in settings] + [1])
     return align * (tensor_parallel_size if sequence_parallel else 1)
-
-
-def pad_blocks(anchors: torch.Tensor, keep: torch.Tensor, block_size: int,
-               multiple: int, min_blocks: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Append unkept blocks (anchor 0, keep False) until there are at least `min_blocks` and
-    N * block_size is a multiple of `multiple`; they carry no loss weight and see no context."""
-    n = max(anchors.shape[1], min_blocks)
-    step = multiple // math.gcd(multiple, block_size)  # blocks per aligned group
-    extra = n - anchors.shape[1] + (-n % step)
-    if extra == 0:
-        return anchors, keep
-    return (torch.cat([anchors, anchors.new_zeros(anchors.shape[0], extra)], dim=1),
-            torch.cat([keep, keep.new_zeros(keep.shape[0], extra)], dim=1))

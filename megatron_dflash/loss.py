@@ -14,8 +14,10 @@ slot k by the target's own next-token distribution for that token: the target's 
 position a_j+k-1, the position whose next token is a_j+k.
 
 Metrics count, per slot k = 1..B-1, how often the draft's argmax equals the label, under the
-undecayed `block_loss_mask`; counts add across micro-batches and ranks, and only then become
-accuracies and the estimated acceptance length.
+undecayed `block_loss_mask`, and each block's acceptance length (`block_acceptance_lengths`);
+counts and sums add across micro-batches and ranks, and only then become per-position accuracies
+and τ̂. Training computes all of this through `head_loss.vocab_head_loss` in chunks of rows; the
+functions here on whole logits are the reference it is tested against.
 """
 from __future__ import annotations
 
@@ -161,11 +163,10 @@ def accuracy_counts(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tens
     return correct.sum((0, 1)), mask.sum((0, 1))
 
 
-def estimated_acceptance_length(correct: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    """τ̂ = 1 + Σ_k Π_{j<=k} acc_j from per-slot counts, summed over micro-batches and ranks first.
-
-    It treats the slots as independent, so it estimates the reference's per-block acceptance
-    length; a slot that was never supervised counts as accuracy 0.
-    """
-    accuracy = correct.double() / total.clamp(min=1).double()
-    return 1 + accuracy.cumprod(0).sum()
+def block_acceptance_lengths(correct: torch.Tensor) -> torch.Tensor:
+    """[...] the acceptance length of each block from `correct` [..., B-1] (slot k's draft token
+    equals what decoding accepts; an unsupervised slot counts as wrong): 1 (the bonus token) +
+    the length of the leading run of correct slots, 1 + Σ_k Π_{j<=k} correct_j. Averaged over
+    kept blocks this is the expected acceptance length τ̂ exactly — slots of one block are
+    correlated, so the product of per-slot marginal accuracies is not."""
+    return 1 + correct.long().cumprod(-1).sum(-1)

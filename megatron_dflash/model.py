@@ -13,6 +13,7 @@ parallelism the features and block embeddings are sharded along the sequence.
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
 from itertools import chain
 from typing import Callable
 
@@ -21,12 +22,20 @@ from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEm
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.config import DFlashConfig
-from megatron_dflash.specs import DFlashModelSubmodules
+
+
+@dataclass
+class DFlashModelSubmodules:
+    """What a `DFlashDraftModel` is built from (`get_dflash_model_spec` in specs.py)."""
+
+    fc: type
+    hidden_norm: type
+    decoder: TransformerBlockSubmodules
 
 
 class DFlashDraftModel(MegatronModule):

@@ -1,18 +1,21 @@
 """The DFlash layer and model as megatron `ModuleSpec`s, for the local and Transformer Engine backends.
 
-Both backends build the same module tree (and so the same checkpoint keys): a pre-norm Qwen3-style
-layer (RMSNorm, q/k RMSNorm, GQA, SwiGLU) whose attention is `DFlashSelfAttention` with an
-arbitrary mask. The input norm is always a separate module: a fused norm+QKV linear would also
-normalise the target context, which DFlash normalises once (fc + hidden_norm) and not per layer.
-`attention="sparse"` swaps the core attention for `DFlashSparseAttention`, which takes the mask as a
-`DFlashBlockMask` and skips the masked-out work (sparse_attention.py); the modules with weights,
-and so the checkpoint, are the same.
+A pre-norm Qwen3-style layer (RMSNorm, q/k RMSNorm, GQA, SwiGLU) whose attention is
+`DFlashSelfAttention` with an arbitrary mask. The input norm is always a separate module: a fused
+norm+QKV linear would also normalise the target context, which DFlash normalises once (fc +
+hidden_norm) and not per layer. `attention="sparse"` swaps the core attention for
+`DFlashSparseAttention`, which takes the mask as a `DFlashBlockMask` and skips the masked-out work
+(sparse_attention.py); the modules with weights, and so the checkpoint, are the same.
+
+Both backends write the same checkpoint keys, so a checkpoint of either loads into the other. The
+module trees differ in one place: TE fuses the pre-MLP norm into fc1
+(`mlp.linear_fc1.layer_norm_weight`), the local layer keeps it as `pre_mlp_layernorm`. As in
+megatron's own GPT specs, the checkpoint uses the TE names: the local layer spec renames its
+separate norm with a `sharded_state_dict_keys_map` (`LOCAL_KEYS_MAP`), and the local modules carry
+TE's (empty) `_extra_state` entries (layers.py).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import torch
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
@@ -24,64 +27,15 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
 from megatron_dflash.attention import DFlashSelfAttention, DFlashTransformerLayer
+from megatron_dflash.layers import (DuplicatedLinear, LocalPreLinearRMSNorm, LocalRMSNorm,
+                                    _check_backend, _te)
+from megatron_dflash.model import DFlashDraftModel, DFlashModelSubmodules
 from megatron_dflash.sparse_attention import DFlashSparseAttention
 
-BACKENDS = ("local", "te")
 ATTENTIONS = ("dense", "sparse")
-
-
-class LocalRMSNorm(torch.nn.RMSNorm):
-    """torch RMSNorm for the local backend that also works under sequence parallelism.
-
-    megatron's `WrappedTorchNorm` refuses SP when apex is absent. What SP needs from a norm is only
-    that its weight is tagged `sequence_parallel`, so `finalize_model_grads` sums its gradient
-    over the TP group (each rank saw a different sequence shard) — what apex's norm does too.
-    """
-
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
-        super().__init__(hidden_size, eps=eps)
-        for p in self.parameters():
-            p.sequence_parallel = bool(config.sequence_parallel)
-
-
-class DuplicatedLinear(torch.nn.Linear):
-    """A linear layer replicated on every TP rank, with megatron's `(output, bias)` return.
-
-    Used for `fc` (K·H -> H) on the local backend, like TE's `parallel_mode="duplicated"`: its
-    input is sequence-sharded under SP, so the draft model tags its weight `sequence_parallel`.
-    """
-
-    def __init__(self, input_size: int, output_size: int, *, config, init_method, bias: bool,
-                 skip_bias_add: bool = False, **kwargs):
-        super().__init__(input_size, output_size, bias=bias, dtype=config.params_dtype)
-        if config.perform_initialization:
-            with torch.no_grad():
-                init_method(self.weight)
-                if bias:
-                    self.bias.zero_()
-
-    def forward(self, x):
-        return super().forward(x), None
-
-
-def _te():
-    """Transformer Engine classes, imported only when the TE backend is asked for.
-
-    megatron's TE wrappers import without TE (as placeholders that fail later), so its own
-    `HAVE_TE` says whether TE is really there.
-    """
-    from megatron.core.extensions.transformer_engine import HAVE_TE, TELinear, TENorm
-    from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
-
-    if not HAVE_TE:
-        raise ImportError("backend='te' needs Transformer Engine: pip install 'megatron_dflash[te]'"
-                          " on a CUDA machine")
-    return TESpecProvider(), TENorm, TELinear
-
-
-def _check_backend(backend: str):
-    if backend not in BACKENDS:
-        raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")
+# The local layer's checkpoint names for its separate pre-MLP norm: TE's fused ones (megatron's
+# local GPT spec maps the same prefix; its input norm, fused there, stays separate here).
+LOCAL_KEYS_MAP = {"pre_mlp_layernorm.": "mlp.linear_fc1.layer_norm_"}
 
 
 def _check_attention(attention: str):
@@ -98,6 +52,7 @@ def get_dflash_layer_spec(backend: str = "local", attention: str = "dense") -> M
         provider, norm = LocalSpecProvider(), LocalRMSNorm
     else:
         provider, norm, _ = _te()
+    fused_norm = provider.fuse_layernorm_and_linear()
     core_attention = provider.core_attention() if attention == "dense" else DFlashSparseAttention
     return ModuleSpec(
         module=DFlashTransformerLayer,
@@ -115,28 +70,19 @@ def get_dflash_layer_spec(backend: str = "local", attention: str = "dense") -> M
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            # TE fuses the pre-MLP norm into fc1 (its input is the block only, so that is safe).
-            pre_mlp_layernorm=IdentityOp if provider.fuse_layernorm_and_linear() else norm,
+            # TE fuses the pre-MLP norm into fc1 (its input is the block only, so that is safe);
+            # the local layer's separate one takes the fused names in the checkpoint.
+            pre_mlp_layernorm=IdentityOp if fused_norm else LocalPreLinearRMSNorm,
             mlp=get_mlp_module_spec_for_backend(backend=provider),
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map={} if fused_norm else dict(LOCAL_KEYS_MAP),
         ),
     )
-
-
-@dataclass
-class DFlashModelSubmodules:
-    """What a `DFlashDraftModel` is built from."""
-
-    fc: type
-    hidden_norm: type
-    decoder: TransformerBlockSubmodules
 
 
 def get_dflash_model_spec(num_layers: int, backend: str = "local",
                           attention: str = "dense") -> ModuleSpec:
     """The whole draft: fc + hidden_norm, `num_layers` DFlash layers and a final norm."""
-    from megatron_dflash.model import DFlashDraftModel
-
     _check_backend(backend)
     _check_attention(attention)
     if backend == "local":

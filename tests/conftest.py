@@ -74,12 +74,14 @@ class Utils:
     """Set up and tear down model-parallel state (megatron's tests/unit_tests Utils, on gloo)."""
 
     @staticmethod
-    def initialize_model_parallel(tp=1, pp=1, seed=123):
+    def initialize_model_parallel(tp=1, pp=1, seed=123, ep=1, etp=None):
         from megatron.core import parallel_state, tensor_parallel
 
         destroy_model_parallel_and_groups()
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp)
+                                                 pipeline_model_parallel_size=pp,
+                                                 expert_model_parallel_size=ep,
+                                                 expert_tensor_parallel_size=etp)
         tensor_parallel.model_parallel_cuda_manual_seed(seed)
 
     @staticmethod

@@ -14,11 +14,14 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_dflash.anchors import (block_input_ids, block_loss_mask, block_loss_weights,
                                      block_labels, block_position_ids, sample_anchors)
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
+from megatron_dflash.layers import LocalRMSNorm
 from megatron_dflash.masks import dflash_attention_mask
 from megatron_dflash.model import target_head
-from megatron_dflash.specs import LocalRMSNorm, get_dflash_model_spec
+from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.synthetic import (HIDDEN, ROPE_THETA, VOCAB, dflash_config,  # noqa: F401
+                                       draft_inputs, head_only_target, pattern_dataset,
+                                       randomize_, target_config, tiny_target_dir)
 
-VOCAB, HIDDEN, ROPE_THETA = 256, 64, 10000.0
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,29 +32,6 @@ def load_script(path: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def target_config(tp=1, sp=False, layers=6) -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=layers, hidden_size=HIDDEN, num_attention_heads=4, num_query_groups=2,
-        ffn_hidden_size=128, normalization="RMSNorm", gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu, add_bias_linear=False, layernorm_epsilon=1e-6,
-        hidden_dropout=0.0, attention_dropout=0.0, use_cpu_initialization=True,
-        tensor_model_parallel_size=tp, sequence_parallel=sp)
-
-
-def head_only_target(tp=1, sp=False) -> GPTModel:
-    """A one-layer GPTModel whose embedding/output layer serve as the draft's borrowed head."""
-    cfg = target_config(tp, sp, layers=1)
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = LocalRMSNorm
-    block = TransformerBlockSubmodules(layer_specs=[spec], layer_norm=LocalRMSNorm)
-    model = GPTModel(cfg, block, vocab_size=VOCAB, max_sequence_length=512,
-                     position_embedding_type="rope", rotary_base=ROPE_THETA)
-    randomize_(model, seed=0)  # identical on every rank, whatever the global RNG state
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model
 
 
 def head_state(target: GPTModel) -> dict[str, torch.Tensor]:
@@ -65,49 +45,12 @@ def load_head_shard(target: GPTModel, full: dict[str, torch.Tensor], rank: int, 
         target.output_layer.weight.copy_(full["output"].chunk(size)[rank])
 
 
-def dflash_config(tcfg: TransformerConfig, **overrides) -> DFlashConfig:
-    """GQA draft with head_dim != hidden/heads, block 16, two layers tapped from a 6-layer target."""
-    kw = dict(block_size=16, num_draft_layers=2, target_layer_ids=[1, 4], mask_token_id=3,
-              num_attention_heads=4, num_key_value_heads=2, head_dim=24, ffn_hidden_size=96,
-              num_anchors=4)
-    kw.update(overrides)
-    return DFlashConfig(**kw).resolve(tcfg, vocab_size=VOCAB, target_rope_theta=ROPE_THETA)
-
-
 def build_draft(tcfg: TransformerConfig, cfg: DFlashConfig, target: GPTModel, backend="local",
                 attention="dense"):
     draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
                          config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
     draft.borrow_target_head(*target_head(target))
     return draft
-
-
-def randomize_(module: torch.nn.Module, seed: int) -> None:
-    """Non-trivial weights everywhere (norm weights near 1), from a fixed seed."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters()):
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1 + 0.1 * noise if p.dim() == 1 else 0.05 * noise)
-
-
-def draft_inputs(cfg: DFlashConfig, batch=2, seq_len=48, seed=0) -> dict[str, torch.Tensor]:
-    """Tokens with response spans, anchors, block inputs/labels/weights, features and the mask."""
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, VOCAB, (batch, seq_len), generator=g)
-    loss_mask = torch.zeros(batch, seq_len, dtype=torch.bool)
-    loss_mask[:, seq_len // 4:] = True
-    anchors, keep = sample_anchors(loss_mask, cfg.block_size, cfg.num_anchors, g)
-    bmask = block_loss_mask(loss_mask, anchors, keep, cfg.block_size)
-    k = len(cfg.target_layer_ids)
-    return dict(
-        block_input_ids=block_input_ids(tokens, anchors, keep, cfg.block_size, cfg.mask_token_id),
-        features=torch.randn(seq_len, batch, k * cfg.hidden_size, generator=g),
-        attention_mask=dflash_attention_mask(anchors, keep, seq_len, cfg.block_size),
-        position_ids=block_position_ids(seq_len, anchors, cfg.block_size),
-        labels=block_labels(tokens, anchors, cfg.block_size),
-        weights=block_loss_weights(bmask, cfg.block_size, cfg.loss_gamma),
-        anchors=anchors, keep=keep)
 
 
 def params(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -122,36 +65,6 @@ def load_params(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
     with torch.no_grad():
         for n, p in own.items():
             p.copy_(tensors[n])
-
-
-def tiny_target_dir(path, vocab=VOCAB, layers=4, hidden=HIDDEN, seed=0) -> str:
-    """A random-initialised HF Llama (GQA) saved as config.json + safetensors."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(architectures=["LlamaForCausalLM"], vocab_size=vocab, hidden_size=hidden,
-                         intermediate_size=2 * hidden, num_hidden_layers=layers,
-                         num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=256, rms_norm_eps=1e-6, initializer_range=0.1)
-    AutoModelForCausalLM.from_config(config, torch_dtype=torch.float32).save_pretrained(path)
-    return str(path)
-
-
-def pattern_dataset(prefix, count, seq_len, vocab=VOCAB, seed=0) -> str:
-    """An indexed dataset of learnable conversations: a random prompt, then a response cycling
-    through five tokens from a random phase — a small draft learns to continue it quickly."""
-    from megatron_dflash.data.dataset import write_indexed_dataset
-    from megatron_dflash.data.tokenize import Tokenized
-
-    g = torch.Generator().manual_seed(seed)
-    samples = []
-    for _ in range(count):
-        prompt = torch.randint(0, vocab - 4, (seq_len // 4,), generator=g).tolist()
-        start = int(torch.randint(0, 5, (1,), generator=g))
-        response = [10 + (start + i) % 5 for i in range(seq_len - len(prompt))]
-        samples.append(Tokenized(prompt + response, [0] * len(prompt) + [1] * len(response), seq_len))
-    write_indexed_dataset(str(prefix), samples, vocab_size=vocab)
-    return str(prefix)
 
 
 def weighted_loss(logits: torch.Tensor, inputs: dict) -> torch.Tensor:
@@ -169,3 +82,38 @@ def all_gather(t: torch.Tensor, group) -> list[torch.Tensor]:
     parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
     dist.all_gather(parts, t.contiguous(), group=group)
     return parts
+
+
+def tiny_moe_config(vocab=VOCAB, layers=4, hidden=HIDDEN, experts=8, top_k=2, dense_layers=(2,),
+                    norm_topk_prob=True, **kw):
+    """A small HF Qwen3-MoE config: GQA with q/k norm, `experts` routed experts (top `top_k`,
+    per-expert FFN 32) in every layer but `dense_layers` (dense FFN 96, what the draft's FFN
+    defaults to)."""
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(
+        architectures=["Qwen3MoeForCausalLM"], vocab_size=vocab, hidden_size=hidden,
+        intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=layers,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=experts,
+        num_experts_per_tok=top_k, norm_topk_prob=norm_topk_prob,
+        mlp_only_layers=list(dense_layers), max_position_embeddings=256, rms_norm_eps=1e-6,
+        initializer_range=0.1, **kw)
+
+
+def tiny_moe_model(config, seed=0):
+    """A random HF Qwen3-MoE model (the same on every rank), norms perturbed away from 1."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+    return model
+
+
+def tiny_moe_target_dir(path, seed=0, **kw) -> str:
+    """`tiny_moe_model` saved as config.json + safetensors (one tensor per expert, as on disk)."""
+    tiny_moe_model(tiny_moe_config(**kw), seed).save_pretrained(path)
+    return str(path)

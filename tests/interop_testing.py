@@ -17,8 +17,9 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from dflash_testing import load_script, randomize_
+from megatron_dflash.checkpoint import save_model_checkpoint
 from megatron_dflash.config import DFlashConfig
-from megatron_dflash.export import reference_config, save_model_checkpoint
+from megatron_dflash.reference_format import reference_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, HIDDEN, TARGET_LAYERS = 256, 64, 6

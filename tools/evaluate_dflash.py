@@ -9,9 +9,8 @@ cache/smollm2-135m-instruct). Prompts: JSONL lines {"prompt": str}, {"messages":
 {"turns": [str, ...]} (first turn) or {"input_ids": [...]}; text goes through the target
 tokenizer's chat template. Reports τ (mean acceptance length), the per-position acceptance rate,
 tokens/s and the speedup over target-only decoding measured in the same run, and whether every
-output equals target-only greedy decoding (exit status 2 if one does not). Runs in fp32. On a
-CPU-only machine megatron's forward needs the test-side CUDA shims: run it as
-`python tests/cpu_run.py tools/evaluate_dflash.py ...`.
+output equals target-only greedy decoding (exit status 2 if one does not). Runs in fp32, on CPU
+or GPU as is: without CUDA it applies megatron-core's CPU adaptations (`megatron_dflash.cpu`).
 """
 from __future__ import annotations
 
@@ -24,6 +23,7 @@ import sys
 import torch
 import torch.distributed as dist
 
+from megatron_dflash import cpu
 from megatron_dflash.evaluate import build_decoder, evaluate, plot_position_acceptance
 from megatron_dflash.parallel import initialize_tensor_parallel
 from megatron_dflash.target.gguf import SMOLLM2_STOP_TOKEN_ID, convert_gguf, smollm2_gguf
@@ -43,7 +43,10 @@ DEFAULT_PROMPTS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Runs on CPU or GPU as is (plain `python` or `torchrun`, fp32); without CUDA "
+               "megatron-core's CPU adaptations (megatron_dflash.cpu) are applied.")
     p.add_argument("--draft", required=True,
                    help="training checkpoint root, or a reference-format draft directory")
     p.add_argument("--target", default=None,
@@ -91,6 +94,8 @@ def _prompts(path: str | None, target_dir: str, limit: int | None) -> list[list[
     for i, r in enumerate(records):
         if "input_ids" in r:
             out.append(list(r["input_ids"]))
+            if not out[-1]:
+                raise ValueError(f"{path}: line {i + 1} has no input_ids")
             continue
         if "messages" in r:
             messages = r["messages"]
@@ -105,11 +110,16 @@ def _prompts(path: str | None, target_dir: str, limit: int | None) -> list[list[
         else:
             text = "\n".join(m["content"] for m in messages)
         out.append(tokenizer.encode(text, add_special_tokens=False))
+        if not out[-1]:
+            raise ValueError(f"{path or 'built-in prompts'}: prompt {i + 1} encodes to no "
+                             f"tokens with {target_dir}'s tokenizer (has it tokenizer files?)")
     return out
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        cpu.apply()  # megatron-core's CPU adaptations
     initialize_tensor_parallel()
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else None)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from megatron_dflash.export import DTYPES, export_checkpoint
+from megatron_dflash.draft_export import export_checkpoint
+from megatron_dflash.reference_format import DTYPES
 
 
 def build_parser() -> argparse.ArgumentParser:

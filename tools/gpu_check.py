@@ -9,7 +9,9 @@
                   bf16's
 
 Checks that this machine cannot run (no TE, no GPU, a recipe the GPU lacks) are reported as
-skipped, so the script also runs on a CPU (`python tests/cpu_run.py tools/gpu_check.py`).
+skipped, so the script runs on CPU or GPU as is (`python tools/gpu_check.py`; without CUDA it
+applies megatron-core's CPU adaptations, `megatron_dflash.cpu`). The small configs, targets and
+data it checks on are built here, from configs, with random weights.
 """
 from __future__ import annotations
 
@@ -27,23 +29,24 @@ import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 from megatron.core.transformer.spec_utils import build_module
 
-REPO = Path(__file__).resolve().parents[1]
-# Small configs, targets and data shared with the tests.
-sys.path.insert(0, str(REPO / "tests"))
-
-from dflash_testing import (dflash_config, draft_inputs, head_only_target,  # noqa: E402
-                            pattern_dataset, randomize_, target_config, tiny_target_dir)
-from megatron_dflash.config import draft_transformer_config  # noqa: E402
-from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason  # noqa: E402
-from megatron_dflash.model import target_head  # noqa: E402
-from megatron_dflash.sparse_attention import dflash_block_mask  # noqa: E402
-from megatron_dflash.specs import get_dflash_model_spec  # noqa: E402
-from megatron_dflash.training.arguments import parse_args  # noqa: E402
-from megatron_dflash.training.loop import pretrain  # noqa: E402
+from megatron_dflash import cpu
+from megatron_dflash.anchors import block_input_ids, block_position_ids, sample_anchors
+from megatron_dflash.config import draft_transformer_config
+from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason
+from megatron_dflash.model import target_head
+from megatron_dflash.sparse_attention import dflash_block_mask
+from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.synthetic import (dflash_config, draft_inputs, head_only_target, pattern_dataset,
+                                       randomize_, target_config, tiny_target_dir)
+from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.training.loop import pretrain
 
 TE_REASON = (None if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")
              else "needs Transformer Engine and a GPU")
 RECIPES = ("delayed", "tensorwise", "blockwise")
+EPILOG = ("Runs on CPU or GPU as is: plain `python tools/gpu_check.py` (or inside a torchrun "
+          "world); without CUDA megatron-core's CPU adaptations (megatron_dflash.cpu) are "
+          "applied and the TE/FP8 checks are reported as skipped.")
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -157,9 +160,11 @@ def check_fp8_training(device, steps: int = 40) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", default=None)
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG)
+    p.add_argument("--json", default=None, help="also write the rows as JSON")
     args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        cpu.apply()  # megatron-core's CPU adaptations
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
     own_group = not dist.is_initialized()

@@ -7,20 +7,26 @@ checkpoint, to fine-tune or continue training.
 Writes iteration 0 (the draft's sharded weights and `extra`, no optimizer) at tensor-parallel
 size = number of processes; dist-checkpointing reshards it to any layout on load. With --target
 the draft is checked against that target (hidden size, layers, vocabulary). A bad input is one
-error message and exit status 1, with nothing written. On a CPU-only machine megatron's
-checkpoint writer needs the test-side CUDA shims: `python tests/cpu_run.py tools/import_hf.py ...`.
+error message and exit status 1, with nothing written. Runs on CPU or GPU as is: without CUDA
+it applies megatron-core's CPU adaptations (`megatron_dflash.cpu`).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megatron_dflash.export import import_reference
+import torch
+
+from megatron_dflash import cpu
+from megatron_dflash.draft_import import import_reference
 from megatron_dflash.parallel import initialize_tensor_parallel
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="Runs on CPU or GPU as is (plain `python` or `torchrun`); without CUDA "
+               "megatron-core's CPU adaptations (megatron_dflash.cpu) are applied.")
     p.add_argument("--draft", required=True, help="reference-format draft directory")
     p.add_argument("--checkpoint", required=True, help="new checkpoint root to write")
     p.add_argument("--target", default=None, help="target HF checkpoint to check against")
@@ -29,6 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        cpu.apply()  # megatron-core's CPU adaptations
     tp = initialize_tensor_parallel()
     try:
         path = import_reference(args.draft, args.checkpoint, target_dir=args.target)

@@ -156,3 +156,9 @@ def load_chat_tokenizer(spec: str, gguf_file: str | None = None) -> ChatTokenize
         raise
     except Exception as e:  # noqa: BLE001 - any loader failure is a bad --tokenizer
         raise ValueError(f"tokenizer {spec!r}: cannot load: {' '.join(str(e).split())}") from e
+
+
+def tokenizer_spec(tokenizer: str | None, target: str) -> str:
+    """`--tokenizer` as given (hf:PATH / sp:MODEL, or a bare HF dir), else the target's own."""
+    spec = tokenizer or target
+    return spec if spec.startswith(("hf:", "sp:")) else f"hf:{spec}"

@@ -1,4 +1,5 @@
-"""Load a Hugging Face Llama / Qwen2 / Qwen3 checkpoint into a frozen megatron-core `GPTModel`.
+"""Load a Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoint into a frozen megatron-core
+`GPTModel` (MoE layers: megatron's own MoE layer, any expert-parallel layout; `target.moe`).
 
     hf = load_hf_config(path)                       # validates config.json and every tensor header
     config = target_transformer_config(hf, tensor_parallel_size=tp, sequence_parallel=sp)
@@ -31,12 +32,14 @@ from megatron.core.utils import get_pg_rank, get_pg_size
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from megatron_dflash.specs import LocalRMSNorm, _check_backend, _te
+from megatron_dflash.layers import LocalRMSNorm, _check_backend, _te
+from megatron_dflash.target import moe
 from megatron_dflash.target.sdpa_attention import SDPACoreAttention
 from megatron_dflash.weights import (check_qkv_groups, merge_fc1, merge_qkv, shard_columns,
                                      shard_range)
 
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                           *moe.MOE_ARCHITECTURES)
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -72,12 +75,18 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
 def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_size: int = 1,
                               sequence_parallel: bool = False,
                               params_dtype: torch.dtype = torch.float32,
-                              pipeline_parallel_size: int = 1, **overrides) -> TransformerConfig:
-    """The megatron TransformerConfig of a HF Llama / Qwen2 / Qwen3 config.
+                              pipeline_parallel_size: int = 1,
+                              expert_model_parallel_size: int = 1,
+                              expert_tensor_parallel_size: int | None = None,
+                              moe_token_dispatcher_type: str = "allgather",
+                              moe_grouped_gemm: bool = False, **overrides) -> TransformerConfig:
+    """The megatron TransformerConfig of a HF Llama / Qwen2 / Qwen3 / Qwen3-MoE config.
 
     Pre-norm RMSNorm layers, SwiGLU, GQA with `kv_channels=head_dim`, no linear biases (Qwen2:
-    q/k/v biases), q/k RMSNorm for Qwen3, no dropout. Weights are allocated on the CPU and not
-    initialised (`load_hf_weights` overwrites every parameter). `overrides` go to TransformerConfig.
+    q/k/v biases), q/k RMSNorm for Qwen3 and Qwen3-MoE, no dropout. Weights are allocated on the
+    CPU and not initialised (`load_hf_weights` overwrites every parameter). `ffn_hidden_size` is
+    always the dense `intermediate_size`; an MoE target adds megatron's MoE fields and its
+    expert-parallel layout (`moe.moe_transformer_fields`). `overrides` go to TransformerConfig.
     """
     arch = _check_hf_config(hf_config)
     if hf_config.vocab_size % tensor_parallel_size:
@@ -97,7 +106,7 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=arch == "Qwen2ForCausalLM",
-        qk_layernorm=arch == "Qwen3ForCausalLM",
+        qk_layernorm=arch in ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM"),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=tensor_parallel_size,
@@ -109,6 +118,11 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,
+        **moe.moe_transformer_fields(
+            hf_config, tensor_parallel_size=tensor_parallel_size,
+            expert_model_parallel_size=expert_model_parallel_size,
+            expert_tensor_parallel_size=expert_tensor_parallel_size,
+            token_dispatcher=moe_token_dispatcher_type, grouped_gemm=moe_grouped_gemm),
         **overrides,
     )
 
@@ -131,6 +145,9 @@ def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend
     The output layer keeps its vocab-parallel logits (`parallel_output`).
     """
     _check_backend(backend)
+    if config.moe_grouped_gemm and backend != "te":
+        raise ValueError("moe_grouped_gemm needs backend='te' (Transformer Engine's grouped "
+                         "GEMM); the local backend runs the experts one after another")
     if pg_collection is None:
         pg_collection = ProcessGroupCollection.use_mpu_process_groups()
     pre_process = is_pp_first_stage(pg_collection.pp) if pre_process is None else pre_process
@@ -164,7 +181,8 @@ def freeze(model: torch.nn.Module) -> torch.nn.Module:
 def load_hf_weights(gpt_model: GPTModel,
                     path_or_state_dict: str | Path | Mapping[str, torch.Tensor]) -> None:
     """Copy HF weights into `gpt_model`: this pipeline stage's tensors, sliced for this rank of
-    the model's TP group and read slice by slice, so each rank reads only what it holds. HF layer
+    the model's TP group and read slice by slice, so each rank reads only what it holds (MoE
+    layers: only its expert-parallel rank's experts, sliced over the expert-TP group). HF layer
     i goes to the local layer with `layer_number == i + 1`.
 
     Before anything is copied, checks that every model parameter has an HF source and that
@@ -172,11 +190,14 @@ def load_hf_weights(gpt_model: GPTModel,
     """
     params = dict(gpt_model.named_parameters())
     layer_ids = [layer.layer_number - 1 for layer in gpt_model.decoder.layers]
+    pgs = gpt_model.pg_collection
+    ep, expt_tp = getattr(pgs, "ep", None), getattr(pgs, "expt_tp", None)
     rows = _mapping(gpt_model.config, layer_ids, embedding=gpt_model.pre_process,
                     final_norm=gpt_model.decoder.final_layernorm is not None,
                     output=gpt_model.post_process and gpt_model.output_layer.weight is not None,
                     tied=gpt_model.share_embeddings_and_output_weights,
-                    fused_norms=_has_fused_norms(gpt_model))
+                    fused_norms=_has_fused_norms(gpt_model),
+                    expert_parallel=(get_pg_rank(ep), get_pg_size(ep)))
     unmapped = sorted(params.keys() - {name for name, _, _ in rows})
     if unmapped:
         raise ValueError(f"no Hugging Face tensor maps to the megatron parameters {unmapped}: the "
@@ -184,6 +205,7 @@ def load_hf_weights(gpt_model: GPTModel,
     tp_group = gpt_model.pg_collection.tp
     convert = _converters(gpt_model.config.num_query_groups, get_pg_rank(tp_group),
                           get_pg_size(tp_group))
+    convert |= moe.expert_converters(get_pg_rank(expt_tp), get_pg_size(expt_tp))
     with _Checkpoint(path_or_state_dict) as checkpoint, torch.no_grad():
         checkpoint.check(_hf_shapes(rows, gpt_model.config, gpt_model.vocab_size))
         for name, hf_names, kind in rows:
@@ -214,6 +236,10 @@ def _check_hf_config(hf_config: PretrainedConfig) -> str:
     if problems:
         raise ValueError(f"{where}: {', '.join(problems)} not supported (the import covers silu "
                          "MLPs, no attention/MLP biases and full attention in every layer)")
+    problems = moe.check_moe_hf_config(hf_config)
+    if problems:
+        raise ValueError(f"{where}: {', '.join(problems)} not supported by the mixture-of-experts "
+                         "import")
     _rope_kwargs(hf_config, where)
     return arch
 
@@ -264,9 +290,12 @@ def _has_fused_norms(gpt_model: GPTModel) -> bool:
 
 
 def _mapping(config: TransformerConfig, layer_ids, *, embedding: bool, final_norm: bool,
-             output: bool, tied: bool, fused_norms: bool = False) -> list[tuple[str, tuple, str]]:
+             output: bool, tied: bool, fused_norms: bool = False,
+             expert_parallel: tuple[int, int] = (0, 1)) -> list[tuple[str, tuple, str]]:
     """(megatron parameter, HF tensors, conversion) for the given global layer ids, which sit at
-    local indices 0, 1, ... of the decoder."""
+    local indices 0, 1, ... of the decoder. An MoE layer's MLP maps the experts of
+    `expert_parallel` = (EP rank, EP size) (`moe.moe_layer_rows`); its pre-MLP norm is never
+    fused into a linear."""
     attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
     per_layer = [
         ("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
@@ -286,10 +315,17 @@ def _mapping(config: TransformerConfig, layer_ids, *, embedding: bool, final_nor
     if embedding:
         rows.append(("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "columns"))
     for local, layer_id in enumerate(layer_ids):
+        sparse = moe.is_moe_layer(config, layer_id)
         for name, hf_names, kind in per_layer:
-            name = _TE_FUSED_NORMS.get(name, name) if fused_norms else name
+            if sparse and name.startswith("mlp."):
+                continue
+            if fused_norms and not (sparse and name == "pre_mlp_layernorm.weight"):
+                name = _TE_FUSED_NORMS.get(name, name)
             rows.append((f"decoder.layers.{local}.{name}",
                          tuple(f"model.layers.{layer_id}.{n}" for n in hf_names), kind))
+        if sparse:
+            rows += moe.moe_layer_rows(config, local, layer_id,
+                                       moe.local_experts(config, *expert_parallel))
     if final_norm:
         rows.append(("decoder.final_layernorm.weight", ("model.norm.weight",), "replicated"))
     if output:
@@ -311,7 +347,8 @@ def _hf_shapes(rows, config: TransformerConfig, vocab_size: int) -> dict[str, tu
         "down_proj.weight": (hidden, ffn), "input_layernorm.weight": (hidden,),
         "post_attention_layernorm.weight": (hidden,), "norm.weight": (hidden,),
     }
-    return {n: by_leaf[".".join(n.split(".")[-2:])] for _, hf_names, _ in rows for n in hf_names}
+    return {n: moe.hf_shape(n, config) or by_leaf[".".join(n.split(".")[-2:])]
+            for _, hf_names, _ in rows for n in hf_names}
 
 
 def _converters(num_query_groups: int, rank: int, size: int) -> dict:
@@ -361,10 +398,11 @@ class _Checkpoint(contextlib.ExitStack):
         super().__init__()
         self._handles = {}
         self.elements_read = 0
-        self._state_dict = source if isinstance(source, Mapping) else None
+        self._state_dict = moe.per_expert_state_dict(source) if isinstance(source, Mapping) \
+            else None
         if self._state_dict is not None:
             self.name = "state dict"
-            self.shapes = {k: tuple(v.shape) for k, v in source.items()}
+            self.shapes = {k: tuple(v.shape) for k, v in self._state_dict.items()}
             self.files = {}
             return
         path = Path(source)

@@ -10,12 +10,36 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 
-from megatron_dflash.fp8 import add_fp8_args, fp8_settings
+from megatron_dflash.config import DFlashConfig, build_target_layer_ids
+from megatron_dflash.fp8 import FP8_FORMATS, FP8_RECIPES, FP8Settings
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS
 from megatron_dflash.specs import ATTENTIONS
+from megatron_dflash.target.gguf import SMOLLM2_MASK_TOKEN_ID
 
-_EMBEDDED_TARGET_LAYERS = 30  # SmolLM2-135M-Instruct
+# The embedded default target (`training.embedded`), SmolLM2-135M-Instruct, converted on first
+# use into --cache-dir/EMBEDDED_TARGET_DIR. Until then its config.json (as the conversion writes
+# it) is this, so that the flags are checked against it before anything is converted.
+EMBEDDED_TARGET_DIR = "smollm2-135m-instruct"
+EMBEDDED_TARGET_TAPS = 5  # the reference's five tapped layers, even for a smaller draft
+_EMBEDDED_TARGET_CONFIG = dict(
+    architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576,
+    intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    head_dim=64, max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06,
+    rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
+    hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+# The flag that sets each DFlashConfig field; the other fields are the target's.
+DFLASH_FLAGS = {
+    "block_size": "--block-size", "num_draft_layers": "--num-draft-layers",
+    "target_layer_ids": "--target-layer-ids", "mask_token_id": "--mask-token-id",
+    "num_attention_heads": "--draft-num-attention-heads",
+    "num_key_value_heads": "--draft-num-query-groups", "head_dim": "--draft-kv-channels",
+    "ffn_hidden_size": "--draft-ffn-hidden-size", "loss_gamma": "--loss-gamma",
+    "num_anchors": "--num-anchors"}
+_TARGET_FIELDS = {"hidden_size": "the target's hidden_size", "rope_theta": "the target's rope_theta",
+                  "norm_eps": "the target's rms_norm_eps"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -76,8 +100,26 @@ def build_parser() -> argparse.ArgumentParser:
                    help="not supported (the features travel in the non-interleaved 1F1B "
                         "schedule); accepted only to reject it with a clear message")
     g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="MoE targets: split each MoE layer's experts over this many ranks "
+                        "(megatron's expert-parallel groups, across data-parallel ranks); must "
+                        "divide the target's num_experts")
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="MoE targets: split each expert's weights over this many ranks "
+                        "(default: --tensor-model-parallel-size)")
+    g.add_argument("--moe-token-dispatcher-type", choices=["allgather", "alltoall"],
+                   default="allgather",
+                   help="MoE targets: how tokens reach their experts' ranks (megatron's "
+                        "dispatchers); allgather needs every expert-parallel rank's micro-batch "
+                        "to have the same shape (--seq-length-buckets 1 when expert-parallel "
+                        "ranks hold different data)")
+    g.add_argument("--moe-grouped-gemm", action="store_true",
+                   help="MoE targets: run each rank's experts as one grouped GEMM (Transformer "
+                        "Engine, GPU only)")
     g.add_argument("--no-use-distributed-optimizer", dest="use_distributed_optimizer",
-                   action="store_false", help="use megatron's plain DDP optimizer")
+                   action="store_false", help="use megatron's plain DDP optimizer (needs --bf16:"
+                                              " megatron's plain fp32 optimizer has no inf/NaN "
+                                              "check)")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local",
                    help="megatron's layer implementation for target and draft: 'local' (torch, "
                         "runs on CPU) or Transformer Engine's fused kernels (GPU, needed for FP8)")
@@ -95,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.95)
     g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-skipped-steps", type=int, default=10,
+                   help="a step whose loss or gradients are not finite makes no update; stop "
+                        "after this many such steps in a row")
     g.add_argument("--bf16", action="store_true")
 
     g = p.add_argument_group("checkpointing and logging")
@@ -109,11 +154,48 @@ def build_parser() -> argparse.ArgumentParser:
                    help="measure held-out tau every N iterations (always at start and end)")
     g.add_argument("--eval-samples", type=int, default=16)
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--metrics-file", default=None,
+                   help="every iteration's metrics as JSON lines (default: <--save>/metrics.jsonl"
+                        " with --save, else none)")
     g.add_argument("--exit-signal-handler", action=argparse.BooleanOptionalAction, default=True,
                    help="on SIGTERM or SIGUSR1 (SLURM pre-emption / time-limit warning) finish the "
                         "iteration, save a checkpoint to --save and exit 0 (all ranks together)")
     add_fp8_args(p)
     return p
+
+
+def add_fp8_args(parser: argparse.ArgumentParser) -> None:
+    """The FP8 flags (Megatron-LM's names for the draft; `--target-` for the frozen target)."""
+    g = parser.add_argument_group("FP8 (Transformer Engine, needs --transformer-impl "
+                                  "transformer_engine)")
+    g.add_argument("--fp8-format", choices=FP8_FORMATS, default=None,
+                   help="train the draft's transformer layers in FP8 with this format "
+                        "(hybrid: e4m3 forward, e5m2 gradients)")
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=None,
+                   help="draft FP8 scaling recipe (default delayed); mxfp8 needs Blackwell")
+    g.add_argument("--target-fp8-format", choices=FP8_FORMATS, default=None,
+                   help="run the frozen target's forward in FP8 with this format")
+    g.add_argument("--target-fp8-recipe", choices=FP8_RECIPES, default=None,
+                   help="target FP8 scaling recipe (default delayed)")
+
+
+def fp8_settings(args: argparse.Namespace) -> tuple[FP8Settings, FP8Settings]:
+    """(draft, target) settings from the flags; ValueError naming the flag when inconsistent."""
+    out = []
+    for prefix in ("", "target_"):
+        fmt, recipe = getattr(args, f"{prefix}fp8_format"), getattr(args, f"{prefix}fp8_recipe")
+        flag = f"--{prefix.replace('_', '-')}fp8"
+        if recipe is not None and fmt is None:
+            raise ValueError(f"{flag}-recipe={recipe} needs {flag}-format (e4m3 or hybrid)")
+        out.append(FP8Settings(fmt, recipe or "delayed"))
+    if any(s.enabled for s in out):
+        if getattr(args, "transformer_impl", None) != "transformer_engine":
+            raise ValueError("FP8 (--fp8-format / --target-fp8-format) needs --transformer-impl "
+                             "transformer_engine: only Transformer Engine linears run in FP8")
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ValueError("FP8 (--fp8-format / --target-fp8-format) needs Transformer Engine: "
+                             "pip install 'megatron_dflash[te]' on a CUDA machine")
+    return out[0], out[1]
 
 
 def _check(cond: bool, msg: str):
@@ -126,13 +208,15 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     for flag in ("seq_length", "block_size", "num_draft_layers", "num_anchors", "micro_batch_size",
                  "global_batch_size", "train_iters", "tensor_model_parallel_size",
                  "pipeline_model_parallel_size", "log_interval", "eval_samples",
-                 "seq_length_buckets", "loss_chunk_size"):
+                 "seq_length_buckets", "loss_chunk_size", "max_skipped_steps",
+                 "expert_model_parallel_size"):
         v = getattr(a, flag)
         _check(v >= 1, f"--{flag.replace('_', '-')}={v} must be >= 1")
     _check(a.block_size >= 2, f"--block-size={a.block_size} must be >= 2")
     _check(a.seq_length > a.block_size,
            f"--seq-length={a.seq_length} must exceed --block-size={a.block_size}")
-    for flag in ("save_interval", "eval_interval", "max_train_samples"):
+    for flag in ("save_interval", "eval_interval", "max_train_samples",
+                 "expert_tensor_parallel_size"):
         v = getattr(a, flag)
         _check(v is None or v >= 1, f"--{flag.replace('_', '-')}={v} must be >= 1")
     _check(a.lr > 0, f"--lr={a.lr} must be > 0")
@@ -149,6 +233,7 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     _check(world_size % model_parallel == 0,
            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
            f"--pipeline-model-parallel-size = {model_parallel}")
+    _check_expert_layout(a, world_size)
     _check(not a.sequence_parallel or a.tensor_model_parallel_size > 1,
            "--sequence-parallel needs --tensor-model-parallel-size > 1")
     _check(a.virtual_pipeline_model_parallel_size is None,
@@ -167,10 +252,12 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
            "your data never uses)")
     if a.target is not None:
         _check(os.path.isdir(a.target), f"--target={a.target}: not a directory")
-    layers = _num_target_layers(a.target) if a.target is not None else _EMBEDDED_TARGET_LAYERS
-    _check(layers is None or layers % a.pipeline_model_parallel_size == 0,
+    hf_config = _target_hf_config(a)
+    layers = hf_config.num_hidden_layers
+    _check(layers % a.pipeline_model_parallel_size == 0,
            f"--pipeline-model-parallel-size={a.pipeline_model_parallel_size} must divide the "
            f"target's {layers} layers (every stage holds the same number)")
+    _check_moe_target(a, hf_config)
     for flag in ("train_data", "valid_data"):
         for path in getattr(a, flag) or []:
             _check(os.path.exists(path) or os.path.exists(path + ".bin"),
@@ -181,25 +268,222 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
            or importlib.util.find_spec("transformer_engine") is not None,
            "--transformer-impl transformer_engine needs Transformer Engine: pip install "
            "'megatron_dflash[te]' on a CUDA machine (or use --transformer-impl local)")
+    _check(a.use_distributed_optimizer or a.bf16,
+           "--no-use-distributed-optimizer needs --bf16: megatron's plain fp32 optimizer has no "
+           "inf/NaN gradient check (drop the flag to use the distributed optimizer)")
     a.fp8, a.target_fp8 = fp8_settings(a)
     if a.attention == "auto":
         a.attention = "sparse"
+    cfg = _check_model_configs(a, hf_config)
+    a.checkpoint_changes = _check_checkpoint(a, cfg) if a.load is not None else []
     return a
 
 
-def _num_target_layers(target: str) -> int | None:
-    """The target config.json's num_hidden_layers (None if unreadable: the import reports it)."""
+def _check_expert_layout(a: argparse.Namespace, world_size: int) -> None:
+    """The expert-parallel flags against the world (megatron's `initialize_model_parallel`: the
+    world splits into TP x PP x DP for attention and ETP x EP x PP x expert-DP for experts) and
+    the device, before the target is read."""
+    ep, etp = a.expert_model_parallel_size, a.expert_tensor_parallel_size
+    etp = a.tensor_model_parallel_size if etp is None else etp
+    expert_parallel = etp * ep * a.pipeline_model_parallel_size
+    _check(world_size % expert_parallel == 0,
+           f"world size {world_size} is not divisible by --expert-tensor-parallel-size x "
+           f"--expert-model-parallel-size x --pipeline-model-parallel-size = {etp} x {ep} x "
+           f"{a.pipeline_model_parallel_size} = {expert_parallel} (--expert-tensor-parallel-size "
+           "defaults to --tensor-model-parallel-size)")
+    if a.moe_grouped_gemm:
+        import torch
+
+        _check(torch.cuda.is_available(),
+               "--moe-grouped-gemm needs a GPU (Transformer Engine's grouped GEMM); on CPU the "
+               "experts run one after another: drop the flag")
+        _check(a.transformer_impl == "transformer_engine",
+               "--moe-grouped-gemm needs --transformer-impl transformer_engine (the local layers "
+               "run the experts one after another)")
+
+
+def _check_moe_target(a: argparse.Namespace, hf_config) -> None:
+    """The expert-parallel flags against the target's config.json: a dense target takes none,
+    an MoE target's experts and per-expert FFN must split evenly, and the allgather dispatcher
+    needs equal shapes across an expert group that holds different data."""
+    from megatron_dflash.target import moe
+
+    where = (os.path.join(a.target, "config.json") if a.target is not None
+             else f"the embedded target {EMBEDDED_TARGET_DIR}")
+    ep, etp = a.expert_model_parallel_size, a.expert_tensor_parallel_size
+    if not moe.is_moe(hf_config):
+        dense = f"the target ({where}) is dense (no experts); it needs an MoE target"
+        _check(ep == 1, f"--expert-model-parallel-size={ep}: {dense}")
+        _check(etp is None, f"--expert-tensor-parallel-size={etp}: {dense}")
+        _check(not a.moe_grouped_gemm, f"--moe-grouped-gemm: {dense}")
+        return
+    experts = moe.num_experts(hf_config)
+    _check(experts % ep == 0,
+           f"--expert-model-parallel-size={ep} must divide the target's num_experts={experts} "
+           f"({where}): every expert-parallel rank holds the same number of experts")
+    ffn = hf_config.moe_intermediate_size
+    flag = (f"--expert-tensor-parallel-size={etp}" if etp is not None else
+            f"--expert-tensor-parallel-size (default --tensor-model-parallel-size="
+            f"{a.tensor_model_parallel_size})")
+    etp = a.tensor_model_parallel_size if etp is None else etp
+    _check(ffn % etp == 0, f"{flag} must divide the target's moe_intermediate_size={ffn} "
+                           f"({where})")
+    # An expert group (ETP x EP ranks) wider than the attention TP group spans data-parallel
+    # ranks, whose micro-batches megatron's allgather dispatcher gathers as equal shapes.
+    _check(a.moe_token_dispatcher_type != "allgather" or etp * ep <= a.tensor_model_parallel_size
+           or a.seq_length_buckets == 1,
+           f"--moe-token-dispatcher-type allgather with --seq-length-buckets="
+           f"{a.seq_length_buckets}: the expert-parallel ranks ({etp * ep} = "
+           "--expert-tensor-parallel-size x --expert-model-parallel-size) hold different "
+           "data-parallel ranks' micro-batches, which allgather needs to be the same shape; use "
+           "--seq-length-buckets 1 or --moe-token-dispatcher-type alltoall")
+
+
+def moe_parallel(a: argparse.Namespace) -> dict:
+    """`target_transformer_config`'s MoE arguments from the flags (`loop.build_models` passes
+    the same)."""
+    return dict(expert_model_parallel_size=a.expert_model_parallel_size,
+                expert_tensor_parallel_size=a.expert_tensor_parallel_size,
+                moe_token_dispatcher_type=a.moe_token_dispatcher_type,
+                moe_grouped_gemm=a.moe_grouped_gemm)
+
+
+def dflash_config(a: argparse.Namespace) -> DFlashConfig:
+    """The run's DFlash settings as the flags give them (unresolved: `None` = the target's).
+    Without --target, the embedded target's mask id and the reference's taps."""
+    cfg = DFlashConfig(
+        block_size=a.block_size, num_draft_layers=a.num_draft_layers,
+        target_layer_ids=a.target_layer_ids, mask_token_id=a.mask_token_id,
+        num_attention_heads=a.draft_num_attention_heads,
+        num_key_value_heads=a.draft_num_query_groups, head_dim=a.draft_kv_channels,
+        ffn_hidden_size=a.draft_ffn_hidden_size, loss_gamma=a.loss_gamma,
+        num_anchors=a.num_anchors)
+    if a.target is None:
+        cfg.mask_token_id = SMOLLM2_MASK_TOKEN_ID
+        if cfg.target_layer_ids is None:
+            cfg.target_layer_ids = build_target_layer_ids(
+                _EMBEDDED_TARGET_CONFIG["num_hidden_layers"], EMBEDDED_TARGET_TAPS)
+    return cfg
+
+
+def _target_hf_config(a: argparse.Namespace):
+    """The target's config, checked as the import checks it (config.json, architecture, every
+    safetensors header and tensor shape; no tensor data is read). Without --target: the embedded
+    target's (its converted config.json once it exists)."""
+    from transformers import LlamaConfig
+
+    from megatron_dflash.target import load_hf_config
+
+    target = a.target
+    if target is None:
+        target = os.path.join(a.cache_dir, EMBEDDED_TARGET_DIR)
+        if not os.path.isfile(os.path.join(target, "config.json")):
+            return LlamaConfig(**_EMBEDDED_TARGET_CONFIG)
     try:
-        with open(os.path.join(target, "config.json")) as f:
-            return int(json.load(f)["num_hidden_layers"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+        return load_hf_config(target)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--target: {os.path.join(target, 'config.json')} is not valid JSON "
+                         f"({e})") from None
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--target: {_one_line(e)}") from None
+    except Exception as e:  # safetensors' own SafetensorError: a header it cannot read
+        if type(e).__name__ != "SafetensorError":
+            raise
+        raise ValueError(f"--target: {_unreadable_safetensors(target) or target} is truncated or "
+                         f"unreadable ({_one_line(e)})") from None
+
+
+def _unreadable_safetensors(target: str) -> str | None:
+    """The first safetensors file of `target` whose header cannot be read."""
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    for shard in sorted(Path(target).glob("*.safetensors")):
+        try:
+            with safe_open(shard, framework="pt"):
+                pass
+        except Exception:
+            return str(shard)
+    return None
+
+
+def _check_model_configs(a: argparse.Namespace, hf_config) -> DFlashConfig:
+    """Build the run's configs without building a model: every error `DFlashConfig.resolve` or
+    megatron's TransformerConfig would raise at set-up (`loop.build_models` builds the same
+    three configs), with the flag it comes from."""
+    import torch
+
+    from megatron_dflash.config import draft_transformer_config
+    from megatron_dflash.target import target_transformer_config
+
+    where = (os.path.join(a.target, "config.json") if a.target is not None
+             else f"the embedded target {EMBEDDED_TARGET_DIR}")
+    try:
+        tcfg = target_transformer_config(
+            hf_config, tensor_parallel_size=a.tensor_model_parallel_size,
+            sequence_parallel=a.sequence_parallel,
+            params_dtype=torch.bfloat16 if a.bf16 else torch.float32,
+            pipeline_parallel_size=a.pipeline_model_parallel_size, **moe_parallel(a),
+            **a.target_fp8.fields())
+    except ValueError as e:  # megatron's checks of the target against the parallel layout
+        tp = a.tensor_model_parallel_size
+        flag = f"--tensor-model-parallel-size={tp}" if tp > 1 else "--target"
+        raise ValueError(f"{flag}: the target ({where}): {_one_line(e)}") from None
+    try:
+        cfg = dflash_config(a).resolve(tcfg, vocab_size=hf_config.vocab_size,
+                                       target_rope_theta=hf_config.rope_parameters["rope_theta"])
+    except ValueError as e:
+        raise ValueError(_with_flags(_one_line(e), a, where)) from None
+    try:
+        draft_transformer_config(cfg, tcfg, **a.fp8.fields())
+    except ValueError as e:
+        raise ValueError(f"the draft's TransformerConfig: {_one_line(e)}") from None
+    return cfg
+
+
+def _with_flags(msg: str, a: argparse.Namespace, where: str) -> str:
+    """A `DFlashConfig.resolve` message with each field written as its flag; for a value the flag
+    left to the target, say so."""
+    field = re.match(r"\w*", msg).group()
+    for name, flag in DFLASH_FLAGS.items():
+        msg = re.sub(rf"(?<![\w-]){name}(?!\w)", flag, msg)
+    flag = DFLASH_FLAGS.get(field)
+    if flag is None:
+        return f"--target: {where}: {msg}"
+    if getattr(a, flag[2:].replace("-", "_")) is None:
+        msg += f" (the target's value, from {where}; set {flag})"
+    return msg
+
+
+def _check_checkpoint(a: argparse.Namespace, cfg: DFlashConfig) -> list[str]:
+    """--load: the checkpoint is readable and holds a draft of these settings; returns what
+    changed that may (`checkpoint.check_compatible`)."""
+    from megatron_dflash import checkpoint
+
+    try:
+        extra = checkpoint.read_extra(a.load)
+        return checkpoint.check_compatible(extra.get("dflash_config"), cfg,
+                                           flags={**DFLASH_FLAGS, **_TARGET_FIELDS},
+                                           where=f"checkpoint {a.load}")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--load: {_one_line(e)}") from None
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
+    """Parse and validate; a bad flag exits with argparse's usage line and one error line (2).
+    What --load's checkpoint was saved with and this run changes is printed (rank 0)."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return validate_args(args, world_size)
+        args = validate_args(args, world_size)
     except ValueError as e:
-        parser.error(str(e))
+        parser.error(_one_line(e))
+    if os.environ.get("RANK", "0") == "0":
+        for line in args.checkpoint_changes:
+            print(f"--load {args.load}: {line}", flush=True)
+    return args

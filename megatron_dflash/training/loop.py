@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import time
@@ -26,23 +25,19 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dflash import checkpoint
-from megatron_dflash.config import DFlashConfig, build_target_layer_ids, draft_transformer_config
-from megatron_dflash.data.chitchat import write_chitchat_jsonl
-from megatron_dflash.data.conversations import DataReport
-from megatron_dflash.data.dataset import (ResumableSampler, build_dataset, collate, encode_files,
-                                          write_indexed_dataset)
-from megatron_dflash.data.tokenize import load_chat_tokenizer
+from megatron_dflash.config import DFlashConfig, draft_transformer_config
+from megatron_dflash.data.dataset import ResumableSampler, build_dataset, collate
+from megatron_dflash.data.tokenize import load_chat_tokenizer, tokenizer_spec
 from megatron_dflash.fp8 import sequence_multiple
-from megatron_dflash.loss import estimated_acceptance_length
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target import (build_target, hf_tensor, load_hf_config, load_hf_weights,
                                    target_transformer_config)
-from megatron_dflash.target.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOKEN_ID, convert_gguf,
-                                         smollm2_gguf)
+from megatron_dflash.training.embedded import prepare_embedded_default
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
-from megatron_dflash.training.signals import ExitSignalHandler
 from megatron_dflash.training.prefetch import Prefetcher
+from megatron_dflash.training.progress import Progress, is_logging_rank
+from megatron_dflash.training.signals import ExitSignalHandler
 from megatron_dflash.training.step import (anchor_generator, global_weight_sum, make_forward_step,
                                            prepare_microbatch, to_device)
 
@@ -51,41 +46,8 @@ EVAL_SEED = 987_654_321
 
 def log(msg: str) -> None:
     """Print once, from the last rank (it holds the pipeline's last stage and the losses)."""
-    if dist.get_rank() == dist.get_world_size() - 1:
+    if is_logging_rank():
         print(msg, flush=True)
-
-
-def _resolve_embedded_defaults(args) -> None:
-    """No --target / --train-data: SmolLM2-135M-Instruct and chitchat conversations, prepared once
-    into --cache-dir (converted weights, and the training split tokenised into an indexed
-    dataset); rank 0 prepares, the others wait."""
-    target = args.target or os.path.join(args.cache_dir, "smollm2-135m-instruct")
-    chitchat = os.path.join(args.cache_dir, "chitchat")
-    train_prefix = os.path.join(chitchat, f"train_{os.path.basename(target)}_s{args.seq_length}")
-    if dist.get_rank() == 0:
-        if args.target is None:
-            convert_gguf(*smollm2_gguf(), target, stop_token_id=SMOLLM2_STOP_TOKEN_ID)
-        if args.train_data is None and not IndexedDataset.exists(train_prefix):
-            split = write_chitchat_jsonl(chitchat)
-            report = DataReport()
-            samples = encode_files([split.train_path], load_chat_tokenizer(_tokenizer_spec(args, target)),
-                                   args.seq_length, report, workers=os.cpu_count() or 1)
-            write_indexed_dataset(train_prefix, samples, vocab_size=load_hf_config(target).vocab_size)
-            log(report.summary())
-    dist.barrier()
-    if args.target is None:
-        args.target = target
-        args.mask_token_id = SMOLLM2_MASK_TOKEN_ID
-        if args.target_layer_ids is None:  # the reference's five taps, even for a small draft
-            args.target_layer_ids = build_target_layer_ids(load_hf_config(target).num_hidden_layers, 5)
-    if args.train_data is None:
-        args.train_data = [train_prefix]
-        if args.valid_data is None:
-            args.valid_data = [os.path.join(chitchat, "chitchat_held_out.jsonl")]
-        if args.distill_weight is None:
-            args.distill_weight = 1.0  # the target did not write these conversations
-    if args.distill_weight is None:
-        args.distill_weight = 0.0
 
 
 def build_models(args, device):
@@ -101,6 +63,10 @@ def build_models(args, device):
     tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
                                      sequence_parallel=args.sequence_parallel, params_dtype=dtype,
                                      pipeline_parallel_size=args.pipeline_model_parallel_size,
+                                     expert_model_parallel_size=args.expert_model_parallel_size,
+                                     expert_tensor_parallel_size=args.expert_tensor_parallel_size,
+                                     moe_token_dispatcher_type=args.moe_token_dispatcher_type,
+                                     moe_grouped_gemm=args.moe_grouped_gemm,
                                      **args.target_fp8.fields())
     cfg = DFlashConfig(
         block_size=args.block_size, num_draft_layers=args.num_draft_layers,
@@ -159,11 +125,16 @@ def _backend(args) -> str:
 
 
 def build_optimizer(args, model):
+    """megatron's optimizer (Adam, distributed by default) and LR schedule.
+
+    A constant loss scale of 1 (which changes no number) turns on megatron's own inf/NaN check of
+    the gradients in its mixed-precision optimizers — the distributed one and any bf16 one: a
+    step whose gradients are not finite makes no update (`train_step`)."""
     opt = get_megatron_optimizer(OptimizerConfig(
         optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
         adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, clip_grad=args.clip_grad,
         bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-        use_distributed_optimizer=args.use_distributed_optimizer), [model])
+        use_distributed_optimizer=args.use_distributed_optimizer, loss_scale=1.0), [model])
     warmup = int(args.lr_warmup_fraction * args.train_iters)
     scheduler = OptimizerParamScheduler(
         opt, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=warmup,
@@ -222,7 +193,7 @@ def _reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
     has reports (the loss lives there); the other stages receive its sums."""
     out = None
     if parallel_state.is_pipeline_last_stage():
-        out = {k: sum(r[k].double() for r in reports) for k in ("loss", "correct", "total")}
+        out = {k: sum(r[k].double() for r in reports) for k in ("loss", "correct", "total", "tau")}
         for v in out.values():
             dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
@@ -250,11 +221,14 @@ def run_step(model, microbatches: list[dict], cfg, args, forward_only: bool):
 
 def train_step(model, optimizer, scheduler, microbatches: list[dict], cfg, args):
     """One optimizer step over this rank's micro-batches: (their reports, on the last pipeline
-    stage only, and the global gradient norm before clipping)."""
+    stage only, and the global gradient norm before clipping; NaN when megatron's optimizer
+    found inf/NaN gradients and skipped the update and the LR schedule step)."""
     model.zero_grad_buffer()
     optimizer.zero_grad()
     reports = run_step(model, microbatches, cfg, args, forward_only=False)
-    _, grad_norm, _ = optimizer.step()
+    update_successful, grad_norm, _ = optimizer.step()
+    if not update_successful:  # inf/NaN gradients (build_optimizer): no update, as Megatron-LM
+        return reports, math.nan
     scheduler.step(increment=1)
     return reports, float(grad_norm or 0.0)
 
@@ -275,15 +249,7 @@ def evaluate_tau(model, valid, cfg, args, pad_id) -> tuple[float, list[float]]:
     reports = run_step(model, [to_device(batches.next(), device) for _ in range(count)], cfg, args,
                        forward_only=True)
     model.train()
-    r = _reduce_reports(reports)
-    acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
-    return float(estimated_acceptance_length(r["correct"], r["total"])), acc
-
-
-def _tokenizer_spec(args, target: str | None = None) -> str:
-    """--tokenizer as given (hf:PATH / sp:MODEL, or a bare HF dir), else the target's own."""
-    spec = args.tokenizer or (target or args.target)
-    return spec if spec.startswith(("hf:", "sp:")) else f"hf:{spec}"
+    return _tau_and_accuracy(_reduce_reports(reports))
 
 
 def pretrain(args) -> dict:
@@ -291,15 +257,20 @@ def pretrain(args) -> dict:
     and the embedded demo)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-    _resolve_embedded_defaults(args)
-    parallel_state.initialize_model_parallel(args.tensor_model_parallel_size,
-                                             args.pipeline_model_parallel_size)
+    if args.target is None or args.train_data is None:
+        prepare_embedded_default(args)
+    if args.distill_weight is None:
+        args.distill_weight = 0.0
+    parallel_state.initialize_model_parallel(
+        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+        expert_model_parallel_size=args.expert_model_parallel_size,
+        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
     torch.manual_seed(args.seed)
 
     t0 = time.time()
     needs_tokenizer = any(not IndexedDataset.exists(p) for p in args.train_data + (args.valid_data or []))
-    tokenizer = load_chat_tokenizer(_tokenizer_spec(args)) if needs_tokenizer else None
+    tokenizer = load_chat_tokenizer(tokenizer_spec(args.tokenizer, args.target)) if needs_tokenizer else None
     train, report = build_dataset(args.train_data, tokenizer, args.seq_length)
     if report is not None:
         log(report.summary())
@@ -333,11 +304,10 @@ def pretrain(args) -> dict:
     extra_state = {"dflash_config": dataclasses.asdict(cfg),
                    "target": {"path": os.path.abspath(args.target), "hf_config": hf_config.to_dict()},
                    "world_size": dist.get_world_size()}
-    start_iteration, start_time = iteration, time.time()
-    window_tokens, window_time, window_iters = 0, 0.0, 0
+    progress = Progress(args.train_iters, iteration, args.log_interval, _metrics_path(args))
     # SIGTERM / SIGUSR1 (SLURM pre-emption, time limit): finish the iteration, save, leave.
     exit_signal = ExitSignalHandler() if args.exit_signal_handler else None
-    result["exit_signal"] = None
+    result["exit_signal"], skipped_total, skipped_in_row = None, 0, 0
     with exit_signal or contextlib.nullcontext(), batches.prefetcher(device) as prefetched:
         while iteration < args.train_iters:
             t = time.time()
@@ -349,46 +319,53 @@ def pretrain(args) -> dict:
             iteration += 1
             r = _reduce_reports(reports)
             loss = float(r["loss"][0] / r["loss"][1].clamp(min=1e-12))
-            tau = float(estimated_acceptance_length(r["correct"], r["total"]))
-            acc = (r["correct"] / r["total"].clamp(min=1)).tolist()
+            tau, acc = _tau_and_accuracy(r)
+            if r["tau"][1] == 0:
+                progress.print(f"iteration {iteration}: no supervised block in this global batch "
+                               f"(no response span holds a block of {cfg.block_size} tokens)")
+            if math.isfinite(grad_norm) and math.isfinite(loss):
+                skipped_in_row = 0
+            else:  # megatron's optimizer found inf/NaN gradients and made no update
+                skipped_total, skipped_in_row = skipped_total + 1, skipped_in_row + 1
+                progress.print(f"iteration {iteration}: loss {loss} / grad norm {grad_norm} not "
+                               f"finite: update skipped ({skipped_in_row} in a row)")
+                if skipped_in_row >= args.max_skipped_steps:
+                    raise TrainingError(
+                        f"{skipped_in_row} iterations in a row had non-finite loss or gradients "
+                        f"(last: iteration {iteration}); stopping (--max-skipped-steps "
+                        f"{args.max_skipped_steps}); lower --lr or check the data")
             lr = scheduler.get_lr(optimizer.param_groups[0])
             result["losses"].append(loss)
             result["grad_norms"].append(grad_norm)
-            window_tokens += sum(mb["tokens"].numel() for mb in microbatches) \
+            metrics = {"loss": loss, "tau": tau, "acc": acc, "lr": lr, "grad_norm": grad_norm,
+                       "consumed_samples": consumed, "skipped_iterations": skipped_total}
+            tokens = sum(mb["tokens"].numel() for mb in microbatches) \
                 * parallel_state.get_data_parallel_world_size()
-            window_time += time.time() - t
-            window_iters += 1
+            progress.iteration(iteration, metrics, tokens, time.time() - t)
             if writer is not None:
                 for k, v in (("loss", loss), ("tau_hat", tau), ("lr", lr), ("grad_norm", grad_norm),
                              ("acc_pos1", acc[0])):
                     writer.add_scalar(f"train/{k}", v, iteration)
-            if iteration % args.log_interval == 0 or iteration == args.train_iters:
-                eta = (args.train_iters - iteration) * (time.time() - start_time) / (iteration - start_iteration)
-                log(f"iter {iteration:5d}/{args.train_iters} | loss {loss:.4f} | tau^ {tau:.3f} | acc@1..3 "
-                    + " ".join(f"{a:.3f}" for a in acc[:3])
-                    + f" | lr {lr:.2e} | grad norm {grad_norm:.3f}"
-                    + f" | {window_tokens / window_time:.0f} target tok/s | {window_time / window_iters:.2f} s/iter"
-                    + f" | ETA {_fmt(eta)}")
-                window_tokens, window_time, window_iters = 0, 0.0, 0
-            log("json " + json.dumps({"iteration": iteration, "loss": loss, "tau_hat": tau,
-                                      "grad_norm": grad_norm, "lr": lr}))
             if valid is not None and args.eval_interval and iteration % args.eval_interval == 0 \
                     and iteration < args.train_iters:
                 t_, _ = evaluate_tau(model, valid, cfg, args, pad_id)
-                log(f"held-out tau {t_:.3f} at iteration {iteration}")
+                progress.print(f"held-out tau {t_:.3f} at iteration {iteration}")
             exiting = exit_signal is not None and exit_signal.should_exit()
             if args.save and (exiting or iteration == args.train_iters
                               or (args.save_interval and iteration % args.save_interval == 0)):
                 path = checkpoint.save_checkpoint(
                     args.save, iteration, model, optimizer, scheduler,
                     dict(extra_state, consumed_samples=consumed))
-                log(f"saved checkpoint {path}")
+                progress.print(f"saved checkpoint {path}")
             if exiting:
                 result["exit_signal"] = (exit_signal.received.name if exit_signal.received
                                          else "a signal on another rank")
-                log(f"exiting after iteration {iteration}: received {result['exit_signal']}"
-                    + ("" if args.save else " (no --save: nothing saved)"))
+                progress.print(f"exiting after iteration {iteration}: received "
+                               f"{result['exit_signal']}"
+                               + ("" if args.save else " (no --save: nothing saved)"))
                 break
+    progress.close()
+    result["skipped_iterations"] = skipped_total
     if valid is not None and result["exit_signal"] is None:
         result["tau_end"], acc = evaluate_tau(model, valid, cfg, args, pad_id)
         log(f"held-out tau {result['tau_end']:.3f} at iteration {iteration} | acc@1..3 "
@@ -398,13 +375,27 @@ def pretrain(args) -> dict:
     return result
 
 
+class TrainingError(RuntimeError):
+    """A run that cannot go on, with one line saying why."""
+
+
+def _tau_and_accuracy(r: dict) -> tuple[float, list[float]]:
+    """τ̂ (mean acceptance length over the blocks with a supervised slot; 1.0 when there are
+    none) and per-position accuracy from summed reports."""
+    tau = float(r["tau"][0] / r["tau"][1]) if r["tau"][1] > 0 else 1.0
+    return tau, (r["correct"] / r["total"].clamp(min=1)).tolist()
+
+
+def _metrics_path(args) -> str | None:
+    """--metrics-file, else <--save>/metrics.jsonl, else none."""
+    if args.metrics_file:
+        return args.metrics_file
+    return os.path.join(args.save, "metrics.jsonl") if args.save else None
+
+
 def _tensorboard(args):
     if args.tensorboard_dir is None or dist.get_rank() != dist.get_world_size() - 1:
         return None
     from torch.utils.tensorboard import SummaryWriter
     return SummaryWriter(log_dir=args.tensorboard_dir)
 
-
-def _fmt(seconds: float) -> str:
-    seconds = int(max(0, seconds)) if math.isfinite(seconds) else 0
-    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"

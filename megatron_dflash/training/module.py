@@ -68,6 +68,13 @@ class DFlashTrainingModule(MegatronModule):
         self._local_slots = [list(target_layer_ids).index(i) for i in self._capture.local_ids]
         self._received = None
 
+    def train(self, mode: bool = True) -> "DFlashTrainingModule":
+        """Only the draft changes mode: the frozen target always runs as at inference (megatron's
+        MoE layer, for one, refuses training mode under TP without sequence parallelism)."""
+        super().train(mode)
+        self.target.eval()
+        return self
+
     def set_input_tensor(self, input_tensor) -> None:
         """The previous stage's payload (megatron's schedule hook; [None] on the first stage)."""
         self._received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor

@@ -25,8 +25,9 @@ from megatron_dflash.anchors import (block_input_ids, block_labels, block_loss_m
                                      block_loss_weights, block_position_ids, block_positions,
                                      sample_anchors)
 from megatron_dflash.config import DFlashConfig
-from megatron_dflash.fp8 import pad_blocks
+from megatron_dflash.anchors import pad_blocks
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS, vocab_head_loss
+from megatron_dflash.loss import block_acceptance_lengths
 from megatron_dflash.masks import dflash_attention_mask
 from megatron_dflash.sparse_attention import dflash_block_mask
 
@@ -133,11 +134,18 @@ def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_ro
         teacher_rows=teacher, distill_weight=distill_weight, chunk_rows=chunk_rows,
         tp_group=tp_group)
     reference = labels if teacher_predicted is None else teacher_predicted
+    hit = predicted == reference
     slot = mb["loss_index"] % block_size
-    correct = torch.bincount(slot[predicted == reference], minlength=block_size)[1:]
+    correct = torch.bincount(slot[hit], minlength=block_size)[1:]
     total = torch.bincount(slot, minlength=block_size)[1:]
+    # Per block: its acceptance length, over the blocks that have a supervised slot.
+    by_block = torch.zeros(mb["supervised"].numel(), dtype=torch.bool, device=hit.device)
+    by_block[mb["loss_index"]] = hit
+    kept = mb["supervised"].reshape(-1, block_size).any(1)
+    lengths = block_acceptance_lengths(by_block.view(-1, block_size)[:, 1:])
     report = {"loss": torch.stack([loss_sum.detach(), mb["weights"].sum()]).double(),
-              "correct": correct, "total": total}
+              "correct": correct, "total": total,
+              "tau": torch.stack([lengths[kept].sum(), kept.sum()]).double()}
     return loss_sum * scale, report
 
 

@@ -18,7 +18,9 @@ from dflash_testing import dflash_config as resolved_config
 from interop_testing import (REPO, draft_config, reference_block_logits, reference_model,
                              reference_tensors, same_bytes, shared_tmp_dir,
                              write_draft_checkpoint, write_reference_dir)
-from megatron_dflash import export, state_dict_adapter
+from megatron_dflash import state_dict_adapter
+from megatron_dflash.draft_import import import_reference, load_draft_weights
+from megatron_dflash.draft_reader import read_checkpoint
 
 
 @pytest.fixture
@@ -48,11 +50,11 @@ def test_reference_tp2_checkpoint_reference_is_bit_exact(utils, shared):
         write_reference_dir(ref_dir, cfg, reference_model(cfg, seed=21).state_dict())
     dist.barrier()
     utils.initialize_model_parallel(2)
-    export.import_reference(ref_dir, root)
+    import_reference(ref_dir, root)
     files = sorted(os.listdir(os.path.join(root, "iter_0000000")))
     assert "__0_0.distcp" in files and "__1_0.distcp" in files  # written by both TP ranks
     # Every rank can read the whole draft back collectively (what evaluation at TP>1 does).
-    extra, resolved, full = export.read_checkpoint(root)
+    extra, resolved, full = read_checkpoint(root)
     assert extra["world_size"] == 2
     original = reference_tensors(ref_dir)
     assert all(same_bytes(v, original[k])
@@ -84,7 +86,7 @@ def test_tp2_checkpoint_exports_our_tp1_logits(utils, shared):
     cfg2 = resolved_config(tcfg2, block_size=8, num_anchors=5)
     draft2 = build_draft(tcfg2, cfg2, head_only_target(tp=2))
     rank = parallel_state.get_tensor_model_parallel_rank()
-    export.load_draft_weights(draft2, full)
+    load_draft_weights(draft2, full)
     assert torch.equal(params(draft2)["decoder.layers.0.self_attention.linear_qkv.weight"],
                        state_dict_adapter.shard(full, cfg2, rank, 2)[
                            "decoder.layers.0.self_attention.linear_qkv.weight"])
@@ -117,12 +119,12 @@ def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
                          "--train-iters", "2", "--pipeline-model-parallel-size", "2",
                          "--save", root], world_size=2))
     utils.initialize_model_parallel(1)
-    extra, cfg, full = export.read_checkpoint(root)
+    extra, cfg, full = read_checkpoint(root)
     assert extra["world_size"] == 2 and extra["iteration"] == 2
     _export_in_one_process(root, out)
     head_target = head_only_target()
     draft = build_draft(target_config(), cfg, head_target)
-    export.load_draft_weights(draft, full)
+    load_draft_weights(draft, full)
     inputs = draft_inputs(cfg, batch=2, seq_len=48, seed=24)
     with torch.no_grad():
         ours = draft(inputs["block_input_ids"], inputs["features"], inputs["attention_mask"],

@@ -74,7 +74,9 @@ def trajectory(argv, steps=STEPS) -> dict:
     lengths seen."""
     args = parse_args(argv, world_size=dist.get_world_size())
     Utils.initialize_model_parallel(args.tensor_model_parallel_size,
-                                    args.pipeline_model_parallel_size, seed=args.seed)
+                                    args.pipeline_model_parallel_size, seed=args.seed,
+                                    ep=args.expert_model_parallel_size,
+                                    etp=args.expert_tensor_parallel_size)
     torch.manual_seed(args.seed)
     train, _ = build_dataset(args.train_data, None, args.seq_length)
     model, cfg, _ = loop.build_models(args, torch.device("cpu"))

@@ -1,7 +1,12 @@
 """Speculative decoding with a megatron target and our draft: the draft KV cache equals a full
-recompute and the reference's cached forward, decoding is lossless (random and trained drafts),
-and τ / per-position acceptance match hand-computed values on a scripted case."""
+recompute and the reference's cached forward, decoding is lossless (random and trained drafts)
+and equals HF `transformers` greedy `generate` of the same checkpoint, τ / per-position
+acceptance match hand-computed values on a scripted case, and tools/evaluate_dflash.py runs with
+plain `python` on the CPU."""
 import json
+import os
+import subprocess
+import sys
 import types
 
 import pytest
@@ -10,7 +15,7 @@ from dflash.model import _crop_to, _make_cache
 
 from dflash_testing import build_draft, head_only_target, head_state, randomize_, target_config
 from dflash_testing import dflash_config as resolved_config
-from interop_testing import (VOCAB, draft_config, reference_model, target_dir, tool,
+from interop_testing import (REPO, VOCAB, draft_config, reference_model, target_dir, tool,
                              write_reference_dir)
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.attention import DFlashKVCache
@@ -87,9 +92,10 @@ def test_lossless_with_random_draft(utils, tmp_path, kind):
     assert spec.tokens == base.tokens and spec.tokens[-1] == stop and stop not in spec.tokens[:-1]
 
 
-def test_lossless_with_trained_draft(utils, tmp_path, models):
-    """A draft trained 40 steps on the target's own greedy continuations accepts often, and
-    the output still equals target-only greedy decoding token for token."""
+@pytest.fixture
+def trained(utils, models):
+    """(decoder, prompts): a draft trained 40 steps on the target's own greedy continuations of
+    8 prompts (`models`' target and random draft as the start)."""
     utils.initialize_model_parallel(1)
     decoder = build_decoder(*models)
     target, draft = decoder.target, decoder.draft
@@ -112,11 +118,58 @@ def test_lossless_with_trained_draft(utils, tmp_path, models):
         optimizer.zero_grad()
         (loss_sum / weight_sum).backward()
         optimizer.step()
-    decoder = SpeculativeDecoder(target, draft)
+    return SpeculativeDecoder(target, draft), prompts
+
+
+def _hf_greedy(model, prompt, max_new_tokens, stop=None) -> list[int]:
+    """HF `generate` greedy: no stop token unless `stop` (then it ends right after one)."""
+    out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                         dtype=torch.long), do_sample=False, max_new_tokens=max_new_tokens,
+                         eos_token_id=stop, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def _assert_equals_hf_generate(decoder, target_path, prompts, n=36) -> int:
+    """The decoder's output (speculative and target-only) equals HF `transformers` greedy
+    `generate` (fp32, CPU) of the target checkpoint token for token, without a stop token and
+    with one from the output. Returns the speculative decoder's verify steps without a stop."""
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(target_path, dtype=torch.float32).eval()
+    steps = 0
+    for prompt in prompts:
+        expected = _hf_greedy(hf, prompt, n)
+        spec = decoder.generate(prompt, n)
+        assert len(expected) == n and spec.tokens == expected
+        assert decoder.generate(prompt, n, block_size=1).tokens == expected
+        steps += len(spec.acceptance_lengths)
+        stop = expected[n // 3]
+        expected = _hf_greedy(hf, prompt, n, stop)
+        assert expected[-1] == stop and len(expected) < n
+        assert decoder.generate(prompt, n, [stop]).tokens == expected
+    return steps
+
+
+@pytest.mark.parametrize("kind", ["qwen3", "llama"])
+def test_random_draft_equals_hf_transformers_generate(utils, tmp_path, kind):
+    utils.initialize_model_parallel(1)
+    cfg = draft_config()
+    path = target_dir(tmp_path / "target", kind=kind, seed=21)
+    decoder = build_decoder(path, write_reference_dir(tmp_path / "draft", cfg,
+                                                      reference_model(cfg, 22).state_dict()))
+    _assert_equals_hf_generate(decoder, path, _prompts(3, seed=23))
+
+
+def test_lossless_with_trained_draft(trained, models):
+    """The trained draft accepts often, and the output still equals target-only greedy decoding
+    and HF `transformers` greedy `generate` token for token."""
+    decoder, prompts = trained
     report, _ = evaluate(decoder, prompts[:4], max_new_tokens=36, warmup=False)
     assert report.lossless
     assert report.tau > 3.0, report  # 5.3 when written
     assert report.position_acceptance[0] > 0.5
+    steps = _assert_equals_hf_generate(decoder, models[0], prompts[:3], n=36)
+    assert steps < 3 * 36 / 3  # τ > 3 here too: the drafts were really accepted
 
 
 class ScriptedDraft(torch.nn.Module):
@@ -188,10 +241,52 @@ def test_evaluate_tool(utils, tmp_path, models, capsys):
     assert "lossless: yes" in capsys.readouterr().out
 
 
+def test_evaluate_tool_runs_with_plain_python_on_cpu(tmp_path, models):
+    """`python tools/evaluate_dflash.py` as a user runs it: its own process and world of one,
+    CUDA hidden, no test harness (no tests/ on its path, no CPU adaptations applied for it)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                        "MASTER_PORT") and not k.startswith("TORCHELASTIC")}
+    env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1")
+    script = os.path.join(REPO, "tools", "evaluate_dflash.py")
+    usage = tool("evaluate_dflash").build_parser().format_help()  # what --help prints
+    assert "Runs on CPU or GPU as is" in " ".join(usage.split())
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"input_ids": p}) for p in _prompts(2, seed=14)))
+    result = subprocess.run(
+        [sys.executable, script, "--target", models[0], "--draft", models[1], "--prompts",
+         str(prompts), "--max-new-tokens", "12", "--output", str(tmp_path / "report.json")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "lossless: yes" in result.stdout
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["mismatched_requests"] == [] and report["num_requests"] == 2
+
+
+def test_evaluate_rejects_empty_prompts(utils, tmp_path, models, capsys):
+    """An empty prompt (no input_ids, or text that the target's tokenizer makes no tokens of:
+    this tiny target has no tokenizer files) is one error message, not a crash mid-forward."""
+    utils.initialize_model_parallel(1)
+    for record, message in (({"input_ids": []}, "line 1 has no input_ids"),
+                            ({"prompt": "hello"}, "prompt 1 encodes to no tokens")):
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps(record))
+        capsys.readouterr()
+        rc = tool("evaluate_dflash").main(["--target", models[0], "--draft", models[1],
+                                           "--prompts", str(prompts)])
+        err = capsys.readouterr().err.strip()
+        assert rc == 1 and err.startswith("evaluate_dflash: error:") and message in err, err
+    with pytest.raises(ValueError, match="prompt is empty"):
+        SpeculativeDecoder(build_decoder(*models).target).generate([], 4, block_size=1)
+
+
 def test_evaluate_rejects_a_draft_for_another_target(utils, tmp_path, models, capsys):
     utils.initialize_model_parallel(1)
     other = target_dir(tmp_path / "other", hidden_size=32, head_dim=8)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"input_ids": _prompts(1, seed=15)[0]}))
     capsys.readouterr()
-    rc = tool("evaluate_dflash").main(["--target", other, "--draft", models[1]])
+    rc = tool("evaluate_dflash").main(["--target", other, "--draft", models[1],
+                                       "--prompts", str(prompts)])
     err = capsys.readouterr().err.strip()
     assert rc == 1 and err.startswith("evaluate_dflash: error:") and "hidden size 32" in err

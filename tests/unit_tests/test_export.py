@@ -2,6 +2,7 @@
 loads in the z-lab reference and gives our draft's block logits, one clear error per bad input."""
 import json
 import os
+import stat
 
 import pytest
 import torch
@@ -16,7 +17,10 @@ from dflash_testing import dflash_config as resolved_config
 from interop_testing import (HIDDEN, TARGET_FIELDS, draft_config, draft_extra,
                              reference_block_logits, reference_model, reference_tensors,
                              same_bytes, target_dir, tool, write_reference_dir)
-from megatron_dflash import export, state_dict_adapter
+from megatron_dflash import state_dict_adapter
+from megatron_dflash.draft_export import export_checkpoint
+from megatron_dflash.draft_import import import_reference
+from megatron_dflash.draft_reader import read_checkpoint
 
 
 def _config(path):
@@ -36,10 +40,10 @@ def reference_dir(tmp_path):
 
 def test_round_trip_reference_megatron_reference(utils, tmp_path, reference_dir):
     utils.initialize_model_parallel(1)
-    export.import_reference(reference_dir, str(tmp_path / "ckpt"))
+    import_reference(reference_dir, str(tmp_path / "ckpt"))
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["iter_0000000",
                                                      "latest_checkpointed_iteration.txt"]
-    out = export.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
     before, after = reference_tensors(reference_dir), reference_tensors(out)
     assert sorted(before) == sorted(after) and len(after) == 3 + 11 * 2
     assert all(same_bytes(before[k], after[k]) for k in before)
@@ -83,7 +87,7 @@ def test_export_matches_our_draft_in_reference_code(utils, tmp_path):
                              "scheduler": {"lr": 1e-3}, "extra": draft_extra(cfg)},
                             str(root / "iter_0000005"))
     (root / "latest_checkpointed_iteration.txt").write_text("5")
-    out = export.export_checkpoint(str(root), str(tmp_path / "out"))
+    out = export_checkpoint(str(root), str(tmp_path / "out"))
     ref, info = ReferenceDraft.from_pretrained(str(tmp_path / "out"), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     assert ref.block_size == 8 and ref.mask_token_id == cfg.mask_token_id
@@ -101,14 +105,14 @@ def test_export_matches_our_draft_in_reference_code(utils, tmp_path):
 
 def test_export_dtype_and_tokenizer(utils, tmp_path, reference_dir):
     utils.initialize_model_parallel(1)
-    export.import_reference(reference_dir, str(tmp_path / "ckpt"))
+    import_reference(reference_dir, str(tmp_path / "ckpt"))
     tok = tmp_path / "tok"
     tok.mkdir()
     (tok / "tokenizer.json").write_text("{}")
     (tok / "tokenizer_config.json").write_text("{}")
     (tok / "model.safetensors").write_text("not a tokenizer file")
-    out = export.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), dtype="fp16",
-                                   tokenizer_dir=str(tok))
+    out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), dtype="fp16",
+                            tokenizer_dir=str(tok))
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json",
                                        "tokenizer_config.json"]
     fp32, fp16 = reference_tensors(reference_dir), reference_tensors(out)
@@ -117,10 +121,31 @@ def test_export_dtype_and_tokenizer(utils, tmp_path, reference_dir):
     assert _config(out)["dtype"] == "float16"
 
 
+def test_export_is_readable_by_others(utils, tmp_path, reference_dir):
+    """The exported directory is 0755 and its files 0644, whatever the umask, the temporary file
+    safetensors writes through (0600) or the tokenizer files' own modes."""
+    utils.initialize_model_parallel(1)
+    import_reference(reference_dir, str(tmp_path / "ckpt"))
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    (tok / "tokenizer.json").write_text("{}")
+    os.chmod(tok / "tokenizer.json", 0o600)
+    umask = os.umask(0o077)
+    try:
+        out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"),
+                                tokenizer_dir=str(tok))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+    modes = {f: stat.S_IMODE(os.stat(os.path.join(out, f)).st_mode) for f in os.listdir(out)}
+    assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "tokenizer.json": 0o644}
+    assert not _leftovers(tmp_path)
+
+
 def test_import_at_tp1_loads_into_training_draft(utils, tmp_path, reference_dir):
     """The imported checkpoint loads into a draft built the training way (same sharded keys)."""
     utils.initialize_model_parallel(1)
-    export.import_reference(reference_dir, str(tmp_path / "ckpt"))
+    import_reference(reference_dir, str(tmp_path / "ckpt"))
     tcfg = target_config()
     cfg = resolved_config(tcfg, block_size=8)
     draft = build_draft(tcfg, cfg, head_only_target())
@@ -163,7 +188,7 @@ def test_export_errors(utils, tmp_path, reference_dir, capsys, kind, message):
     utils.initialize_model_parallel(1)
     root = tmp_path / "ckpt"
     if kind != "missing":
-        export.import_reference(reference_dir, str(root))
+        import_reference(reference_dir, str(root))
         _break_export(kind, root)
     out = tmp_path / "out"
     assert tool("export_hf").main(["--checkpoint", str(root), "--output", str(out)]) == 1
@@ -174,16 +199,16 @@ def test_export_errors(utils, tmp_path, reference_dir, capsys, kind, message):
 
 def test_export_refuses_existing_output_and_missing_tokenizer(utils, tmp_path, reference_dir):
     utils.initialize_model_parallel(1)
-    export.import_reference(reference_dir, str(tmp_path / "ckpt"))
+    import_reference(reference_dir, str(tmp_path / "ckpt"))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("x")
     with pytest.raises(ValueError, match="exists and is not an empty directory"):
-        export.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+        export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
     assert os.listdir(tmp_path / "out") == ["keep.txt"]
     (tmp_path / "tok").mkdir()
     with pytest.raises(FileNotFoundError, match="no tokenizer files"):
-        export.export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out2"),
-                                 tokenizer_dir=str(tmp_path / "tok"))
+        export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out2"),
+                          tokenizer_dir=str(tmp_path / "tok"))
     assert not (tmp_path / "out2").exists() and not _leftovers(tmp_path)
 
 
@@ -257,14 +282,14 @@ def test_import_checks_the_target(utils, tmp_path, reference_dir, target_kw, dfl
         _edit_config(reference_dir, dflash_config=dflash)
     bad = target_dir(tmp_path / "target", **target_kw)
     with pytest.raises(ValueError) as e:
-        export.import_reference(reference_dir, str(tmp_path / "ckpt"), target_dir=bad)
+        import_reference(reference_dir, str(tmp_path / "ckpt"), target_dir=bad)
     assert message in str(e.value)
     assert not (tmp_path / "ckpt").exists()
     # The matching target is accepted and recorded the way training records it.
     _edit_config(reference_dir, dflash_config=good)
     target = target_dir(tmp_path / "good")
-    export.import_reference(reference_dir, str(tmp_path / "ckpt"), target_dir=target)
-    extra = export.read_checkpoint(str(tmp_path / "ckpt"))[0]
+    import_reference(reference_dir, str(tmp_path / "ckpt"), target_dir=target)
+    extra = read_checkpoint(str(tmp_path / "ckpt"))[0]
     assert extra["target"]["path"] == os.path.abspath(target)
     assert extra["target"]["hf_config"]["num_hidden_layers"] == 6
 
@@ -274,5 +299,5 @@ def test_import_refuses_non_empty_checkpoint_root(utils, tmp_path, reference_dir
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "other").write_text("x")
     with pytest.raises(ValueError, match="exists and is not empty"):
-        export.import_reference(reference_dir, str(tmp_path / "ckpt"))
+        import_reference(reference_dir, str(tmp_path / "ckpt"))
     assert os.listdir(tmp_path / "ckpt") == ["other"]

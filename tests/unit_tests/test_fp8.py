@@ -1,4 +1,5 @@
-"""FP8 flags -> TransformerConfig fields and padding (fp8.py); Transformer Engine stays optional."""
+"""FP8 flags (training/arguments.py) -> TransformerConfig fields (fp8.py) and block padding
+(anchors.py); Transformer Engine stays optional."""
 import argparse
 import importlib.util
 import os
@@ -11,11 +12,11 @@ import torch
 
 from dflash_testing import (build_draft, dflash_config, head_only_target, pattern_dataset,
                             randomize_, target_config, tiny_target_dir, weighted_loss)
+from megatron_dflash.anchors import pad_blocks
 from megatron_dflash.data.dataset import build_dataset
 from megatron_dflash.config import draft_transformer_config
-from megatron_dflash.fp8 import (FP8Settings, add_fp8_args, fp8_settings, fp8_unavailable_reason,
-                                 pad_blocks, sequence_multiple)
-from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason, sequence_multiple
+from megatron_dflash.training.arguments import add_fp8_args, fp8_settings, parse_args
 from megatron_dflash.training.loop import MicroBatches
 from megatron_dflash.training.step import prepare_microbatch
 

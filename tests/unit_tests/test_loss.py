@@ -7,7 +7,7 @@ import torch
 from megatron_dflash.anchors import (block_labels, block_loss_mask, block_loss_weights,
                                      block_positions)
 from megatron_dflash.loss import (accuracy_counts, cross_entropy_per_token, dflash_loss,
-                                  distillation_per_token, estimated_acceptance_length)
+                                  block_acceptance_lengths, distillation_per_token)
 
 SEQ, B, V = 10, 4, 11
 
@@ -114,9 +114,17 @@ def test_accuracy_and_acceptance_length_on_a_known_case(utils):
     logits = torch.nn.functional.one_hot(predicted, 6).float()[:, None] * 3 + 0.1   # [Q, 1, V]
     correct, total = accuracy_counts(logits, labels, mask, 4)
     assert correct.tolist() == [2, 1, 0] and total.tolist() == [2, 2, 1]
-    assert estimated_acceptance_length(correct, total).item() == pytest.approx(1 + 1 + 0.5 + 0)
-    assert estimated_acceptance_length(torch.tensor([3, 2, 0]), torch.tensor([4, 4, 0])).item() == \
-        pytest.approx(1 + 0.75 + 0.375)
+    # Exact per-block acceptance: block 0 accepts slots 1, 2 (then a miss) -> 3; block 1 accepts
+    # slot 1, misses slot 2 -> 2; τ̂ = 2.5. The marginal product 1 + 1 + 0.5·1 + 0 says 2.5 too
+    # here, but not in general:
+    hits = (right & mask[0]).view(2, 4)[:, 1:]
+    assert block_acceptance_lengths(hits).tolist() == [3, 2]
+    # Two blocks, one all right and one all wrong: marginal accuracies 0.5 each, so the product
+    # formula gives 1 + 0.5 + 0.25 + 0.125 = 1.875, while the blocks accept 4 and 1: τ̂ = 2.5.
+    hits = torch.tensor([[True, True, True], [False, False, False]])
+    assert block_acceptance_lengths(hits).float().mean().item() == 2.5
+    marginal = hits.float().mean(0)
+    assert 1 + marginal.cumprod(0).sum().item() == pytest.approx(1.875)
 
 
 def test_target_greedy_labels_are_the_targets_next_token_argmax(utils):

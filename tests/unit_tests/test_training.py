@@ -4,6 +4,8 @@ import importlib.util
 import io
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -131,11 +133,106 @@ def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
     (["--fp8-recipe", "delayed"], "--fp8-recipe"),
     (["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
     (["--target-fp8-format", "e4m3"], "--transformer-impl transformer_engine"),
+    (["--target-layer-ids", "1", "5", "40"],  # the embedded target has 30 layers
+     "--target-layer-ids=[1, 5, 40]: 40 is outside the target's layers [0, 29]"),
 ])
 def test_bad_flags_fail_before_any_work(argv, flag, capsys):
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def _parse_error(argv, capsys, world_size=1) -> str:
+    """parse_args must exit 2 with argparse's usage and one error line, no traceback: that line."""
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv, world_size=world_size)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert err.startswith("usage:") and len(errors) == 1 and "Traceback" not in err, err
+    assert err.rstrip().endswith(errors[0]), err
+    return errors[0]
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--mask-token-id", "99999999"], "--mask-token-id=99999999 must be an integer [0, 255]"),
+    (["--target-layer-ids", "1", "5", "40"],
+     "--target-layer-ids=[1, 5, 40]: 5 is outside the target's layers [0, 3]"),
+    (["--num-draft-layers", "5"], "--num-draft-layers=5: the default --target-layer-ids need"),
+    (["--draft-num-attention-heads", "3", "--draft-num-query-groups", "1",
+      "--tensor-model-parallel-size", "2"],
+     "--draft-num-attention-heads=3 must be divisible by the tensor-parallel size 2"),
+    (["--draft-num-query-groups", "3"],
+     "--draft-num-query-groups=3 must divide --draft-num-attention-heads=4"),
+    (["--draft-kv-channels", "7"], "--draft-kv-channels=7 must be even"),
+])
+def test_draft_flags_are_checked_against_the_target_config(target, data, extra, message, capsys):
+    """What DFlashConfig.resolve rejects, found from the flags and the target's config.json by
+    parse_args (nothing is built), named by flag."""
+    world = 2 if "--tensor-model-parallel-size" in extra else 1
+    assert message in _parse_error(flags(target, data[0]) + extra, capsys, world)
+
+
+def test_unreadable_target_weights_fail_in_parse_args(target, data, tmp_path, capsys):
+    broken = tmp_path / "target"
+    shutil.copytree(target, broken)
+    weights = broken / "model.safetensors"
+    with open(weights, "r+b") as f:
+        f.truncate(os.path.getsize(weights) // 2)
+    line = _parse_error(flags(str(broken), data[0]), capsys)
+    assert f"--target: {weights} is truncated or unreadable" in line, line
+
+
+def test_bad_input_found_after_launch_is_one_line(target, tmp_path):
+    """A data file that passes the flag checks but cannot be used: `error: ...` naming it, status
+    1, no traceback (the data is read before the target is loaded)."""
+    good, other = pattern_dataset(tmp_path / "good", 8, 48), pattern_dataset(tmp_path / "other", 6, 48)
+    for ext in (".bin", ".idx"):  # a loss mask of another dataset
+        shutil.copy(other + "_loss_mask" + ext, good + "_loss_mask" + ext)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env["MASTER_PORT"] = str(30000 + os.getpid() % 20000)
+    done = subprocess.run([sys.executable, os.path.join(REPO, "examples", "pretrain_dflash.py"),
+                           *flags(target, good)], capture_output=True, text=True, env=env,
+                          cwd=tmp_path, timeout=600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1 and "Traceback" not in out, out
+    assert done.stderr.rstrip().splitlines()[-1] == \
+        f"error: {good}: token and loss-mask datasets do not match", out
+
+
+@pytest.fixture(scope="module")
+def saved(target, data, tmp_path_factory):
+    """A checkpoint of two steps with --block-size 8 and --num-anchors 4 (the `flags` defaults)."""
+    root = tmp_path_factory.mktemp("saved") / "ckpt"
+    run_in_process(flags(target, data[0], train_iters=2, save=str(root)))
+    return root
+
+
+def test_truncated_checkpoint_file_is_named(target, data, saved, tmp_path, capsys):
+    root = tmp_path / "ckpt"
+    shutil.copytree(saved, root)
+    path = checkpoint.iteration_dir(str(root), 2)
+    shard = max((f for f in os.listdir(path) if f.endswith(".distcp")),
+                key=lambda f: os.path.getsize(os.path.join(path, f)))
+    with open(os.path.join(path, shard), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(path, shard)) // 2)
+    expected = f"checkpoint {path}: {shard} is truncated or unreadable ("
+    assert expected in _parse_error(flags(target, data[0], load=str(root)), capsys)
+    with pytest.raises(checkpoint.CheckpointError, match=re.escape(expected)):  # the load side
+        checkpoint.load_weights(str(root), model=None)
+
+
+def test_load_with_other_settings(target, data, saved, capsys):
+    """A setting that changes the model (--block-size) is a flag error, for a resume and for
+    --finetune; one that may change (--num-anchors) is printed and the run resumes."""
+    for extra in ({}, {"finetune": True}):
+        line = _parse_error(flags(target, data[0], load=str(saved), block_size=4, **extra), capsys)
+        assert "--block-size: 8 in the checkpoint, 4 now" in line, line
+    result = run_in_process(flags(target, data[0], train_iters=4, load=str(saved), num_anchors=2))
+    assert f"--load {saved}: --num-anchors: 4 in the checkpoint, 2 now" in capsys.readouterr().out
+    assert len(result["losses"]) == 2  # iterations 3 and 4
 
 
 def test_transformer_engine_impl_needs_transformer_engine(capsys):
@@ -161,18 +258,24 @@ def test_tracker_ignores_partial_save(tmp_path):
 
 
 def _torchrun(nproc, argv, log_path):
+    """The main job under torchrun; its log to `log_path`, its metrics beside it (`_losses`)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-           f"--nproc-per-node={nproc}", os.path.join(REPO, "examples", "pretrain_dflash.py"), *argv]
+           f"--nproc-per-node={nproc}", os.path.join(REPO, "examples", "pretrain_dflash.py"), *argv,
+           "--metrics-file", str(log_path) + ".metrics.jsonl"]
     return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
                             cwd=REPO)
 
 
 def _losses(log_path):
+    """{iteration: loss} from the job's metrics file (JSON floats round-trip exactly)."""
+    path = str(log_path) + ".metrics.jsonl"
+    if not os.path.exists(path):
+        return {}
     out = {}
-    for line in open(log_path):
-        if line.startswith("json "):
-            rec = json.loads(line[5:])
+    for line in open(path):
+        if line.endswith("\n"):  # a line being written is not complete yet
+            rec = json.loads(line)
             out[rec["iteration"]] = rec["loss"]
     return out
 
@@ -195,14 +298,10 @@ def test_kill_and_resume_is_exact(target, data, tmp_path, nproc):
     save = tmp_path / "ckpt"
     killed = _torchrun(nproc, common + ["--train-iters", "100000", "--save", str(save),
                                         "--save-interval", str(n)], tmp_path / "killed.log")
-    _wait_for_checkpoint(save, killed, tmp_path / "killed.log")
-    # The whole job, no clean-up: torchrun starts its workers in sessions of their own.
-    job = psutil.Process(killed.pid)
-    procs = job.children(recursive=True) + [job]
-    for proc in procs:
-        proc.send_signal(signal.SIGKILL)
-    psutil.wait_procs(procs, timeout=60)
-    killed.wait(timeout=60)
+    try:
+        _wait_for_checkpoint(save, killed, tmp_path / "killed.log")
+    finally:  # the whole job, no clean-up (and never an endless job left behind)
+        _kill_tree(killed)
     k = checkpoint.latest_iteration(str(save))
     assert k % n == 0
 
@@ -218,6 +317,21 @@ def test_kill_and_resume_is_exact(target, data, tmp_path, nproc):
     assert sorted(expected) == list(range(1, k + n + 1))
     assert sorted(before) == list(range(1, k + 1)) and sorted(after) == list(range(k + 1, k + n + 1))
     assert {**before, **after} == expected  # bit-exact on CPU fp32
+
+
+def _kill_tree(popen) -> None:
+    """SIGKILL a torchrun job and its workers (they run in sessions of their own)."""
+    if popen.poll() is not None:
+        return
+    job = psutil.Process(popen.pid)
+    procs = job.children(recursive=True) + [job]
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=60)
+    popen.wait(timeout=60)
 
 
 def _workers(job) -> dict[int, psutil.Process]:
@@ -240,17 +354,20 @@ def test_signal_on_one_rank_saves_and_exits_together(target, data, tmp_path):
     save, log = tmp_path / "ckpt", tmp_path / "signalled.log"
     job = _torchrun(2, common + ["--train-iters", "100000", "--save", str(save),
                                  "--save-interval", "100000"], log)
-    deadline = time.time() + 300
-    while len(_losses(log)) < 2:
-        assert job.poll() is None and time.time() < deadline, open(log).read()[-3000:]
-        time.sleep(0.1)
-    _workers(job)[0].send_signal(signal.SIGTERM)
-    assert job.wait(timeout=300) == 0, open(log).read()[-3000:]
+    try:
+        deadline = time.time() + 300
+        while len(_losses(log)) < 2:
+            assert job.poll() is None and time.time() < deadline, open(log).read()[-3000:]
+            time.sleep(0.1)
+        _workers(job)[0].send_signal(signal.SIGTERM)
+        assert job.wait(timeout=300) == 0, open(log).read()[-3000:]
+    finally:  # never leave an endless job behind when an assertion fails
+        _kill_tree(job)
     text = open(log).read()
     k = max(_losses(log))
     assert checkpoint.latest_iteration(str(save)) == k
     assert f"exiting after iteration {k}: received a signal on another rank" in text
-    assert text.count("held-out tau") == 1 and f"iter {k + 1:5d}" not in text  # start only
+    assert text.count("held-out tau") == 1 and f" iteration {k + 1:8d}/" not in text  # start only
 
     resumed = _torchrun(2, common + ["--train-iters", str(k + n), "--load", str(save)],
                         tmp_path / "resumed.log")

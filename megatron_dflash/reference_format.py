@@ -1,0 +1,219 @@
+"""The reference (z-lab) DFlash draft format: file names, the `config.json` codec, tensor shapes.
+
+The format (spec §8) is `config.json` + one `model.safetensors` holding the draft's un-prefixed
+tensors (`layers.{i}.self_attn.q_proj.weight`, ..., `fc.weight`, `hidden_norm.weight`,
+`norm.weight`), with no embedding and no LM head: the draft borrows the target's. It loads
+unchanged into `dflash.model.DFlashDraftModel.from_pretrained`, vLLM and SGLang. No `auto_map` is
+written because no modeling file (`dflash.py`, z-lab code) is shipped: HF `AutoModel` with
+`trust_remote_code` cannot load the directory, every other consumer can.
+
+    reference_config(cfg, target, dtype)        DFlashConfig -> config.json dict
+    config_from_reference(hf, where)             config.json dict -> DFlashConfig (unresolved)
+    resolve_for_target(cfg, ...)                 validated config + the target it is built on
+    reference_shapes(cfg), check_shapes(...)     the tensors a config implies
+
+A bad config is one `ValueError` naming the file or field.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_dflash.config import DFlashConfig, build_target_layer_ids
+from megatron_dflash.target.hf_import import load_hf_config, target_transformer_config
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+ARCHITECTURE = "DFlashDraftModel"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+# Never written: vLLM reads eagle_aux_hidden_state_layer_ids without DFlash's +1 offset (spec §3.2);
+# auto_map would point at a dflash.py that is not shipped.
+_NEVER_EXPORTED = ("eagle_aux_hidden_state_layer_ids", "auto_map")
+# Reference-config keys of variants the megatron draft does not implement (spec §4.4, [ZLpypi]).
+_UNSUPPORTED_DFLASH_KEYS = {"use_swa": False, "causal": False, "input_embedding_scale": 1.0,
+                            "output_multiplier": 1.0, "final_logit_softcapping": None}
+
+
+def reference_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor of the reference format and its shape, from a resolved config."""
+    h, hd, ffn = cfg.hidden_size, cfg.head_dim, cfg.ffn_hidden_size
+    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
+    shapes = {"fc.weight": (h, len(cfg.target_layer_ids) * h), "hidden_norm.weight": (h,),
+              "norm.weight": (h,)}
+    for i in range(cfg.num_draft_layers):
+        p = f"layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (q, h), p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h), p + "self_attn.o_proj.weight": (h, q),
+            p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
+            p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
+            p + "mlp.down_proj.weight": (h, ffn)})
+    return shapes
+
+
+def reference_config(cfg: DFlashConfig, target: dict, dtype: torch.dtype,
+                     base: dict | None = None) -> dict:
+    """The reference `config.json` of a resolved draft.
+
+    Args:
+        target: the target's `num_target_layers`, `vocab_size`, `max_position_embeddings`,
+            `bos_token_id`, `eos_token_id` (`target_fields`).
+        base: the reference config the draft was imported from; its other keys are kept, so an
+            imported draft exports to the same file.
+    """
+    out = {k: v for k, v in (base or {}).items() if k not in _NEVER_EXPORTED}
+    dflash = dict(out.get("dflash_config") or {})
+    dflash.update(mask_token_id=cfg.mask_token_id, target_layer_ids=list(cfg.target_layer_ids))
+    if "block_size" in dflash:
+        dflash["block_size"] = cfg.block_size
+    n = cfg.num_draft_layers
+    out.update(
+        architectures=[ARCHITECTURE], model_type="qwen3", block_size=cfg.block_size,
+        dflash_config=dflash, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
+        num_hidden_layers=n, num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
+        rms_norm_eps=cfg.norm_eps, attention_bias=False, attention_dropout=0.0,
+        # rope_theta/rope_scaling for transformers 4, vLLM and SGLang; rope_parameters for 5.
+        rope_theta=cfg.rope_theta, rope_scaling=None,
+        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        layer_types=["full_attention"] * n, sliding_window=None, use_sliding_window=False,
+        tie_word_embeddings=False, dtype=_DTYPE_NAMES[dtype], **target)
+    if "torch_dtype" in out:
+        out["torch_dtype"] = out["dtype"]
+    return dict(sorted(out.items()))
+
+
+def target_fields(hf_config: dict, where: str) -> dict:
+    """What the reference config records about the target, from the target's config.json or
+    from a reference draft config (which names the target's layer count `num_target_layers`)."""
+    is_draft = hf_config.get("architectures") == [ARCHITECTURE]
+    layers_key = "num_target_layers" if is_draft else "num_hidden_layers"
+    out = {"num_target_layers": hf_config.get(layers_key), "vocab_size": hf_config.get("vocab_size"),
+           "max_position_embeddings": hf_config.get("max_position_embeddings"),
+           "bos_token_id": hf_config.get("bos_token_id"),
+           "eos_token_id": hf_config.get("eos_token_id")}
+    for key in ("num_target_layers", "vocab_size", "max_position_embeddings"):
+        if not _is_int(out[key]) or out[key] < 1:
+            raise ValueError(f"{where}: {key}={out[key]!r} is missing or not a positive integer")
+    return out
+
+
+def config_from_reference(hf: dict, where: str) -> DFlashConfig:
+    """The (unresolved) DFlashConfig a reference config.json describes; rejects the variants the
+    megatron draft does not implement. Values in `dflash_config` win over top-level ones, as in
+    the reference loader."""
+    problems = []
+    if hf.get("architectures") != [ARCHITECTURE]:
+        problems.append(f"architectures={hf.get('architectures')!r} (expected [{ARCHITECTURE!r}])")
+    if hf.get("model_type") != "qwen3":
+        problems.append(f"model_type={hf.get('model_type')!r} (expected 'qwen3')")
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
+                    ("use_sliding_window", False), ("is_causal", False)):
+        if hf.get(key, ok) not in (ok, None):
+            problems.append(f"{key}={hf[key]!r}")
+    if any(t != "full_attention" for t in hf.get("layer_types") or []):
+        problems.append(f"layer_types={hf['layer_types']}")
+    dflash = hf.get("dflash_config") or {}
+    if not isinstance(dflash, dict):
+        raise ValueError(f"{where}: dflash_config={dflash!r} must be an object")
+    problems += [f"dflash_config.{k}={dflash[k]!r}" for k, ok in _UNSUPPORTED_DFLASH_KEYS.items()
+                 if dflash.get(k, ok) != ok]
+    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta"),
+                                         "rope_type": (hf.get("rope_scaling") or {}).get(
+                                             "rope_type", "default")}
+    if rope.get("rope_type", "default") != "default":
+        problems.append(f"rope scaling {rope}")
+    if problems:
+        raise ValueError(f"{where}: not supported by the megatron draft: {', '.join(problems)}")
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
+        if not _is_int(hf.get(key)):
+            raise ValueError(f"{where}: {key}={hf.get(key)!r} is missing or not an integer")
+
+    def value(name, default=None):
+        return dflash.get(name, hf.get(name, default))
+
+    num_layers = hf["num_hidden_layers"]
+    layer_ids = value("target_layer_ids")
+    if layer_ids is None:
+        layer_ids = build_target_layer_ids(target_fields(hf, where)["num_target_layers"], num_layers)
+    return DFlashConfig(
+        block_size=value("block_size", 16), num_draft_layers=num_layers,
+        target_layer_ids=list(layer_ids) if isinstance(layer_ids, (list, tuple)) else layer_ids,
+        mask_token_id=value("mask_token_id"), num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
+        ffn_hidden_size=hf["intermediate_size"], rope_theta=rope.get("rope_theta"),
+        norm_eps=hf.get("rms_norm_eps"), hidden_size=hf["hidden_size"])
+
+
+def draft_only_target_config(cfg: DFlashConfig, num_target_layers: int,
+                             tensor_parallel_size: int = 1) -> TransformerConfig:
+    """A stand-in target TransformerConfig for when only the draft is known: it carries the
+    fields `DFlashConfig.resolve` checks (layers, hidden size) and the dtype/parallel fields the
+    draft inherits (fp32, CPU allocation, no initialisation: weights are always loaded)."""
+    for name in ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+                 "ffn_hidden_size"):
+        if not _is_int(getattr(cfg, name)) or getattr(cfg, name) < 1:
+            raise ValueError(f"{name}={getattr(cfg, name)!r} must be a positive integer")
+    return TransformerConfig(
+        num_layers=num_target_layers, hidden_size=cfg.hidden_size,
+        num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.num_key_value_heads,
+        kv_channels=cfg.head_dim, ffn_hidden_size=cfg.ffn_hidden_size,
+        layernorm_epsilon=cfg.norm_eps or 1e-6, normalization="RMSNorm", gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=tensor_parallel_size, use_cpu_initialization=True,
+        perform_initialization=False)
+
+
+def resolve_for_target(cfg: DFlashConfig, num_target_layers: int, vocab_size: int,
+                       target_dir: str | None = None, tensor_parallel_size: int = 1,
+                       where: str = "draft") -> tuple[DFlashConfig, TransformerConfig, dict | None]:
+    """Validate a draft config, against the target checkpoint at `target_dir` when given.
+
+    Returns (resolved config, the target TransformerConfig the draft is built on, the target's
+    config.json dict or None). With a target, its hidden size, layer count and vocabulary (the
+    mask id must be a row of its embedding) must fit the draft.
+    """
+    if target_dir is None:
+        tcfg, vocab, target_json = (draft_only_target_config(cfg, num_target_layers,
+                                                             tensor_parallel_size), vocab_size, None)
+    else:
+        hf = load_hf_config(target_dir)
+        if hf.num_hidden_layers != num_target_layers:
+            raise ValueError(f"{where} was trained on a {num_target_layers}-layer target; the "
+                             f"target at {target_dir} has {hf.num_hidden_layers} layers")
+        tcfg = target_transformer_config(hf, tensor_parallel_size=tensor_parallel_size)
+        vocab = hf.vocab_size
+        target_json = json.loads((Path(target_dir) / CONFIG_FILE).read_text())
+    try:
+        resolved = cfg.resolve(tcfg, vocab_size=vocab, target_rope_theta=cfg.rope_theta)
+    except ValueError as e:
+        fit = f" does not fit the target at {target_dir}" if target_dir else ""
+        raise ValueError(f"{where}{fit}: {e}") from None
+    return resolved, tcfg, target_json
+
+
+def check_shapes(found: dict, expected: dict, where: str) -> None:
+    """Raise unless the shapes `found` are exactly the `expected` ones (`reference_shapes`)."""
+    missing = sorted(expected.keys() - found.keys())
+    if missing:
+        raise ValueError(f"{where}: tensor {missing[0]!r} is missing (expected shape "
+                         f"{list(expected[missing[0]])}; {len(missing)} missing in all)")
+    unexpected = sorted(found.keys() - expected.keys())
+    if unexpected:
+        raise ValueError(f"{where}: tensor {unexpected[0]!r} is not part of the DFlash draft "
+                         "format (it has no embedding or LM head of its own)")
+    for name, shape in expected.items():
+        if tuple(found[name]) != tuple(shape):
+            raise ValueError(f"{where}: tensor {name!r} has shape {list(found[name])}, the "
+                             f"config implies {list(shape)}")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -1,0 +1,217 @@
+"""Qwen3-MoE targets under expert parallelism (megatron's MoE layer and expert-parallel groups)
+composed with TP, SP, PP and DP: everything equals one process. Run with
+`torchrun --nproc-per-node 4 -m pytest tests/distributed/test_moe_ep.py`.
+
+* Target: every rank's logits and captured features (taps after MoE layers, on both pipeline
+  stages, each stage ending with an MoE layer) equal the single-process import (<= 1e-5, fp32),
+  for both of megatron's token dispatchers; data-parallel ranks hold different tokens (and, with
+  the alltoall dispatcher, sequences of different lengths), so tokens really travel to other
+  ranks' experts. Each rank reads from the safetensors exactly the elements it holds: an
+  expert-parallel rank only its experts, an expert-TP rank only its slices of them.
+* Training: 20 DFlash steps give the single-process losses and grad norms (<= 1e-5) — the same
+  `trajectory` driver as tests/distributed/test_pipeline.py.
+
+gloo runs both dispatchers: allgather (all_gather_into_tensor / reduce_scatter_tensor over the
+expert TP x EP group, equal shapes) and alltoall (all_to_all_single with uneven splits over EP;
+its uneven all-gather / reduce-scatter over expert TP, which gloo lacks, through the CPU
+adaptations in megatron_dflash/cpu.py).
+"""
+import math
+import os
+import shutil
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.moe.moe_layer import MoELayer
+
+from conftest import Utils
+from dflash_testing import pattern_dataset, tiny_moe_target_dir
+from megatron_dflash.target import hf_import
+from megatron_dflash.target.capture import FeatureCapture, target_forward
+from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+                                              target_transformer_config)
+from test_pipeline import _finish, _single_process, flags, trajectory
+
+VOCAB, HIDDEN, BATCH, TOL = 256, 64, 2, 1e-5
+# Layers 0, 1 and 3 MoE, 2 dense: at PP2 both stages end with an MoE layer.
+TAPS = [0, 1, 3]
+DISPATCHERS = ("allgather", "alltoall")
+
+TARGET_LAYOUTS = {  # world 4
+    "ep2": dict(ep=2),  # x DP4 (expert DP 2)
+    "ep4": dict(ep=4),
+    "tp2ep2": dict(tp=2, ep=2),  # expert TP 2 = TP
+    "tp2ep2_sp": dict(tp=2, ep=2, sp=True),
+    "tp2_etp1_ep2": dict(tp=2, ep=2, etp=1),  # the EP group inside the TP group
+    "etp2ep2": dict(ep=2, etp=2),  # expert TP across data-parallel ranks
+    "pp2ep2": dict(pp=2, ep=2),
+}
+
+
+@pytest.fixture(scope="module")
+def shared():
+    path = [tempfile.mkdtemp(prefix="dflash_moe_") if dist.get_rank() == 0 else None]
+    dist.broadcast_object_list(path, src=0)
+    if dist.get_rank() == 0:
+        tiny_moe_target_dir(os.path.join(path[0], "target"))
+        for name, count, length in (("long", 24, 48), ("short", 24, 32)):
+            pattern_dataset(os.path.join(path[0], name), count, length, seed=length)
+    dist.barrier()
+    yield path[0]
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path[0])
+
+
+def _tokens(dp_rank, uneven):
+    """Different tokens per data-parallel rank; `uneven`: also different lengths."""
+    seq = 12 if uneven and dp_rank % 2 else 16
+    g = torch.Generator().manual_seed(100 + dp_rank)
+    return torch.randint(0, VOCAB, (BATCH, seq), generator=g), torch.arange(seq).expand(BATCH, seq)
+
+
+def _gather(t, dim, group):
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    return torch.cat(parts, dim=dim)
+
+
+@pytest.fixture(scope="module")
+def reference(shared):
+    """The one-process import's logits and features for every data-parallel rank's tokens."""
+    Utils.initialize_model_parallel(1, 1)
+    path = os.path.join(shared, "target")
+    hf = load_hf_config(path)
+    model = build_target(hf, target_transformer_config(hf))
+    load_hf_weights(model, path)
+    out = {}
+    for uneven in (False, True):
+        for dp in range(4):
+            with FeatureCapture(model, TAPS) as capture:
+                out[uneven, dp] = target_forward(model, *_tokens(dp, uneven), capture)
+    Utils.destroy_model_parallel()
+    return out
+
+
+@pytest.mark.world(4)
+@pytest.mark.parametrize("dispatcher", DISPATCHERS)
+@pytest.mark.parametrize("layout", list(TARGET_LAYOUTS))
+def test_target_layout_equals_one_process(layout, dispatcher, shared, reference, monkeypatch):
+    spec = dict(tp=1, pp=1, ep=1, etp=None, sp=False) | TARGET_LAYOUTS[layout]
+    opened = []
+
+    class Recorded(hf_import._Checkpoint):
+        def __init__(self, source):
+            super().__init__(source)
+            opened.append(self)
+
+    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    Utils.initialize_model_parallel(spec["tp"], spec["pp"], ep=spec["ep"], etp=spec["etp"])
+    path = os.path.join(shared, "target")
+    hf = load_hf_config(path)
+    config = target_transformer_config(
+        hf, tensor_parallel_size=spec["tp"], sequence_parallel=spec["sp"],
+        pipeline_parallel_size=spec["pp"], expert_model_parallel_size=spec["ep"],
+        expert_tensor_parallel_size=spec["etp"], moe_token_dispatcher_type=dispatcher)
+    model = build_target(hf, config)
+    load_hf_weights(model, path)
+    _, load = opened  # the header check of load_hf_config, then the load
+    assert load.elements_read == sum(p.numel() for p in model.parameters())
+    expert_reads = sum(math.prod(s) for k, s in load.shapes.items() if ".experts." in k)
+    ep, etp = spec["ep"], spec["etp"] or spec["tp"]
+    held = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+    moe_layers = sum(isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers)
+    assert held * 3 * ep * etp == expert_reads * moe_layers  # its experts' slices, of its layers
+
+    dp = parallel_state.get_data_parallel_rank()
+    uneven = dispatcher == "alltoall"  # different lengths on the ranks of an expert group
+    ids, pos = _tokens(dp, uneven)
+    ref_logits, ref_features = reference[uneven, dp]
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    with FeatureCapture(model, TAPS) as capture:
+        if not last:
+            with torch.no_grad():
+                hidden = model(ids, pos, None)
+            dist.send(hidden, dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            logits, features = None, capture.features()
+        else:
+            if not first:
+                hidden = torch.empty(ids.shape[1], BATCH, HIDDEN)
+                dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
+            logits, features = target_forward(model, ids, pos, capture)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if logits is not None:
+        assert (_gather(logits, -1, tp_group) - ref_logits).abs().max() <= TOL
+    if spec["sp"]:
+        features = _gather(features, 0, tp_group)
+    stage_taps = [TAPS.index(i) for i in capture.local_ids]
+    expected = torch.cat([ref_features.chunk(len(TAPS), -1)[i] for i in stage_taps], -1)
+    assert capture.local_ids == (TAPS if spec["pp"] == 1 else [0, 1] if first else [3])
+    assert (features - expected).abs().max() <= TOL
+    Utils.destroy_model_parallel()
+
+
+# --- 20 DFlash training steps: the single-process trajectory -------------------------------------
+
+TRAIN_LAYOUTS = {  # world 4: (flags, seq_length_buckets of the reference)
+    "ep2_allgather": dict(expert_model_parallel_size=2, seq_length_buckets=1),
+    "ep2_alltoall": dict(expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall"),
+    "tp2ep2_sp_allgather": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                sequence_parallel=True, seq_length_buckets=1),
+    "tp2_etp1_ep2_allgather": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
+                                   expert_tensor_parallel_size=1),
+    "pp2ep2_allgather": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+                             seq_length_buckets=1),
+    "pp2ep2_alltoall": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+                            moe_token_dispatcher_type="alltoall"),
+}
+
+
+def _flags(shared, **kw):
+    return flags(os.path.join(shared, "target"),
+                 [os.path.join(shared, "long"), os.path.join(shared, "short")],
+                 target_layer_ids=TAPS, **kw)
+
+
+@pytest.fixture(scope="module")
+def train_reference(shared):
+    """The single-process trajectories (fresh processes on rank 0), with 1 and 3 buckets."""
+    import json
+
+    result = [None]
+    if dist.get_rank() == 0:
+        jobs = {}
+        for buckets in (1, 3):
+            out = os.path.join(shared, f"reference_b{buckets}.json")
+            argv = _flags(shared, seq_length_buckets=buckets)
+            jobs[buckets] = (out, _single_process(
+                shared, f"json.dump(trajectory({argv!r}), open({out!r}, 'w'))"))
+        result[0] = {}
+        for buckets, (out, job) in jobs.items():
+            _finish(job)
+            with open(out) as f:
+                result[0][buckets] = json.load(f)
+    dist.broadcast_object_list(result, src=0)
+    return result[0]
+
+
+@pytest.mark.world(4)
+@pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
+def test_training_layout_equals_one_process(layout, shared, train_reference):
+    kw = dict(TRAIN_LAYOUTS[layout])
+    reference = train_reference[kw.get("seq_length_buckets", 3)]
+    got = trajectory(_flags(shared, **kw))
+    assert got["lengths"] == ([48] if kw.get("seq_length_buckets") == 1 else [32, 48])
+    for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"],
+                                           strict=True)):
+        assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step
+    assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
+    (ref_norms,) = reference["grad_norms"]
+    for norms in got["grad_norms"]:
+        assert max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True)) <= TOL
+    assert got["replicated_agree"]
+    assert reference["loss"][-1] < 0.9 * reference["loss"][0]

@@ -1,0 +1,233 @@
+"""HF Qwen3-MoE -> megatron GPTModel with megatron's own MoE layer (one process): logits and
+captured features equal transformers' `Qwen3MoeForCausalLM`; the router and expert settings are
+the inference ones; the draft stays dense; bad MoE checkpoints and expert-parallel flags fail up
+front with one message each. Expert-parallel layouts: tests/distributed/test_moe_ep.py."""
+import json
+
+import pytest
+import torch
+from dflash_testing import tiny_moe_config, tiny_moe_model, tiny_moe_target_dir
+from megatron.core.transformer.mlp import MLP
+from megatron.core.transformer.moe.moe_layer import MoELayer
+from safetensors.torch import load_file, save_file
+
+from megatron_dflash.config import DFlashConfig, draft_transformer_config
+from megatron_dflash.target import moe
+from megatron_dflash.target.capture import FeatureCapture, target_forward
+from megatron_dflash.target.hf_import import (_mapping, build_target, load_hf_config,
+                                              load_hf_weights, target_transformer_config)
+from megatron_dflash.training.arguments import parse_args
+
+VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 256, 64, 4, 16, 2
+TOL = 1e-5
+
+VARIANTS = {
+    # Layer 2 dense (mlp_only_layers); softmax over all experts, top-2 renormalised.
+    "norm_topk": dict(norm_topk_prob=True),
+    # Top-2 softmax probabilities used as they are; top-3 of 8.
+    "no_norm_top3": dict(norm_topk_prob=False, top_k=3),
+    # decoder_sparse_step=2: layers 1 and 3 MoE, 0 and 2 dense; tied embeddings.
+    "sparse_step_tied": dict(dense_layers=(), decoder_sparse_step=2, tie_word_embeddings=True),
+}
+
+
+def tokens():
+    torch.manual_seed(1)
+    return torch.randint(0, VOCAB, (BATCH, SEQ)), torch.arange(SEQ).expand(BATCH, SEQ)
+
+
+def import_target(source, hf_config=None):
+    hf = hf_config if hf_config is not None else load_hf_config(source)
+    model = build_target(hf, target_transformer_config(hf))
+    load_hf_weights(model, source)
+    return model
+
+
+@pytest.mark.parametrize("source", ["safetensors", "fused_state_dict"])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_import_matches_hf(variant, source, utils, tmp_path):
+    """Every layer's output (HF hidden_states[i+1], the last one before the final norm) and the
+    logits equal transformers' Qwen3MoeForCausalLM; from the safetensors (one tensor per expert)
+    or from transformers 5's in-memory state dict (experts fused)."""
+    utils.initialize_model_parallel(1, 1)
+    hf = tiny_moe_model(tiny_moe_config(**VARIANTS[variant]))
+    hf.save_pretrained(tmp_path)
+    keys = load_file(tmp_path / "model.safetensors").keys()
+    assert "model.layers.3.mlp.experts.7.down_proj.weight" in keys  # one tensor per expert
+    if source == "safetensors":
+        model = import_target(tmp_path)
+    else:
+        state = hf.state_dict()
+        assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)  # fused in memory
+        model = import_target(state, hf.config)
+    pattern = moe.moe_layer_pattern(hf.config)
+    assert [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers] == \
+        [bool(p) for p in pattern] and 0 in pattern and 1 in pattern
+    assert all(isinstance(layer.mlp, MLP) for layer, p in zip(model.decoder.layers, pattern)
+               if not p)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+
+    ids, pos = tokens()
+    taps = list(range(LAYERS))
+    with FeatureCapture(model, taps) as capture:
+        logits, features = target_forward(model, ids, pos, capture)
+    last = {}
+    hook = hf.model.layers[-1].register_forward_hook(lambda m, a, out: last.setdefault("h", out))
+    with torch.no_grad():
+        ref = hf(input_ids=ids, output_hidden_states=True)
+    hook.remove()
+    assert (logits - ref.logits).abs().max() <= TOL
+    feats = [f.transpose(0, 1) for f in features.split(HIDDEN, dim=-1)]
+    for i in taps[:-1]:  # after MoE and dense layers alike
+        assert (feats[i] - ref.hidden_states[i + 1]).abs().max() <= TOL, i
+    assert (feats[-1] - last["h"]).abs().max() <= TOL
+
+
+def test_moe_transformer_config(tmp_path):
+    """Router and experts as at inference, the per-layer pattern, and a dense ffn_hidden_size
+    for the dense layers and the draft."""
+    hf = load_hf_config(tiny_moe_target_dir(tmp_path, norm_topk_prob=False, top_k=3))
+    config = target_transformer_config(hf, tensor_parallel_size=2, expert_model_parallel_size=4,
+                                       moe_token_dispatcher_type="alltoall")
+    assert config.num_moe_experts == 8 and config.moe_router_topk == 3
+    assert config.moe_layer_freq == [1, 1, 0, 1]
+    assert (config.ffn_hidden_size, config.moe_ffn_hidden_size) == (96, 32)
+    assert config.moe_router_pre_softmax and config.moe_router_score_function == "softmax"
+    assert config.moe_router_dtype == "fp32" and config.moe_router_load_balancing_type == "none"
+    assert config.moe_aux_loss_coeff == 0 and config.moe_expert_capacity_factor is None
+    assert config.moe_input_jitter_eps is None and config.moe_token_dispatcher_type == "alltoall"
+    assert (config.expert_model_parallel_size, config.expert_tensor_parallel_size) == (4, 2)
+    assert config.qk_layernorm and config.moe_shared_expert_intermediate_size is None
+
+    cfg = DFlashConfig(num_draft_layers=1, mask_token_id=3).resolve(
+        config, vocab_size=VOCAB, target_rope_theta=1e6)
+    assert cfg.ffn_hidden_size == hf.intermediate_size == 96  # never moe_intermediate_size
+    draft = draft_transformer_config(cfg, config)
+    assert draft.num_moe_experts is None and draft.moe_ffn_hidden_size is None
+    assert draft.expert_model_parallel_size == 1 and draft.expert_tensor_parallel_size == 2
+    assert draft.ffn_hidden_size == 96 and draft.moe_layer_freq == 1
+
+
+def test_each_expert_parallel_rank_maps_only_its_experts(tmp_path):
+    hf = load_hf_config(tiny_moe_target_dir(tmp_path))
+    config = target_transformer_config(hf, expert_model_parallel_size=2)
+    for rank, experts in ((0, range(0, 4)), (1, range(4, 8))):
+        rows = _mapping(config, [3], embedding=False, final_norm=False, output=False, tied=False,
+                        expert_parallel=(rank, 2))
+        names = [n for _, hf_names, _ in rows for n in hf_names if ".experts." in n]
+        assert sorted({int(n.split(".")[5]) for n in names}) == list(experts)
+        local = [name for name, _, _ in rows if ".local_experts." in name]
+        assert sorted({int(n.split(".")[6]) for n in local}) == [0, 1, 2, 3]
+    dense = _mapping(config, [2], embedding=False, final_norm=False, output=False, tied=False)
+    assert "decoder.layers.0.mlp.linear_fc1.weight" in [name for name, _, _ in dense]
+
+
+# --- errors: one clear error per bad MoE checkpoint or layout, before any model is built ---------
+
+@pytest.fixture
+def moe_dir(tmp_path):
+    return tiny_moe_target_dir(tmp_path / "moe")
+
+
+def edit_config(path, **changes):
+    file = f"{path}/config.json"
+    with open(file) as f:
+        cfg = json.load(f)
+    cfg.update(changes)
+    with open(file, "w") as f:
+        json.dump(cfg, f)
+
+
+def test_missing_expert_tensor(moe_dir):
+    file = f"{moe_dir}/model.safetensors"
+    state = load_file(file)
+    del state["model.layers.3.mlp.experts.5.up_proj.weight"]
+    save_file(state, file, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.3.mlp.experts.5.up_proj.weight' "
+                                         r"is missing \(expected shape \[32, 64\]\)"):
+        load_hf_config(moe_dir)
+
+
+def test_expert_shape_mismatch(moe_dir):
+    edit_config(moe_dir, moe_intermediate_size=16)
+    with pytest.raises(ValueError, match=r"tensor 'model.layers.0.mlp.experts.0.gate_proj.weight' "
+                                         r"has shape \[32, 64\], config.json implies \[16, 64\]"):
+        load_hf_config(moe_dir)
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(use_sliding_window=True), "use_sliding_window=True not supported"),
+    (dict(num_experts_per_tok=1, norm_topk_prob=True),
+     "num_experts_per_tok=1 with norm_topk_prob=True not supported by the mixture-of-experts"),
+])
+def test_unsupported_moe_feature(moe_dir, changes, message):
+    edit_config(moe_dir, **changes)
+    with pytest.raises(ValueError, match=message):
+        load_hf_config(moe_dir)
+
+
+def test_experts_not_divisible_by_expert_parallel(moe_dir):
+    with pytest.raises(ValueError, match=r"num_experts=8 is not divisible by the expert-parallel "
+                                         r"size 3"):
+        target_transformer_config(load_hf_config(moe_dir), expert_model_parallel_size=3)
+
+
+def test_grouped_gemm_needs_transformer_engine(moe_dir, utils):
+    utils.initialize_model_parallel(1, 1)
+    hf = load_hf_config(moe_dir)
+    with pytest.raises(ValueError, match="moe_grouped_gemm needs backend='te'"):
+        build_target(hf, target_transformer_config(hf, moe_grouped_gemm=True))
+
+
+@pytest.fixture
+def dense_dir(tmp_path):
+    from dflash_testing import tiny_target_dir
+
+    return tiny_target_dir(tmp_path / "dense")
+
+
+@pytest.mark.parametrize("extra,world,message", [
+    (["--expert-model-parallel-size", "3"], 3,
+     "--expert-model-parallel-size=3 must divide the target's num_experts=8"),
+    (["--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2"], 2,
+     "world size 2 is not divisible by --expert-tensor-parallel-size x "
+     "--expert-model-parallel-size x --pipeline-model-parallel-size = 2 x 2 x 1 = 4"),
+    (["--expert-model-parallel-size", "4", "--pipeline-model-parallel-size", "2"], 4,
+     "world size 4 is not divisible by --expert-tensor-parallel-size x "
+     "--expert-model-parallel-size x --pipeline-model-parallel-size = 1 x 4 x 2 = 8"),
+    (["--expert-tensor-parallel-size", "3"], 3,
+     "--expert-tensor-parallel-size=3 must divide the target's moe_intermediate_size=32"),
+    (["--expert-model-parallel-size", "0"], 1, "--expert-model-parallel-size=0 must be >= 1"),
+    (["--expert-model-parallel-size", "2", "--seq-length-buckets", "2"], 2,
+     "--moe-token-dispatcher-type allgather with --seq-length-buckets=2: the expert-parallel "
+     "ranks"),
+    (["--moe-grouped-gemm"], 1, "--moe-grouped-gemm needs a GPU"),
+    (["--moe-token-dispatcher-type", "flex"], 1, "--moe-token-dispatcher-type: invalid choice"),
+])
+def test_bad_expert_flags_fail_before_any_work(moe_dir, extra, world, message, capsys):
+    argv = ["--target", moe_dir, "--mask-token-id", "255", "--global-batch-size", "12"] + extra
+    with pytest.raises(SystemExit):
+        parse_args(argv, world_size=world)
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--expert-model-parallel-size", "2"], "--expert-model-parallel-size=2: the target"),
+    (["--expert-tensor-parallel-size", "1"], "--expert-tensor-parallel-size=1: the target"),
+])
+def test_expert_flags_refused_for_a_dense_target(dense_dir, extra, message, capsys):
+    with pytest.raises(SystemExit):
+        parse_args(["--target", dense_dir, "--mask-token-id", "255", "--global-batch-size", "2"]
+                   + extra, world_size=2)
+    err = capsys.readouterr().err
+    assert message in err and "is dense (no experts); it needs an MoE target" in err, err
+
+
+def test_good_expert_flags_pass(moe_dir):
+    args = parse_args(["--target", moe_dir, "--mask-token-id", "255", "--global-batch-size", "4",
+                       "--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
+                       "--moe-token-dispatcher-type", "alltoall", "--seq-length-buckets", "3"],
+                      world_size=4)
+    assert args.data_parallel_size == 2 and args.expert_model_parallel_size == 2
