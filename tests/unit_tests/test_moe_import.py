@@ -231,3 +231,24 @@ def test_good_expert_flags_pass(moe_dir):
                        "--moe-token-dispatcher-type", "alltoall", "--seq-length-buckets", "3"],
                       world_size=4)
     assert args.data_parallel_size == 2 and args.expert_model_parallel_size == 2
+
+
+def test_training_chunk_keeps_the_target_in_eval(moe_dir, tmp_path, utils):
+    """`model.train()` (after every held-out evaluation) trains the draft only: megatron's MoE
+    layer in training mode would refuse TP without sequence parallelism (and run aux losses)."""
+    from dflash_testing import pattern_dataset
+
+    from megatron_dflash.training import loop
+
+    data = pattern_dataset(tmp_path / "data", 4, 32)
+    args = parse_args(["--target", moe_dir, "--mask-token-id", "255", "--train-data", data,
+                       "--global-batch-size", "1", "--seq-length", "32", "--block-size", "8",
+                       "--num-anchors", "4", "--num-draft-layers", "1", "--distill-weight", "0.5"])
+    utils.initialize_model_parallel(1, 1)
+    model, cfg, _ = loop.build_models(args, torch.device("cpu"))
+    model.eval()
+    model.train()
+    module = model.module
+    assert module.draft.training
+    assert not any(m.training for m in module.target.modules())
+    assert cfg.ffn_hidden_size == 96 and module.draft.config.num_moe_experts is None
