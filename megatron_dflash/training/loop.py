@@ -32,6 +32,7 @@ from megatron_dflash.fp8 import sequence_multiple
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target import (build_target, hf_tensor, load_hf_config, load_hf_weights,
                                    target_transformer_config)
+from megatron_dflash.training.arguments import dflash_config, moe_parallel
 from megatron_dflash.training.embedded import prepare_embedded_default
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
@@ -63,20 +64,10 @@ def build_models(args, device):
     tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
                                      sequence_parallel=args.sequence_parallel, params_dtype=dtype,
                                      pipeline_parallel_size=args.pipeline_model_parallel_size,
-                                     expert_model_parallel_size=args.expert_model_parallel_size,
-                                     expert_tensor_parallel_size=args.expert_tensor_parallel_size,
-                                     moe_token_dispatcher_type=args.moe_token_dispatcher_type,
-                                     moe_grouped_gemm=args.moe_grouped_gemm,
-                                     **args.target_fp8.fields())
-    cfg = DFlashConfig(
-        block_size=args.block_size, num_draft_layers=args.num_draft_layers,
-        target_layer_ids=args.target_layer_ids, mask_token_id=args.mask_token_id,
-        num_attention_heads=args.draft_num_attention_heads,
-        num_key_value_heads=args.draft_num_query_groups, head_dim=args.draft_kv_channels,
-        ffn_hidden_size=args.draft_ffn_hidden_size, loss_gamma=args.loss_gamma,
-        num_anchors=args.num_anchors,
-    ).resolve(tcfg, vocab_size=hf_config.vocab_size,
-              target_rope_theta=hf_config.rope_parameters["rope_theta"])
+                                     **moe_parallel(args), **args.target_fp8.fields())
+    # The same settings parse_args checked against config.json before anything was built.
+    cfg = dflash_config(args).resolve(tcfg, vocab_size=hf_config.vocab_size,
+                                      target_rope_theta=hf_config.rope_parameters["rope_theta"])
     last_layer = None if args.distill_weight > 0 else max(cfg.target_layer_ids)
     target = build_target(hf_config, tcfg, backend=_backend(args), last_layer=last_layer)
     load_hf_weights(target, args.target)
