@@ -58,9 +58,11 @@ class DFlashConfig:
     num_attention_heads: int | None = None
     """Draft query heads (default: target's)."""
     num_key_value_heads: int | None = None
-    """Draft key/value heads for GQA (default: target's query groups)."""
+    """Draft key/value heads for GQA (default: target's query groups; a multi-latent-attention
+    target such as DeepSeek-V3 has one key per head, so there: its num_attention_heads)."""
     head_dim: int | None = None
-    """Draft head dimension; may differ from hidden/heads (default: target's kv_channels)."""
+    """Draft head dimension; may differ from hidden/heads (default: target's kv_channels; an MLA
+    target's is its v_head_dim, so the draft's heads x head_dim is the target's attention width)."""
     ffn_hidden_size: int | None = None
     """Draft SwiGLU intermediate size (default: the target's dense FFN size, its TransformerConfig's
     `ffn_hidden_size` = HF `intermediate_size`, also for MoE targets: never the per-expert one)."""
@@ -143,15 +145,19 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
     """The draft's TransformerConfig: Qwen3-style layers on the target's TP/SP, dtype and init.
 
     The draft lives on one pipeline stage, so every pipeline-split field is reset, and it is dense
-    (its FFN `dflash.ffn_hidden_size`), so an MoE target's expert fields are too. The DFlash loss
-    is a weighted mean over the whole global batch with fractional weights, which megatron's
-    integer per-token count cannot express: the training step normalises it itself
-    (`training.step`), so megatron's own per-token normalisation stays off.
+    (its FFN `dflash.ffn_hidden_size`), so an MoE target's expert fields are too. Its attention is
+    GQA whatever the target's: a multi-latent-attention target's MLATransformerConfig gives a
+    plain TransformerConfig (no MLA fields). The DFlash loss is a weighted mean over the whole
+    global batch with fractional weights, which megatron's integer per-token count cannot
+    express: the training step normalises it itself (`training.step`), so megatron's own
+    per-token normalisation stays off.
     """
     if dflash.head_dim is None:
         raise ValueError("draft_transformer_config needs a resolved DFlashConfig (call resolve())")
-    return dataclasses.replace(
-        target_config,
+    inherited = {f.name: getattr(target_config, f.name)
+                 for f in dataclasses.fields(TransformerConfig) if f.init}
+    draft = dict(
+        multi_latent_attention=False,
         num_layers=dflash.num_draft_layers,
         hidden_size=dflash.hidden_size,
         num_attention_heads=dflash.num_attention_heads,
@@ -176,8 +182,8 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
         account_for_loss_in_pipeline_split=False,
         calculate_per_token_loss=False,
         **_DENSE_FIELDS,
-        **overrides,
     )
+    return TransformerConfig(**inherited | draft | overrides)
 
 
 # The draft is dense whatever the target is: every mixture-of-experts field of an MoE target

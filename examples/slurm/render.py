@@ -19,7 +19,10 @@ tracks processes by cgroup (proctrack/cgroup, the usual setting on GPU clusters)
 starts them in sessions of their own.
 
 Arguments after `--` go to examples/pretrain_dflash.py; they are checked against its parser
-here, and must not set --save / --load (the script owns the checkpoint directory).
+here, and must not set --save / --load (the script owns the checkpoint directory). The parallel
+sizes (--tensor-, --pipeline-, --expert-model-parallel-size, --expert-tensor-parallel-size) are
+checked against nodes x GPUs as megatron splits them, and, when the target's config.json is
+readable here, against its layers and experts; the script's header records the layout.
 """
 from __future__ import annotations
 
@@ -55,11 +58,7 @@ def render(launcher: str, *, nodes: int, gpus_per_node: int, run_dir: str | Path
     if not args.exit_signal_handler:
         raise ValueError("--no-exit-signal-handler: the job saves and requeues on SIGUSR1 / "
                          "SIGTERM, which needs the trainer's exit-signal handler")
-    world = nodes * gpus_per_node
-    model_parallel = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
-    if world % model_parallel:
-        raise ValueError(f"{nodes} nodes x {gpus_per_node} GPUs = {world} is not divisible by "
-                         f"TP x PP = {model_parallel}")
+    layout = _check_layout(args, nodes, gpus_per_node)
     run_dir = Path(run_dir).resolve()
     if args.tensorboard_dir is None:
         train_args = [*train_args, "--tensorboard-dir", str(run_dir / "tensorboard")]
@@ -81,8 +80,66 @@ def render(launcher: str, *, nodes: int, gpus_per_node: int, run_dir: str | Path
         "SIGNAL_LEAD_S": signal_lead_s, "SBATCH_EXTRA": "\n".join(extra),
         "WORKDIR": shlex.quote(str(Path(workdir).resolve())), "SETUP": setup,
         "OMP_NUM_THREADS": cpus_per_gpu, "LAUNCH": launch, "TRAIN_ARGS": _format_args(train_args),
+        "LAYOUT": layout,
     }
     return re.sub(r"\{\{(\w+)\}\}", lambda m: str(values[m.group(1)]), TEMPLATE.read_text())
+
+
+def _check_layout(args: argparse.Namespace, nodes: int, gpus_per_node: int) -> str:
+    """The parallel layout against the job's GPUs as megatron's `initialize_model_parallel` splits
+    them — TP x PP x DP for attention and dense layers, expert-TP x EP x PP x expert-DP for the
+    experts, so expert-TP x EP must divide TP x DP — and, when the target's config.json is
+    readable here, against its layers and experts; the layout's one-line description."""
+    world = nodes * gpus_per_node
+    gpus = f"{nodes} nodes x {gpus_per_node} GPUs = {world}"
+    tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
+    for flag, size in (("tensor-model", tp), ("pipeline-model", pp), ("expert-model", ep),
+                       ("expert-tensor", etp)):
+        if size is not None and size < 1:
+            raise ValueError(f"--{flag}-parallel-size={size} must be >= 1")
+    etp = etp or tp
+    if world % (tp * pp):
+        raise ValueError(f"--tensor-model-parallel-size / --pipeline-model-parallel-size: {gpus} "
+                         f"is not divisible by TP x PP = {tp} x {pp}")
+    dp = world // (tp * pp)
+    if (tp * dp) % (etp * ep):
+        raise ValueError(
+            f"--expert-model-parallel-size={ep}: expert-TP x EP = {etp} x {ep} must divide "
+            f"TP x DP = {tp} x {dp} ({gpus} GPUs / PP {pp}); megatron lays the experts out as "
+            "expert-TP x EP x PP x expert-DP over the same GPUs (--expert-tensor-parallel-size "
+            "defaults to --tensor-model-parallel-size)")
+    config = None if args.target is None else Path(args.target) / "config.json"
+    if config is not None and config.is_file():
+        _check_target(config, pp, ep)
+    experts = (f"; experts: expert-TP {etp} x EP {ep} x PP {pp} x expert-DP "
+               f"{tp * dp // (etp * ep)}" if ep > 1 or args.expert_tensor_parallel_size else "")
+    return f"TP {tp} x PP {pp} x DP {dp}{experts}"
+
+
+def _check_target(config: Path, pp: int, ep: int) -> None:
+    """The layout against the target's config.json: equal pipeline stages, equal expert shards."""
+    from transformers import AutoConfig
+
+    from megatron_dflash.target import moe
+
+    try:
+        hf = AutoConfig.from_pretrained(config.parent)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--target: {config} is not a readable HF config "
+                         f"({' '.join(str(e).split())})") from None
+    if hf.num_hidden_layers % pp:
+        raise ValueError(f"--pipeline-model-parallel-size={pp} must divide the target's "
+                         f"{hf.num_hidden_layers} layers ({config}): every stage holds the same "
+                         "number")
+    experts = moe.num_experts(hf)
+    if experts is None and ep > 1:
+        raise ValueError(f"--expert-model-parallel-size={ep}: the target ({config}) is dense (no "
+                         "experts)")
+    if experts is not None and experts % ep:
+        raise ValueError(f"--expert-model-parallel-size={ep} must divide the target's "
+                         f"num_experts={experts} ({config}): every expert-parallel rank holds the "
+                         "same number of experts")
 
 
 def _format_args(args: list[str]) -> str:

@@ -1,5 +1,6 @@
-"""Load a Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE checkpoint into a frozen megatron-core
-`GPTModel` (MoE layers: megatron's own MoE layer, any expert-parallel layout; `target.moe`).
+"""Load a Hugging Face Llama / Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3 checkpoint into a frozen
+megatron-core `GPTModel` (MoE layers: megatron's own MoE layer, any expert-parallel layout,
+`target.moe`; DeepSeek-V3: megatron's multi-latent attention, `target.deepseek_v3`).
 
     hf = load_hf_config(path)                       # validates config.json and every tensor header
     config = target_transformer_config(hf, tensor_parallel_size=tp, sequence_parallel=sp)
@@ -13,12 +14,14 @@ before any model exists: it reads only `config.json` and the safetensors headers
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core.models.gpt import GPTModel
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
@@ -27,13 +30,13 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
-from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from megatron.core.utils import get_pg_rank, get_pg_size
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_dflash.layers import LocalRMSNorm, _check_backend, _te
-from megatron_dflash.target import moe
+from megatron_dflash.target import deepseek_v3, moe
 from megatron_dflash.target.sdpa_attention import SDPACoreAttention
 from megatron_dflash.weights import (check_qkv_groups, merge_fc1, merge_qkv, shard_columns,
                                      shard_range)
@@ -43,9 +46,12 @@ SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCaus
 CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 
-# Names of the input / pre-MLP norms when TE fuses them into linear_qkv / linear_fc1.
+# Names of the input / pre-MLP norms when TE fuses them into linear_qkv / linear_fc1 (MLA: the
+# input norm stays, the q / kv latent norms go into the up projections).
 _TE_FUSED_NORMS = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+_TE_FUSED_NORMS_MLA = {"pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+                       **deepseek_v3.TE_FUSED_NORMS}
 
 
 def load_hf_config(path: str | Path) -> PretrainedConfig:
@@ -55,6 +61,7 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
     (`target_transformer_config`); safetensors files exist (one file, several, or an index and
     its shards); every tensor the model needs is present with the shape config.json implies.
     Only headers are read. Raises FileNotFoundError or ValueError naming the file or tensor.
+    A DeepSeek-V3 checkpoint's multi-token-prediction layers are skipped (said once).
     """
     path = Path(path)
     config_file = path / CONFIG_FILE
@@ -69,6 +76,11 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
             _mapping(config, range(config.num_layers), embedding=True, final_norm=True,
                      output=True, tied=hf_config.tie_word_embeddings),
             config, hf_config.vocab_size))
+    if deepseek_v3.is_deepseek_v3(hf_config) and deepseek_v3.mtp_layer_ids(hf_config):
+        ids = deepseek_v3.mtp_layer_ids(hf_config)
+        _say_once(f"{config_file}: skipping {len(ids)} multi-token-prediction layer(s) "
+                  f"(num_nextn_predict_layers={len(ids)}, model.layers.{ids[0]}"
+                  f"{f'..{ids[-1]}' if len(ids) > 1 else ''}): not part of the target")
     return hf_config
 
 
@@ -80,20 +92,23 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
                               expert_tensor_parallel_size: int | None = None,
                               moe_token_dispatcher_type: str = "allgather",
                               moe_grouped_gemm: bool = False, **overrides) -> TransformerConfig:
-    """The megatron TransformerConfig of a HF Llama / Qwen2 / Qwen3 / Qwen3-MoE config.
+    """The megatron TransformerConfig of a HF Llama / Qwen2 / Qwen3 / Qwen3-MoE / DeepSeek-V3
+    config.
 
     Pre-norm RMSNorm layers, SwiGLU, GQA with `kv_channels=head_dim`, no linear biases (Qwen2:
-    q/k/v biases), q/k RMSNorm for Qwen3 and Qwen3-MoE, no dropout. Weights are allocated on the
-    CPU and not initialised (`load_hf_weights` overwrites every parameter). `ffn_hidden_size` is
-    always the dense `intermediate_size`; an MoE target adds megatron's MoE fields and its
-    expert-parallel layout (`moe.moe_transformer_fields`). `overrides` go to TransformerConfig.
+    q/k/v biases), q/k RMSNorm for Qwen3 and Qwen3-MoE, no dropout. DeepSeek-V3: an
+    MLATransformerConfig (multi-latent attention and its rotary embedding, `deepseek_v3`).
+    Weights are allocated on the CPU and not initialised (`load_hf_weights` overwrites every
+    parameter). `ffn_hidden_size` is always the dense `intermediate_size`; an MoE target adds
+    megatron's MoE fields and its expert-parallel layout (`moe.moe_transformer_fields`).
+    `overrides` go to the config.
     """
     arch = _check_hf_config(hf_config)
     if hf_config.vocab_size % tensor_parallel_size:
         raise ValueError(f"vocab_size={hf_config.vocab_size} is not divisible by the "
                          f"tensor-parallel size {tensor_parallel_size}; the vocabulary is not "
                          "padded, pick a TP size that divides it")
-    return TransformerConfig(
+    fields = dict(
         num_layers=hf_config.num_hidden_layers,
         hidden_size=hf_config.hidden_size,
         ffn_hidden_size=hf_config.intermediate_size,
@@ -118,6 +133,13 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
         fp16=params_dtype == torch.float16,
         use_cpu_initialization=True,
         perform_initialization=False,
+    )
+    config_class = TransformerConfig
+    if deepseek_v3.is_deepseek_v3(hf_config):
+        config_class = MLATransformerConfig
+        fields |= deepseek_v3.attention_fields(hf_config)
+    return config_class(
+        **fields,
         **moe.moe_transformer_fields(
             hf_config, tensor_parallel_size=tensor_parallel_size,
             expert_model_parallel_size=expert_model_parallel_size,
@@ -141,7 +163,8 @@ def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend
 
     `backend="local"` uses megatron's local layer spec with every norm a `LocalRMSNorm` (megatron's
     torch norm refuses sequence parallelism) and torch SDPA as core attention
-    (`SDPACoreAttention`); `backend="te"` uses Transformer Engine layers.
+    (`SDPACoreAttention`; MLA: megatron's DotProductAttention,
+    `deepseek_v3.MLADotProductAttention`); `backend="te"` uses Transformer Engine layers.
     The output layer keeps its vocab-parallel logits (`parallel_output`).
     """
     _check_backend(backend)
@@ -154,6 +177,8 @@ def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend
     post_process = is_pp_last_stage(pg_collection.pp) if post_process is None else post_process
     if backend == "te":
         _te()
+    elif config.multi_latent_attention:
+        deepseek_v3.check_tensor_parallel(config, get_pg_size(pg_collection.tp))
     block = get_gpt_decoder_block_spec(config, use_transformer_engine=backend == "te",
                                        normalization="RMSNorm",
                                        pp_rank=get_pg_rank(pg_collection.pp))
@@ -168,7 +193,8 @@ def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend
                      pre_process=pre_process, post_process=post_process,
                      share_embeddings_and_output_weights=hf_config.tie_word_embeddings,
                      position_embedding_type="rope", pg_collection=pg_collection,
-                     **_rope_kwargs(hf_config))
+                     # MLA layers hold their own rotary embedding (MLATransformerConfig).
+                     **({} if config.multi_latent_attention else _rope_kwargs(hf_config)))
     return freeze(model)
 
 
@@ -185,10 +211,11 @@ def load_hf_weights(gpt_model: GPTModel,
     layers: only its expert-parallel rank's experts, sliced over the expert-TP group). HF layer
     i goes to the local layer with `layer_number == i + 1`.
 
-    Before anything is copied, checks that every model parameter has an HF source and that
-    every needed HF tensor exists with the shape the model config implies (from headers).
+    Before anything is copied, checks that every model parameter (and router expert bias) has an
+    HF source and that every needed HF tensor exists with the shape the model config implies
+    (from headers).
     """
-    params = dict(gpt_model.named_parameters())
+    params = _loaded_tensors(gpt_model)
     layer_ids = [layer.layer_number - 1 for layer in gpt_model.decoder.layers]
     pgs = gpt_model.pg_collection
     ep, expt_tp = getattr(pgs, "ep", None), getattr(pgs, "expt_tp", None)
@@ -216,6 +243,20 @@ def load_hf_weights(gpt_model: GPTModel,
             params[name].copy_(value)
 
 
+def _loaded_tensors(gpt_model: GPTModel) -> dict[str, torch.Tensor]:
+    """The model's parameters and its routers' `expert_bias` buffers (megatron keeps that bias,
+    HF's `e_score_correction_bias`, as a buffer; it is checkpoint data all the same)."""
+    return dict(gpt_model.named_parameters()) | {
+        name: buffer for name, buffer in gpt_model.named_buffers()
+        if name.endswith(".router.expert_bias")}
+
+
+@functools.cache
+def _say_once(message: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
 def _check_architecture(architectures, where) -> str:
     if not architectures or architectures[0] not in SUPPORTED_ARCHITECTURES:
         raise ValueError(f"{where}: architectures={architectures} is not supported; supported: "
@@ -233,14 +274,26 @@ def _check_hf_config(hf_config: PretrainedConfig) -> str:
     layer_types = getattr(hf_config, "layer_types", None) or []
     if any(t != "full_attention" for t in layer_types):
         problems.append(f"layer_types={layer_types}")
+    quantization = getattr(hf_config, "quantization_config", None)
+    if quantization:  # e.g. DeepSeek-V3's FP8 block-scaled weights (`weight_scale_inv`)
+        method = (quantization.get("quant_method") if isinstance(quantization, dict)
+                  else getattr(quantization, "quant_method", None))
+        problems.append(f"quantization_config (quant_method={method!r})")
     if problems:
         raise ValueError(f"{where}: {', '.join(problems)} not supported (the import covers silu "
-                         "MLPs, no attention/MLP biases and full attention in every layer)")
+                         "MLPs, no attention/MLP biases, full attention in every layer and "
+                         "unquantized weights: dequantize the checkpoint first)")
     problems = moe.check_moe_hf_config(hf_config)
     if problems:
         raise ValueError(f"{where}: {', '.join(problems)} not supported by the mixture-of-experts "
                          "import")
-    _rope_kwargs(hf_config, where)
+    if deepseek_v3.is_deepseek_v3(hf_config):
+        problems = deepseek_v3.check_hf_config(hf_config)
+        if problems:
+            raise ValueError(f"{where}: {', '.join(problems)} not supported by the DeepSeek-V3 "
+                             "import (megatron's multi-latent attention and MoE router)")
+    else:
+        _rope_kwargs(hf_config, where)
     return arch
 
 
@@ -269,14 +322,20 @@ def _rope_kwargs(hf_config: PretrainedConfig, where=CONFIG_FILE) -> dict:
 def _with_local_modules(block: TransformerBlockSubmodules,
                         config: TransformerConfig) -> TransformerBlockSubmodules:
     """megatron's local block spec with every norm, final norm included, a `LocalRMSNorm` and
-    the core attention `SDPACoreAttention` (megatron's is an unfused matmul-softmax)."""
+    the core attention `SDPACoreAttention` (megatron's is an unfused matmul-softmax; MLA, whose
+    values are narrower than its queries and keys, keeps it: `MLADotProductAttention`)."""
     qk_norm = LocalRMSNorm if config.qk_layernorm else IdentityOp
+    if config.multi_latent_attention:
+        attention_modules = dict(core_attention=deepseek_v3.MLADotProductAttention,
+                                 q_layernorm=qk_norm, kv_layernorm=qk_norm)
+    else:
+        attention_modules = dict(core_attention=SDPACoreAttention, q_layernorm=qk_norm,
+                                 k_layernorm=qk_norm)
 
     def layer(spec):
         attention = spec.submodules.self_attention
-        attention = replace(attention, submodules=replace(
-            attention.submodules, core_attention=SDPACoreAttention, q_layernorm=qk_norm,
-            k_layernorm=qk_norm))
+        attention = replace(attention, submodules=replace(attention.submodules,
+                                                          **attention_modules))
         return replace(spec, submodules=replace(
             spec.submodules, input_layernorm=LocalRMSNorm, pre_mlp_layernorm=LocalRMSNorm,
             self_attention=attention))
@@ -286,7 +345,10 @@ def _with_local_modules(block: TransformerBlockSubmodules,
 
 
 def _has_fused_norms(gpt_model: GPTModel) -> bool:
-    return any(isinstance(layer.input_layernorm, IdentityOp) for layer in gpt_model.decoder.layers)
+    """Whether the layers come from Transformer Engine's spec, which fuses norms into linears."""
+    return any(isinstance(layer.input_layernorm, IdentityOp)
+               or isinstance(getattr(layer.self_attention, "kv_layernorm", None), IdentityOp)
+               for layer in gpt_model.decoder.layers)
 
 
 def _mapping(config: TransformerConfig, layer_ids, *, embedding: bool, final_norm: bool,
@@ -296,21 +358,26 @@ def _mapping(config: TransformerConfig, layer_ids, *, embedding: bool, final_nor
     local indices 0, 1, ... of the decoder. An MoE layer's MLP maps the experts of
     `expert_parallel` = (EP rank, EP size) (`moe.moe_layer_rows`); its pre-MLP norm is never
     fused into a linear."""
-    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    per_layer = [
-        ("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
-        ("self_attention.linear_qkv.weight", tuple(f"{p}.weight" for p in attn), "qkv"),
-        ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "rows"),
+    if config.multi_latent_attention:
+        per_layer, te_names = deepseek_v3.attention_rows(te_spec=fused_norms), _TE_FUSED_NORMS_MLA
+    else:
+        attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+        per_layer, te_names = [
+            ("input_layernorm.weight", ("input_layernorm.weight",), "replicated"),
+            ("self_attention.linear_qkv.weight", tuple(f"{p}.weight" for p in attn), "qkv"),
+            ("self_attention.linear_proj.weight", ("self_attn.o_proj.weight",), "rows"),
+        ], _TE_FUSED_NORMS
+        if config.add_qkv_bias:
+            per_layer.append(
+                ("self_attention.linear_qkv.bias", tuple(f"{p}.bias" for p in attn), "qkv"))
+        if config.qk_layernorm:
+            per_layer += [(f"self_attention.{q}_layernorm.weight", (f"self_attn.{q}_norm.weight",),
+                           "replicated") for q in "qk"]
+    per_layer += [
         ("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
         ("mlp.linear_fc1.weight", ("mlp.gate_proj.weight", "mlp.up_proj.weight"), "fc1"),
         ("mlp.linear_fc2.weight", ("mlp.down_proj.weight",), "rows"),
     ]
-    if config.add_qkv_bias:
-        per_layer.append(
-            ("self_attention.linear_qkv.bias", tuple(f"{p}.bias" for p in attn), "qkv"))
-    if config.qk_layernorm:
-        per_layer += [(f"self_attention.{q}_layernorm.weight", (f"self_attn.{q}_norm.weight",),
-                       "replicated") for q in "qk"]
     rows = []
     if embedding:
         rows.append(("embedding.word_embeddings.weight", ("model.embed_tokens.weight",), "columns"))
@@ -320,7 +387,7 @@ def _mapping(config: TransformerConfig, layer_ids, *, embedding: bool, final_nor
             if sparse and name.startswith("mlp."):
                 continue
             if fused_norms and not (sparse and name == "pre_mlp_layernorm.weight"):
-                name = _TE_FUSED_NORMS.get(name, name)
+                name = te_names.get(name, name)
             rows.append((f"decoder.layers.{local}.{name}",
                          tuple(f"model.layers.{layer_id}.{n}" for n in hf_names), kind))
         if sparse:
@@ -347,7 +414,9 @@ def _hf_shapes(rows, config: TransformerConfig, vocab_size: int) -> dict[str, tu
         "down_proj.weight": (hidden, ffn), "input_layernorm.weight": (hidden,),
         "post_attention_layernorm.weight": (hidden,), "norm.weight": (hidden,),
     }
-    return {n: moe.hf_shape(n, config) or by_leaf[".".join(n.split(".")[-2:])]
+    mla = config.multi_latent_attention
+    return {n: moe.hf_shape(n, config) or (mla and deepseek_v3.hf_shape(n, config))
+            or by_leaf[".".join(n.split(".")[-2:])]
             for _, hf_names, _ in rows for n in hf_names}
 
 

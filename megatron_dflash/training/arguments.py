@@ -60,13 +60,25 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, default=256)
     g.add_argument("--max-train-samples", type=int, default=None,
                    help="use at most this many training conversations")
+    g.add_argument("--offline-features", default=None, metavar="DIR",
+                   help="train from the target's tapped hidden states cached in DIR "
+                        "(megatron_dflash/feature_cache.py): no target decoder layer is built. "
+                        "If DIR holds no cache, the job first writes it (train split, and the "
+                        "held-out split in DIR/valid) with a target forward, as "
+                        "tools/cache_features.py does; an existing cache must match --target, "
+                        "the taps and --seq-length, and is then the data (--train-data is not "
+                        "read). No distillation, no pipeline parallelism")
+    g.add_argument("--offline-features-dtype", choices=["bf16", "fp32"], default=None,
+                   help="dtype of the cached features (default: bf16 under --bf16, else fp32)")
 
     g = p.add_argument_group("DFlash")
     g.add_argument("--block-size", type=int, default=16)
     g.add_argument("--num-draft-layers", type=int, default=1)
     g.add_argument("--target-layer-ids", type=int, nargs="+", default=None)
     g.add_argument("--mask-token-id", type=int, default=None,
-                   help="required for --target; the embedded default uses 16 (<empty_output>)")
+                   help="default: found from the target's tokenizer (its mask token, a <|MASK|>/"
+                        "[MASK]/<mask> token, a reserved special token, or the first embedding "
+                        "row past its ids); the embedded default uses 16 (<empty_output>)")
     g.add_argument("--num-anchors", type=int, default=16)
     g.add_argument("--loss-gamma", type=float, default=None)
     g.add_argument("--distill-weight", type=float, default=None,
@@ -145,6 +157,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("checkpointing and logging")
     g.add_argument("--save", default=None, help="checkpoint directory")
     g.add_argument("--load", default=None, help="resume from this checkpoint directory")
+    g.add_argument("--export", default=None, metavar="DIR",
+                   help="at the end of training (or after a signal exit that saved) write the "
+                        "draft in the reference HF format (as tools/export_hf.py) to DIR, which "
+                        "must be new, empty or an earlier export (replaced)")
     g.add_argument("--finetune", action="store_true",
                    help="with --load: load only the draft weights (e.g. from tools/import_hf.py) "
                         "and start the optimizer, LR schedule and data from scratch")
@@ -247,9 +263,6 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     a.num_microbatches = a.global_batch_size // per_step
     _check(a.target is not None or a.mask_token_id in (None, 16),
            "--mask-token-id: the embedded SmolLM2 target uses 16; pass --target to choose another")
-    _check(a.target is None or a.mask_token_id is not None,
-           "--mask-token-id is required with --target (an id the target's embedding holds that "
-           "your data never uses)")
     if a.target is not None:
         _check(os.path.isdir(a.target), f"--target={a.target}: not a directory")
     hf_config = _target_hf_config(a)
@@ -274,9 +287,84 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     a.fp8, a.target_fp8 = fp8_settings(a)
     if a.attention == "auto":
         a.attention = "sparse"
+    if a.target is not None and a.mask_token_id is None:
+        a.mask_token_id = _resolve_mask_token(a, hf_config.vocab_size)
     cfg = _check_model_configs(a, hf_config)
     a.checkpoint_changes = _check_checkpoint(a, cfg) if a.load is not None else []
+    _check_offline_features(a, cfg)
+    if a.export is not None:
+        _check_export(a.export)
     return a
+
+
+def _check_offline_features(a: argparse.Namespace, cfg: DFlashConfig) -> None:
+    """--offline-features: a layout and objective that can train from cached taps, and an
+    existing cache that matches this run (one message naming what differs)."""
+    _check(a.offline_features is not None or a.offline_features_dtype is None,
+           "--offline-features-dtype needs --offline-features")
+    if a.offline_features is None:
+        return
+    from megatron_dflash import feature_cache
+
+    flag = f"--offline-features {a.offline_features}"
+    if a.offline_features_dtype is None:
+        a.offline_features_dtype = "bf16" if a.bf16 else "fp32"
+    _check(a.pipeline_model_parallel_size == 1,
+           f"{flag}: --pipeline-model-parallel-size={a.pipeline_model_parallel_size}: a run from "
+           "cached features builds no target decoder layer, so there is nothing to pipeline; "
+           "use data or tensor parallelism")
+    distills = a.distill_weight > 0 if a.distill_weight is not None else a.train_data is None
+    _check(not distills,
+           f"{flag}: the cache holds the taps, not the teacher's next-token distribution: "
+           "distillation (--distill-weight > 0, the embedded default data's default) needs the "
+           "target online; pass --distill-weight 0 or drop --offline-features")
+    directory = a.offline_features
+    if not feature_cache.is_cache(directory):
+        _check(not os.path.exists(directory)
+               or (os.path.isdir(directory) and not os.listdir(directory)),
+               f"{flag}: exists and holds no {feature_cache.MANIFEST} (an interrupted write "
+               "leaves DIR.partial, never DIR): choose a new directory or remove it")
+        _check(_writable(directory), f"{flag}: cannot be created (no write permission)")
+        return
+    target = a.target or os.path.join(a.cache_dir, EMBEDDED_TARGET_DIR)
+    try:
+        expected = feature_cache.cache_manifest(target, cfg.target_layer_ids, a.seq_length,
+                                                a.offline_features_dtype)
+        feature_cache.check_manifest(feature_cache.read_manifest(directory), expected, flag)
+        valid = os.path.join(directory, feature_cache.VALID_SPLIT)
+        if a.valid_data:
+            _check(feature_cache.is_cache(valid),
+                   f"{flag}: holds no held-out split ({valid}) for --valid-data (the cache was "
+                   "written without it): drop --valid-data or write a new cache")
+            feature_cache.check_manifest(feature_cache.read_manifest(valid), expected,
+                                         f"{flag} ({valid})")
+    except (OSError, ValueError) as e:
+        raise ValueError(_one_line(e)) from None
+
+
+def _check_export(path: str) -> None:
+    """--export DIR: new, empty or an earlier export (only reference-format files), writable."""
+    from megatron_dflash.draft_export import TOKENIZER_FILES
+    from megatron_dflash.reference_format import CONFIG_FILE, WEIGHTS_FILE
+
+    if os.path.exists(path):
+        _check(os.path.isdir(path), f"--export {path}: exists and is not a directory")
+        files = set(os.listdir(path))
+        _check(not files or ({CONFIG_FILE, WEIGHTS_FILE} <= files
+                             and files <= {CONFIG_FILE, WEIGHTS_FILE, *TOKENIZER_FILES}),
+               f"--export {path}: exists, is not empty and is not an earlier export "
+               f"({CONFIG_FILE} + {WEIGHTS_FILE}): choose a new directory")
+    _check(_writable(path), f"--export {path}: not writable (no write permission)")
+
+
+def _writable(path: str) -> bool:
+    """Whether `path` (and, for a rename into it, its parent) can be written, or created under
+    its nearest existing ancestor."""
+    path = os.path.abspath(path)
+    checks = [path, os.path.dirname(path)] if os.path.exists(path) else []
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    return all(os.access(p, os.W_OK | os.X_OK) for p in checks + [path])
 
 
 def _check_expert_layout(a: argparse.Namespace, world_size: int) -> None:
@@ -364,6 +452,26 @@ def dflash_config(a: argparse.Namespace) -> DFlashConfig:
             cfg.target_layer_ids = build_target_layer_ids(
                 _EMBEDDED_TARGET_CONFIG["num_hidden_layers"], EMBEDDED_TARGET_TAPS)
     return cfg
+
+
+def _resolve_mask_token(a: argparse.Namespace, vocab_size: int) -> int:
+    """No --mask-token-id: the id `resolve_mask_token_id` finds from the target's tokenizer
+    (or --tokenizer's), printed with how it was found (rank 0)."""
+    from megatron_dflash.data.mask_token import resolve_mask_token_id
+    from megatron_dflash.data.tokenize import (SentencePieceChatTokenizer, load_chat_tokenizer,
+                                               tokenizer_spec)
+
+    spec = tokenizer_spec(a.tokenizer, a.target)
+    try:
+        chat = load_chat_tokenizer(spec)
+    except ValueError as e:
+        raise ValueError(f"--mask-token-id is not given and the tokenizer to find it from cannot "
+                         f"be loaded ({_one_line(e)}); pass --mask-token-id") from None
+    tokenizer = chat.sp if isinstance(chat, SentencePieceChatTokenizer) else chat.tokenizer
+    mask_id, how = resolve_mask_token_id(tokenizer, vocab_size)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"mask token: id {mask_id} from {spec}: {how}", flush=True)
+    return mask_id
 
 
 def _target_hf_config(a: argparse.Namespace):

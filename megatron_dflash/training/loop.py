@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import math
+import multiprocessing
 import os
+import shutil
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -24,7 +28,8 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.spec_utils import build_module
 
-from megatron_dflash import checkpoint
+from megatron_dflash import atomic, checkpoint, feature_cache
+from megatron_dflash.draft_export import TOKENIZER_FILES, export_checkpoint
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.data.dataset import ResumableSampler, build_dataset, collate
 from megatron_dflash.data.tokenize import load_chat_tokenizer, tokenizer_spec
@@ -57,18 +62,14 @@ def build_models(args, device):
 
     Without distillation nothing reads the target past its deepest tapped layer, so it is built
     as a feature extractor up to that layer (`build_target(last_layer=...)`): later layers, its
-    final norm and their weights are never allocated, loaded or run.
+    final norm and their weights are never allocated, loaded or run. Training from an offline
+    feature cache (--offline-features) builds no decoder layer at all: only the embedding and
+    output layer the draft borrows.
     """
-    hf_config = load_hf_config(args.target)
-    dtype = torch.bfloat16 if args.bf16 else torch.float32
-    tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
-                                     sequence_parallel=args.sequence_parallel, params_dtype=dtype,
-                                     pipeline_parallel_size=args.pipeline_model_parallel_size,
-                                     **moe_parallel(args), **args.target_fp8.fields())
-    # The same settings parse_args checked against config.json before anything was built.
-    cfg = dflash_config(args).resolve(tcfg, vocab_size=hf_config.vocab_size,
-                                      target_rope_theta=hf_config.rope_parameters["rope_theta"])
+    hf_config, tcfg, cfg = model_configs(args)
     last_layer = None if args.distill_weight > 0 else max(cfg.target_layer_ids)
+    if args.offline_features:
+        last_layer = -1
     target = build_target(hf_config, tcfg, backend=_backend(args), last_layer=last_layer)
     load_hf_weights(target, args.target)
     # PP > 1: a sent payload is freed at once (only its autograd node is needed, for the zero
@@ -95,6 +96,20 @@ def build_models(args, device):
         module = DFlashTrainingModule(target, config=dcfg, target_layer_ids=cfg.target_layer_ids)
     return wrap_training_chunk(module.to(device), dcfg, args.use_distributed_optimizer), cfg, \
         hf_config
+
+
+def model_configs(args):
+    """(HF config, the target's TransformerConfig, the resolved DFlashConfig): the same settings
+    parse_args checked against config.json before anything was built."""
+    hf_config = load_hf_config(args.target)
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    tcfg = target_transformer_config(hf_config, tensor_parallel_size=args.tensor_model_parallel_size,
+                                     sequence_parallel=args.sequence_parallel, params_dtype=dtype,
+                                     pipeline_parallel_size=args.pipeline_model_parallel_size,
+                                     **moe_parallel(args), **args.target_fp8.fields())
+    cfg = dflash_config(args).resolve(tcfg, vocab_size=hf_config.vocab_size,
+                                      target_rope_theta=hf_config.rope_parameters["rope_theta"])
+    return hf_config, tcfg, cfg
 
 
 def wrap_training_chunk(module: DFlashTrainingModule, dcfg, use_distributed_optimizer: bool):
@@ -163,10 +178,14 @@ class MicroBatches:
         indices = next(self._it)
         s = self.sampler
         position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
-        batch = collate([self.dataset[i] for i in indices], self.pad_id, buckets=self.buckets)
+        samples = [self.dataset[i] for i in indices]
+        batch = collate(samples, self.pad_id, buckets=self.buckets)
+        features = None  # the offline cache's taps, padded as the tokens are
+        if "features" in samples[0]:
+            features = feature_cache.pad_features(samples, batch["tokens"].shape[1])
         return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
                                   anchor_generator(self.seed, position), self.attention,
-                                  self.block_multiple, batch["lengths"])
+                                  self.block_multiple, batch["lengths"], features)
 
     def prefetcher(self, device: torch.device, depth: int = 2) -> Prefetcher:
         """These micro-batches prepared `depth` ahead, each with the consumed-sample count after it."""
@@ -243,9 +262,56 @@ def evaluate_tau(model, valid, cfg, args, pad_id) -> tuple[float, list[float]]:
     return _tau_and_accuracy(_reduce_reports(reports))
 
 
+def build_data(args):
+    """(training dataset, held-out dataset or None, pad id) from --train-data / --valid-data."""
+    needs_tokenizer = any(not IndexedDataset.exists(p) for p in args.train_data + (args.valid_data or []))
+    tokenizer = load_chat_tokenizer(tokenizer_spec(args.tokenizer, args.target)) if needs_tokenizer else None
+    train, report = build_dataset(args.train_data, tokenizer, args.seq_length)
+    if report is not None:
+        log(report.summary())
+    if args.max_train_samples:
+        train = torch.utils.data.Subset(train, range(min(args.max_train_samples, len(train))))
+    valid = build_dataset(args.valid_data, tokenizer, args.seq_length)[0] if args.valid_data else None
+    pad_id = tokenizer.pad_id if tokenizer else 0  # padding is never attended to nor supervised
+    return train, valid, pad_id
+
+
+def offline_features(args, splits, pad_id: int, device):
+    """--offline-features DIR: the (train, held-out or None) datasets read from the cache. When
+    `splits` (train, valid or None) are given, DIR holds no cache yet: it is written first by the
+    frozen target's forward (`feature_cache.write_feature_cache`, as tools/cache_features.py
+    does), and the target is freed before the training models are built."""
+    hf_config, tcfg, cfg = model_configs(args)
+    manifest = feature_cache.cache_manifest(args.target, cfg.target_layer_ids, args.seq_length,
+                                            args.offline_features_dtype)
+    directory = args.offline_features
+    if splits is not None:
+        target = build_target(hf_config, tcfg, backend=_backend(args), post_process=False,
+                              last_layer=max(cfg.target_layer_ids))
+        load_hf_weights(target, args.target)
+        feature_cache.write_feature_cache(
+            directory, {"train": splits[0], **({"valid": splits[1]} if splits[1] else {})},
+            target.to(device), cfg.target_layer_ids, manifest,
+            micro_batch_size=args.micro_batch_size, pad_id=pad_id,
+            pad_multiple=sequence_multiple(args.tensor_model_parallel_size,
+                                           args.sequence_parallel, args.target_fp8), log=log)
+        del target
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    train = feature_cache.FeatureCacheDataset(directory, manifest)
+    log(f"feature cache {directory}: {len(train)} samples, {train.manifest['num_tokens']} "
+        "tokens (training from it builds no target decoder layer)")
+    valid = None
+    if args.valid_data:
+        valid = feature_cache.FeatureCacheDataset(
+            os.path.join(directory, feature_cache.VALID_SPLIT), manifest)
+    return train, valid
+
+
 def pretrain(args) -> dict:
-    """Train; returns {'tau_start', 'tau_end', 'losses', 'grad_norms'} on every rank (for tests
-    and the embedded demo)."""
+    """Train; returns {'tau_start', 'tau_end', 'losses', 'grad_norms'} (and 'export', the
+    --export directory) on every rank (for tests and the embedded demo)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
     if args.target is None or args.train_data is None:
@@ -260,15 +326,13 @@ def pretrain(args) -> dict:
     torch.manual_seed(args.seed)
 
     t0 = time.time()
-    needs_tokenizer = any(not IndexedDataset.exists(p) for p in args.train_data + (args.valid_data or []))
-    tokenizer = load_chat_tokenizer(tokenizer_spec(args.tokenizer, args.target)) if needs_tokenizer else None
-    train, report = build_dataset(args.train_data, tokenizer, args.seq_length)
-    if report is not None:
-        log(report.summary())
-    if args.max_train_samples:
-        train = torch.utils.data.Subset(train, range(min(args.max_train_samples, len(train))))
-    valid = build_dataset(args.valid_data, tokenizer, args.seq_length)[0] if args.valid_data else None
-    pad_id = tokenizer.pad_id if tokenizer else 0  # padding is never attended to nor supervised
+    # An existing feature cache stands for the data: nothing is tokenised or read from it.
+    cached = args.offline_features is not None and feature_cache.is_cache(args.offline_features)
+    train, valid, pad_id = (None, None, 0) if cached else build_data(args)
+    if args.offline_features is not None:
+        train, valid = offline_features(args, None if cached else (train, valid), pad_id, device)
+        if args.max_train_samples:
+            train = torch.utils.data.Subset(train, range(min(args.max_train_samples, len(train))))
     model, cfg, hf_config = build_models(args, device)
     optimizer, scheduler = build_optimizer(args, model)
     log(f"target {args.target}: {hf_config.num_hidden_layers} layers, hidden {hf_config.hidden_size}"
@@ -363,7 +427,50 @@ def pretrain(args) -> dict:
             + " ".join(f"{a:.3f}" for a in acc[:3]))
     if writer is not None:
         writer.close()
+    if args.export and (result["exit_signal"] is None or args.save):
+        result["export"] = export_draft(args, model, optimizer, scheduler, iteration,
+                                        dict(extra_state, consumed_samples=consumed))
+        log(f"exported the draft (iteration {iteration}) to {result['export']}")
+    elif args.export:
+        log(f"--export {args.export}: nothing exported (no --save: no checkpoint of the draft "
+            "was saved before the exit)")
     return result
+
+
+def export_draft(args, model, optimizer, scheduler, iteration: int, extra: dict) -> str:
+    """--export DIR: the draft in the reference format, written by rank 0 from this iteration's
+    checkpoint in --save (or, without one, a temporary checkpoint beside DIR), which
+    `draft_export` reads with the TP/PP shards gathered. Collective. An earlier export in DIR is
+    replaced once the new one is complete.
+
+    The reading is collective over whatever default process group exists, so in a world of
+    more than one process rank 0 runs the export in a fresh process of its own (a world of
+    one) while the others wait."""
+    out = os.path.abspath(args.export)
+    root = args.save
+    if root is None or not os.path.isdir(checkpoint.iteration_dir(root, iteration)):
+        root = out + ".checkpoint-partial"
+        checkpoint.save_checkpoint(root, iteration, model, optimizer, scheduler, extra)
+    if dist.get_rank() == 0:
+        fresh = not os.path.exists(out) or not os.listdir(out)
+        written = out if fresh else out + ".export-partial"
+        shutil.rmtree(out + ".export-partial", ignore_errors=True)
+        tokenizer = args.target if any(os.path.isfile(os.path.join(args.target, f))
+                                       for f in TOKENIZER_FILES) else None
+        try:
+            if dist.get_world_size() == 1:
+                export_checkpoint(root, written, iteration=iteration, tokenizer_dir=tokenizer)
+            else:
+                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                    pool.submit(export_checkpoint, root, written, iteration=iteration,
+                                tokenizer_dir=tokenizer).result()
+            if not fresh:
+                atomic.publish(written, out, replace=True)
+        finally:
+            if root != args.save:
+                shutil.rmtree(root, ignore_errors=True)
+    dist.barrier()
+    return out
 
 
 class TrainingError(RuntimeError):

@@ -16,6 +16,7 @@ from functools import partial
 from typing import Sequence
 
 import torch
+from megatron.core import tensor_parallel
 from megatron.core.enums import ModelType
 from megatron.core.models.common.embeddings.language_model_embedding import LanguageModelEmbedding
 from megatron.core.transformer.module import MegatronModule
@@ -79,15 +80,26 @@ class DFlashTrainingModule(MegatronModule):
         """The previous stage's payload (megatron's schedule hook; [None] on the first stage)."""
         self._received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
-    def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids):
+    def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids,
+                features=None):
         """Last stage: (draft final-norm hidden states [Q(/tp), b, H], target hidden states
         [S(/tp), b, H]). Other stages: the payload for the next stage [s(/tp), b, H*(1+K)].
+
+        `features` [S, b, K*H]: the taps read from the offline cache (`feature_cache`; one
+        stage, a target built without decoder layers): the target does not run and the second
+        output is None.
 
         The target runs under no_grad (none of its activations are kept for backward) and never
         through its output layer: the loss projects only the rows it reads (`head_loss`). Its
         hidden states are final-norm ones, the teacher's for distillation, unless it was built
         as a feature extractor (`build_target(last_layer=...)`).
         """
+        if features is not None:
+            if self.config.sequence_parallel:
+                features = tensor_parallel.scatter_to_sequence_parallel_region(
+                    features, group=self.draft.tp_group)
+            return self.draft(block_input_ids, features.to(self.config.params_dtype),
+                              attention_mask, block_position_ids, return_hidden=True), None
         received = self._received
         if received is None:
             hidden, taps = None, [None] * self._num_taps

@@ -45,7 +45,8 @@ def anchor_generator(seed: int, sample_position: int) -> torch.Generator:
 def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlashConfig,
                        generator: torch.Generator, attention: str = "dense",
                        block_multiple: int = 1,
-                       lengths: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       lengths: torch.Tensor | None = None,
+                       features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Anchors, block inputs/labels/weights, positions, the mask and the loss rows for [b, S]
     tokens.
 
@@ -60,6 +61,8 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
 
     The loss reads only the supervised slots: `loss_index` holds their flat indices into [b, Q]
     and `teacher_index` those of the target positions that teach them (a_j+k-1) into [b, S].
+    `features` [b, S, K*H]: the target's taps from the offline cache (`feature_cache`), carried
+    as `features` [S, b, K*H] (megatron's layout) in place of a target forward.
     """
     if attention not in MASKS:
         raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
@@ -72,7 +75,7 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     loss_index = supervised.flatten().nonzero().squeeze(1)
     batch = torch.arange(tokens.shape[0]).repeat_interleave(label_positions.shape[1])
     teacher_index = (batch * seq_len + label_positions.flatten() - 1)[loss_index]
-    return dict(
+    out = dict(
         tokens=tokens,
         position_ids=torch.arange(seq_len).expand_as(tokens),
         block_input_ids=block_input_ids(tokens, anchors, keep, B, cfg.mask_token_id),
@@ -85,6 +88,9 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
         loss_index=loss_index,
         teacher_index=teacher_index,
     )
+    if features is not None:
+        out["features"] = features.transpose(0, 1).contiguous()
+    return out
 
 
 def global_weight_sum(microbatches: list[dict], dp_group) -> float:
@@ -159,8 +165,9 @@ def make_forward_step(cfg: DFlashConfig, distill_weight: float, scale: float = 1
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         half = {"fp32_output": False} if model.config.bf16 or model.config.fp16 else {}
+        cached = {"features": mb["features"]} if "features" in mb else {}
         output = model(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
-                       mb["attention_mask"], mb["block_position_ids"], **half)
+                       mb["attention_mask"], mb["block_position_ids"], **cached, **half)
         module = get_attr_wrapped_model(model, "output_weight", return_model_obj=True)
         return output, partial(loss_func, mb, module, cfg.block_size, distill_weight, chunk_rows,
                                scale)

@@ -10,6 +10,8 @@ composed with TP, SP, PP and DP: everything equals one process. Run with
   expert-parallel rank only its experts, an expert-TP rank only its slices of them.
 * Training: 20 DFlash steps give the single-process losses and grad norms (<= 1e-5) — the same
   `trajectory` driver as tests/distributed/test_pipeline.py.
+* DeepSeek-V3 (megatron's MLA, sigmoid group-limited router with expert bias, shared experts):
+  logits at EP2 and TP2 x EP2 with SP equal the single-process import.
 
 gloo runs both dispatchers: allgather (all_gather_into_tensor / reduce_scatter_tensor over the
 expert TP x EP group, equal shapes) and alltoall (all_to_all_single with uneven splits over EP;
@@ -34,6 +36,7 @@ from megatron_dflash.target.capture import FeatureCapture, target_forward
 from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 from test_pipeline import _finish, _single_process, flags, trajectory
+from unit_tests.test_deepseek_import import tiny_deepseek_dir
 
 VOCAB, HIDDEN, BATCH, TOL = 256, 64, 2, 1e-5
 # Layers 0, 1 and 3 MoE, 2 dense: at PP2 both stages end with an MoE layer.
@@ -152,6 +155,43 @@ def test_target_layout_equals_one_process(layout, dispatcher, shared, reference,
     expected = torch.cat([ref_features.chunk(len(TAPS), -1)[i] for i in stage_taps], -1)
     assert capture.local_ids == (TAPS if spec["pp"] == 1 else [0, 1] if first else [3])
     assert (features - expected).abs().max() <= TOL
+    Utils.destroy_model_parallel()
+
+
+@pytest.fixture(scope="module")
+def deepseek(shared):
+    """(checkpoint, one-process logits per data-parallel rank) of a tiny DeepSeek-V3."""
+    path = os.path.join(shared, "deepseek")
+    if dist.get_rank() == 0:
+        tiny_deepseek_dir(path)
+    dist.barrier()
+    Utils.initialize_model_parallel(1, 1)
+    hf = load_hf_config(path)
+    model = build_target(hf, target_transformer_config(hf))
+    load_hf_weights(model, path)
+    with torch.no_grad():
+        logits = [model(*_tokens(dp, False), None) for dp in range(4)]
+    Utils.destroy_model_parallel()
+    return path, logits
+
+
+@pytest.mark.world(4)
+@pytest.mark.parametrize("tp,ep,sp,dispatcher", [(1, 2, False, "allgather"),
+                                                 (2, 2, True, "alltoall")],
+                         ids=["ep2_allgather", "tp2ep2_sp_alltoall"])
+def test_deepseek_layout_equals_one_process(tp, ep, sp, dispatcher, deepseek):
+    path, reference = deepseek
+    Utils.initialize_model_parallel(tp, 1, ep=ep)
+    hf = load_hf_config(path)
+    model = build_target(hf, target_transformer_config(
+        hf, tensor_parallel_size=tp, sequence_parallel=sp, expert_model_parallel_size=ep,
+        moe_token_dispatcher_type=dispatcher))
+    load_hf_weights(model, path)
+    dp = parallel_state.get_data_parallel_rank()
+    with torch.no_grad():
+        logits = model(*_tokens(dp, False), None)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    assert (_gather(logits, -1, tp_group) - reference[dp]).abs().max() <= TOL
     Utils.destroy_model_parallel()
 
 

@@ -308,42 +308,30 @@ def _metrics_losses(save_dir: str) -> dict[int, float]:
 
 @pytest.mark.world(4)
 def test_checkpoints_reshard_between_layouts(shared, reference):
-    """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 and at DP2; saved at TP1xPP1 and at DP2 ->
-    resumed at TP2xPP2. Each resumed step's loss equals the uninterrupted run's (<= 1e-5)."""
+    """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 (DP4) and at PP2xDP2; saved there -> resumed
+    at TP2xPP2 and at TP2xDP2. Each resumed step's loss equals the uninterrupted run's (<= 1e-5).
+    All in this world of four, so no layout needs a process of its own."""
     target_dir, data, ref = os.path.join(shared, "target"), _data(shared), reference["loss"]
-    tp2pp2 = dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
-                  sequence_parallel=True)
-    ckpt = {k: os.path.join(shared, f"ckpt_{k}") for k in ("tp2pp2", "single", "dp2")}
-    saved = _in_process(flags(target_dir, data, train_iters=2, save=ckpt["tp2pp2"], **tp2pp2))
-    assert max(abs(a - b) for a, b in zip(saved["losses"], ref[:2], strict=True)) <= TOL
+    layouts = {"tp2pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
+                              sequence_parallel=True),
+               "dp4": {}, "pp2dp2": dict(pipeline_model_parallel_size=2),
+               "tp2dp2": dict(tensor_model_parallel_size=2)}
+    ckpt = {k: os.path.join(shared, f"ckpt_{k}") for k in layouts}
 
-    resumed = [None]
-    if dist.get_rank() == 0:  # the other layouts, in fresh processes
-        single = _single_process(shared, "\n".join([
-            f"r = pretrain(parse_args({flags(target_dir, data, train_iters=3, load=ckpt['tp2pp2'])!r}))",
-            "Utils.destroy_model_parallel()",
-            f"pretrain(parse_args({flags(target_dir, data, train_iters=2, save=ckpt['single'])!r}))",
-            "print('losses ' + json.dumps(r['losses']))"]))
-        dp2 = subprocess.Popen(
-            [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-             "--nproc-per-node=2", os.path.join(REPO, "examples", "pretrain_dflash.py"),
-             *flags(target_dir, data, train_iters=3, load=ckpt["tp2pp2"], save=ckpt["dp2"])],
-            cwd=REPO, env=dict(_clean_env(), OMP_NUM_THREADS="1"), stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)
-        out_single, _ = single.communicate(timeout=600)
-        out_dp2, _ = dp2.communicate(timeout=600)
-        assert single.returncode == 0, out_single[-4000:]
-        assert dp2.returncode == 0, out_dp2[-4000:]
-        (line,) = [l for l in out_single.splitlines() if l.startswith("losses ")]
-        resumed[0] = {"single": json.loads(line[7:]), "dp2": _metrics_losses(ckpt["dp2"])}
-    dist.broadcast_object_list(resumed, src=0)
-    assert abs(resumed[0]["single"][0] - ref[2]) <= TOL
-    assert list(resumed[0]["dp2"]) == [3] and abs(resumed[0]["dp2"][3] - ref[2]) <= TOL
+    def run(layout, iters, load=None, save=None):
+        extra = dict(layouts[layout], **({"load": ckpt[load]} if load else {}),
+                     **({"save": ckpt[save]} if save else {}))
+        return _in_process(flags(target_dir, data, train_iters=iters, **extra))["losses"]
 
-    from_single = _in_process(flags(target_dir, data, train_iters=3, load=ckpt["single"], **tp2pp2))
-    from_dp2 = _in_process(flags(target_dir, data, train_iters=4, load=ckpt["dp2"], **tp2pp2))
-    assert len(from_single["losses"]) == 1 and abs(from_single["losses"][0] - ref[2]) <= TOL
-    assert len(from_dp2["losses"]) == 1 and abs(from_dp2["losses"][0] - ref[3]) <= TOL
+    saved = run("tp2pp2", 2, save="tp2pp2")
+    assert max(abs(a - b) for a, b in zip(saved, ref[:2], strict=True)) <= TOL
+    for layout in ("dp4", "pp2dp2"):  # resume elsewhere, and save there
+        (loss,) = run(layout, 3, load="tp2pp2", save=layout)
+        assert abs(loss - ref[2]) <= TOL, layout
+        assert list(_metrics_losses(ckpt[layout])) == [3]
+    for layout, source in (("tp2pp2", "dp4"), ("tp2dp2", "pp2dp2")):
+        (loss,) = run(layout, 4, load=source)
+        assert abs(loss - ref[3]) <= TOL, (layout, source)
 
 
 @pytest.mark.world(2)

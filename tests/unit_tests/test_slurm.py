@@ -136,3 +136,94 @@ def test_main_writes_script_and_log_dir(tmp_path):
     script = render_module.main(["--nodes", "2", "--run-dir", str(tmp_path / "r"), "--", *TRAIN])
     assert script == tmp_path / "r/dflash.sbatch" and (tmp_path / "r/logs").is_dir()
     assert "--nproc-per-node=8" in script.read_text()
+
+
+# --- MoE targets: expert parallelism in the rendered job, checked against the GPUs and the target
+
+# Qwen3-235B-A22B on 4 nodes x 8 GPUs. PP=2: its 94 layers split only into 2 (or 47, 94) equal
+# stages. TP=4 (within a node) leaves DP = 32 / (4 x 2) = 4, so expert-TP x EP must divide
+# TP x DP = 16: EP=8 with expert-TP 1 (the default expert-TP = TP = 4 would need 32) keeps each
+# expert's GEMMs whole and the alltoall inside one node; 128 / 8 = 16 experts per GPU.
+MOE_TRAIN = ["--mask-token-id", "151669", "--bf16", "--train-data", "/data/train",
+             "--tensor-model-parallel-size", "4", "--sequence-parallel",
+             "--pipeline-model-parallel-size", "2", "--expert-model-parallel-size", "8",
+             "--expert-tensor-parallel-size", "1", "--moe-token-dispatcher-type", "alltoall",
+             "--global-batch-size", "64"]
+
+
+def _config_dir(path, moe=True):
+    """A config.json only (no weights), shaped like Qwen3-235B-A22B or a dense Qwen3."""
+    from transformers import Qwen3Config, Qwen3MoeConfig
+
+    shape = dict(hidden_size=4096, num_hidden_layers=94, num_attention_heads=64,
+                 num_key_value_heads=4, head_dim=128, vocab_size=151936, intermediate_size=12288)
+    config = (Qwen3MoeConfig(architectures=["Qwen3MoeForCausalLM"], num_experts=128,
+                             num_experts_per_tok=8, moe_intermediate_size=1536, **shape)
+              if moe else Qwen3Config(architectures=["Qwen3ForCausalLM"], **shape))
+    config.save_pretrained(path)
+    return str(path)
+
+
+def _with(args, **flags):
+    """`args` with each `--flag value` replaced (or added)."""
+    out = list(args)
+    for name, value in flags.items():
+        flag = "--" + name.replace("_", "-")
+        if flag in out:
+            out[out.index(flag) + 1] = str(value)
+        else:
+            out += [flag, str(value)]
+    return out
+
+
+def test_renders_qwen3_235b_expert_parallel_job(tmp_path, slurm):
+    env, log = slurm
+    target = _config_dir(tmp_path / "Qwen3-235B-A22B")
+    text = render("torchrun", nodes=4, gpus_per_node=8, run_dir=tmp_path / "run",
+                  train_args=["--target", target, *MOE_TRAIN])
+    assert ("# Layout: TP 4 x PP 2 x DP 4; experts: expert-TP 1 x EP 8 x PP 2 x expert-DP 2."
+            in text.splitlines())
+    assert "#SBATCH --nodes=4" in text.splitlines()
+    script = tmp_path / "moe.sbatch"
+    script.write_text(text)
+    subprocess.run(["bash", str(script)], env=env, check=True, timeout=60)
+    argv = srun_argv(log)
+    assert "--nnodes=4" in argv and "--nproc-per-node=8" in argv
+    args = trainer_args(argv)
+    assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
+            args.expert_model_parallel_size, args.expert_tensor_parallel_size) == (4, 2, 8, 1)
+    assert args.moe_token_dispatcher_type == "alltoall" and args.sequence_parallel
+    assert args.target == target
+
+
+@pytest.mark.parametrize("nodes,flags,match", [
+    # the default expert-TP (= TP = 4) x EP 8 = 32 does not divide TP x DP = 16
+    (4, dict(expert_tensor_parallel_size=4),
+     r"--expert-model-parallel-size=8: expert-TP x EP = 4 x 8 must divide TP x DP = 4 x 4"),
+    (4, dict(pipeline_model_parallel_size=4),
+     "--pipeline-model-parallel-size=4 must divide the target's 94 layers"),
+    # 3 nodes: TP x DP = 12, EP 3 fits the GPUs but not the 128 experts
+    (3, dict(expert_model_parallel_size=3),
+     "--expert-model-parallel-size=3 must divide the target's num_experts=128"),
+    (4, dict(expert_model_parallel_size=0), "--expert-model-parallel-size=0 must be >= 1"),
+])
+def test_rejects_expert_layouts_that_cannot_run(tmp_path, nodes, flags, match):
+    target = _config_dir(tmp_path / "target")
+    with pytest.raises(ValueError, match=match):
+        render("srun", nodes=nodes, gpus_per_node=8, run_dir=tmp_path,
+               train_args=_with(["--target", target, *MOE_TRAIN], **flags))
+
+
+def test_rejects_expert_parallelism_on_a_dense_target(tmp_path):
+    target = _config_dir(tmp_path / "dense", moe=False)
+    with pytest.raises(ValueError, match="--expert-model-parallel-size=8: the target .* is dense"):
+        render("srun", nodes=4, gpus_per_node=8, run_dir=tmp_path,
+               train_args=["--target", target, *MOE_TRAIN])
+
+
+def test_rejects_an_unreadable_target_config(tmp_path):
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken/config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="--target: .*config.json is not a readable HF config"):
+        render("srun", nodes=4, gpus_per_node=8, run_dir=tmp_path,
+               train_args=["--target", str(tmp_path / "broken"), *MOE_TRAIN])

@@ -126,7 +126,6 @@ def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
     (["--distill-weight", "2"], "--distill-weight"),
     (["--tensor-model-parallel-size", "3"], "world size"),
     (["--target", "/nonexistent", "--mask-token-id", "3"], "--target"),
-    (["--target", "/tmp"], "--mask-token-id"),
     (["--block-size", "1"], "--block-size"),
     (["--finetune"], "--finetune"),
     (["--attention", "flash"], "--attention"),
@@ -287,14 +286,50 @@ def _wait_for_checkpoint(root, job, log_path, timeout=300):
         time.sleep(0.1)
 
 
+STRAIGHT_ITERS = 12  # the uninterrupted run both resume tests compare with (k + n <= this)
+
+
+def _resumable(target, data):
+    """The flags of the kill and signal tests: a constant LR makes the schedule independent of
+    --train-iters, so a job can run until it is stopped and a longer straight run is the
+    reference for any shorter one."""
+    return flags(target, *data, log_interval=1, lr_decay_style="constant", lr_warmup_fraction=0,
+                 eval_samples=4)
+
+
+@pytest.fixture(scope="module")
+def straight_losses(target, data, tmp_path_factory):
+    """nproc -> {iteration: loss} of one straight run of STRAIGHT_ITERS, made once per world size
+    and shared by the resume tests."""
+    made = {}
+
+    def get(nproc):
+        if nproc not in made:
+            log = tmp_path_factory.mktemp(f"straight_dp{nproc}") / "straight.log"
+            job = _torchrun(nproc, _resumable(target, data) + ["--train-iters", str(STRAIGHT_ITERS)],
+                            log)
+            try:
+                assert job.wait(timeout=300) == 0, open(log).read()[-3000:]
+            finally:
+                _kill_tree(job)
+            made[nproc] = _losses(log)
+            assert sorted(made[nproc]) == list(range(1, STRAIGHT_ITERS + 1))
+        return made[nproc]
+    return get
+
+
+def _straight(straight_losses, nproc, iterations):
+    assert iterations <= STRAIGHT_ITERS
+    return {i: v for i, v in straight_losses(nproc).items() if i <= iterations}
+
+
 @pytest.mark.parametrize("nproc", [1, 2], ids=["dp1", "dp2"])
-def test_kill_and_resume_is_exact(target, data, tmp_path, nproc):
+def test_kill_and_resume_is_exact(target, data, tmp_path, nproc, straight_losses):
     """Train, SIGKILL the whole job mid-training, resume from its last checkpoint (iteration k)
     for n more steps: the losses of steps 1..k (killed job) and k+1..k+n (resumed job) equal a
-    straight run of k+n steps, bit for bit. A constant LR makes the schedule independent of
-    --train-iters, so the killed job can run until it is killed."""
+    straight run, bit for bit."""
     n = 3
-    common = flags(target, data[0], log_interval=1, lr_decay_style="constant", lr_warmup_fraction=0)
+    common = _resumable(target, data)
     save = tmp_path / "ckpt"
     killed = _torchrun(nproc, common + ["--train-iters", "100000", "--save", str(save),
                                         "--save-interval", str(n)], tmp_path / "killed.log")
@@ -307,14 +342,13 @@ def test_kill_and_resume_is_exact(target, data, tmp_path, nproc):
 
     resumed = _torchrun(nproc, common + ["--train-iters", str(k + n), "--load", str(save)],
                         tmp_path / "resumed.log")
-    assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
-    straight = _torchrun(nproc, common + ["--train-iters", str(k + n)], tmp_path / "straight.log")
-    assert straight.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
-
-    expected = _losses(tmp_path / "straight.log")
+    try:
+        assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
+    finally:
+        _kill_tree(resumed)
+    expected = _straight(straight_losses, nproc, k + n)
     before = {i: v for i, v in _losses(tmp_path / "killed.log").items() if i <= k}
     after = _losses(tmp_path / "resumed.log")
-    assert sorted(expected) == list(range(1, k + n + 1))
     assert sorted(before) == list(range(1, k + 1)) and sorted(after) == list(range(k + 1, k + n + 1))
     assert {**before, **after} == expected  # bit-exact on CPU fp32
 
@@ -344,13 +378,12 @@ def _workers(job) -> dict[int, psutil.Process]:
     return out
 
 
-def test_signal_on_one_rank_saves_and_exits_together(target, data, tmp_path):
+def test_signal_on_one_rank_saves_and_exits_together(target, data, tmp_path, straight_losses):
     """SIGTERM (pre-emption) reaching only rank 0 of two: both ranks finish the iteration, save
     one checkpoint there and exit 0 (no final evaluation); resuming from it continues exactly as
     a straight run."""
     n = 3
-    common = flags(target, *data, log_interval=1, lr_decay_style="constant", lr_warmup_fraction=0,
-                   eval_samples=4)
+    common = _resumable(target, data)
     save, log = tmp_path / "ckpt", tmp_path / "signalled.log"
     job = _torchrun(2, common + ["--train-iters", "100000", "--save", str(save),
                                  "--save-interval", "100000"], log)
@@ -371,7 +404,9 @@ def test_signal_on_one_rank_saves_and_exits_together(target, data, tmp_path):
 
     resumed = _torchrun(2, common + ["--train-iters", str(k + n), "--load", str(save)],
                         tmp_path / "resumed.log")
-    assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
-    straight = _torchrun(2, common + ["--train-iters", str(k + n)], tmp_path / "straight.log")
-    assert straight.wait(timeout=300) == 0, open(tmp_path / "straight.log").read()[-3000:]
-    assert {**_losses(log), **_losses(tmp_path / "resumed.log")} == _losses(tmp_path / "straight.log")
+    try:
+        assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
+    finally:
+        _kill_tree(resumed)
+    assert {**_losses(log), **_losses(tmp_path / "resumed.log")} == \
+        _straight(straight_losses, 2, k + n)
