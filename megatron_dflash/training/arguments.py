@@ -11,6 +11,7 @@ import importlib.util
 import json
 import os
 import re
+import sys
 
 from megatron_dflash.config import DFlashConfig, build_target_layer_ids
 from megatron_dflash.fp8 import FP8_FORMATS, FP8_RECIPES, FP8Settings
@@ -29,6 +30,16 @@ _EMBEDDED_TARGET_CONFIG = dict(
     head_dim=64, max_position_embeddings=8192, rms_norm_eps=9.999999747378752e-06,
     rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, tie_word_embeddings=True,
     hidden_act="silu", bos_token_id=1, eos_token_id=2, pad_token_id=2)
+
+EMBEDDED_RUN_DEFAULTS = dict(
+    seq_length=160, block_size=8, num_anchors=12, num_draft_layers=1, micro_batch_size=4,
+    global_batch_size=4, train_iters=120, lr=3e-3, min_lr=3e-4, lr_warmup_fraction=0.05,
+    log_interval=10, seq_length_buckets=2)
+"""Flag defaults when neither --target nor --train-data is given (the embedded default,
+`training.embedded`, a CPU demo of minutes):
+a block of 8 (on CPU a block's verification costs about one decoding step, and a small draft
+trained for minutes rarely gets past position 8), short sequences (prompt + answer)."""
+
 
 # The flag that sets each DFlashConfig field; the other fields are the target's.
 DFLASH_FLAGS = {
@@ -586,6 +597,9 @@ def parse_args(argv=None, world_size: int = 1) -> argparse.Namespace:
     """Parse and validate; a bad flag exits with argparse's usage line and one error line (2).
     What --load's checkpoint was saved with and this run changes is printed (rank 0)."""
     parser = build_parser()
+    given = sys.argv[1:] if argv is None else argv
+    if not any(a.split("=")[0] in ("--target", "--train-data") for a in given):
+        parser.set_defaults(**EMBEDDED_RUN_DEFAULTS)
     args = parser.parse_args(argv)
     try:
         args = validate_args(args, world_size)

@@ -38,7 +38,7 @@ from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.target import (build_target, hf_tensor, load_hf_config, load_hf_weights,
                                    target_transformer_config)
 from megatron_dflash.training.arguments import dflash_config, moe_parallel
-from megatron_dflash.training.embedded import prepare_embedded_default
+from megatron_dflash.training.embedded import finish_embedded_default, prepare_embedded_default
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
 from megatron_dflash.training.prefetch import Prefetcher
@@ -314,15 +314,16 @@ def pretrain(args) -> dict:
     --export directory) on every rank (for tests and the embedded demo)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-    if args.target is None or args.train_data is None:
-        prepare_embedded_default(args)
-    if args.distill_weight is None:
-        args.distill_weight = 0.0
     parallel_state.initialize_model_parallel(
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
         expert_model_parallel_size=args.expert_model_parallel_size,
         expert_tensor_parallel_size=args.expert_tensor_parallel_size)
     tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
+    embedded = args.target is None or args.train_data is None
+    if embedded:
+        prepare_embedded_default(args)
+    if args.distill_weight is None:
+        args.distill_weight = 0.0
     torch.manual_seed(args.seed)
 
     t0 = time.time()
@@ -431,6 +432,8 @@ def pretrain(args) -> dict:
         result["export"] = export_draft(args, model, optimizer, scheduler, iteration,
                                         dict(extra_state, consumed_samples=consumed))
         log(f"exported the draft (iteration {iteration}) to {result['export']}")
+        if embedded and getattr(args, "embedded_eval_prompts", None):
+            finish_embedded_default(args, result)
     elif args.export:
         log(f"--export {args.export}: nothing exported (no --save: no checkpoint of the draft "
             "was saved before the exit)")

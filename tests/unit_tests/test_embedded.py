@@ -1,0 +1,35 @@
+"""The embedded default's own choices: its prompts and its flag defaults (the run itself is
+`make run`, measured in the issue notes)."""
+import json
+
+from megatron_dflash.training import embedded
+from megatron_dflash.training.arguments import EMBEDDED_RUN_DEFAULTS, build_parser, parse_args
+
+
+def test_prompts_are_distinct_user_turns_openings_first_without_held_out(tmp_path):
+    path = tmp_path / "chats.jsonl"
+    chats = [
+        {"id": "a", "messages": [{"role": "user", "content": "What is your favourite smell?"},
+                                 {"role": "assistant", "content": "Rain on a hot street."},
+                                 {"role": "user", "content": "Mine is coffee in the morning"}]},
+        {"id": "b", "messages": [{"role": "user", "content": "What is your favourite smell?"},
+                                 {"role": "assistant", "content": "Pine."},
+                                 {"role": "user", "content": "ok"}]},
+        {"id": "c", "messages": [{"role": "user", "content": "Where would you like to travel?"}]},
+    ]
+    path.write_text("".join(json.dumps(c) + "\n" for c in chats))
+    got = embedded._prompts(str(path), 10)
+    assert [p["id"] for p in got] == ["a/0", "c/0", "a/2"]  # openings first, "ok" too short
+    assert got[2]["messages"] == [{"role": "user", "content": "Mine is coffee in the morning"}]
+    assert [p["id"] for p in embedded._prompts(str(path), 1)] == ["a/0"]
+    held_out = {"Where would you like to travel?"}
+    assert [p["id"] for p in embedded._prompts(str(path), 10, exclude=held_out)] == ["a/0", "a/2"]
+
+
+def test_embedded_defaults_apply_only_to_the_embedded_default():
+    defaults = build_parser().parse_args([])
+    embedded_run = parse_args([])
+    for name, value in EMBEDDED_RUN_DEFAULTS.items():
+        assert getattr(embedded_run, name) == value, name
+    assert any(getattr(defaults, n) != v for n, v in EMBEDDED_RUN_DEFAULTS.items())
+    assert parse_args(["--block-size", "4"]).block_size == 4  # a flag still wins
