@@ -117,3 +117,18 @@ def tiny_moe_target_dir(path, seed=0, **kw) -> str:
     """`tiny_moe_model` saved as config.json + safetensors (one tensor per expert, as on disk)."""
     tiny_moe_model(tiny_moe_config(**kw), seed).save_pretrained(path)
     return str(path)
+
+
+def record_checkpoint_reads(monkeypatch) -> list:
+    """Every HF checkpoint `hf_import` opens from now on (in order), to count what it reads."""
+    from megatron_dflash.target import hf_import
+
+    opened = []
+
+    class Recorded(hf_import._Checkpoint):
+        def __init__(self, source):
+            super().__init__(source)
+            opened.append(self)
+
+    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    return opened

@@ -30,8 +30,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from conftest import Utils
-from dflash_testing import pattern_dataset, tiny_moe_target_dir
-from megatron_dflash.target import hf_import
+from dflash_testing import pattern_dataset, record_checkpoint_reads, tiny_moe_target_dir
 from megatron_dflash.target.capture import FeatureCapture, target_forward
 from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
@@ -104,14 +103,7 @@ def reference(shared):
 @pytest.mark.parametrize("layout", list(TARGET_LAYOUTS))
 def test_target_layout_equals_one_process(layout, dispatcher, shared, reference, monkeypatch):
     spec = dict(tp=1, pp=1, ep=1, etp=None, sp=False) | TARGET_LAYOUTS[layout]
-    opened = []
-
-    class Recorded(hf_import._Checkpoint):
-        def __init__(self, source):
-            super().__init__(source)
-            opened.append(self)
-
-    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    opened = record_checkpoint_reads(monkeypatch)
     Utils.initialize_model_parallel(spec["tp"], spec["pp"], ep=spec["ep"], etp=spec["etp"])
     path = os.path.join(shared, "target")
     hf = load_hf_config(path)

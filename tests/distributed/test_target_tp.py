@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from dflash_testing import tiny_target_dir
+from dflash_testing import record_checkpoint_reads, tiny_target_dir
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from megatron_dflash.target import hf_import
@@ -119,14 +119,7 @@ def test_pp2_stages_match_tp1(utils):
 def test_tp2_reads_only_its_slices(utils, tmp_path, monkeypatch):
     """Each rank reads from the safetensors exactly the elements of its own parameters
     (replicated norms in full), not the whole checkpoint; the header check reads none."""
-    opened = []
-
-    class Recorded(hf_import._Checkpoint):
-        def __init__(self, source):
-            super().__init__(source)
-            opened.append(self)
-
-    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    opened = record_checkpoint_reads(monkeypatch)
     path = [tiny_target_dir(tmp_path / "target") if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(path, src=0)  # transformers saves on rank 0 only
     path = path[0]

@@ -17,7 +17,7 @@ from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
 from safetensors.torch import load_file, save_file
 
-from dflash_testing import build_draft
+from dflash_testing import build_draft, record_checkpoint_reads
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.evaluate import SpeculativeDecoder
 from megatron_dflash.synthetic import randomize_
@@ -129,14 +129,7 @@ def test_import_matches_hf_and_skips_mtp(target, utils, monkeypatch, capsys):
     (however often the config is loaded) and none of its tensors is read."""
     utils.initialize_model_parallel(1, 1)
     path, hf_model = target
-    opened = []
-
-    class Recorded(hf_import._Checkpoint):
-        def __init__(self, source):
-            super().__init__(source)
-            opened.append(self)
-
-    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    opened = record_checkpoint_reads(monkeypatch)
     load_hf_config(path)
     model = import_target(path)
     out = capsys.readouterr().out
