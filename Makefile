@@ -28,7 +28,7 @@ run: $(STAMP)
 test: test-unit test-dist
 
 test-unit: $(STAMP)
-	$(VENV)/bin/python -m pytest -q tests/unit_tests
+	$(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests/unit_tests
 
 test-dist: $(STAMP)
 	timeout 1200 $(TORCHRUN) --nproc-per-node 2 -m pytest -q tests/distributed

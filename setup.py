@@ -21,6 +21,6 @@ setup(
     extras_require={
         # Transformer Engine: GPU-only; installed from wheels on the GPU machine.
         "te": ["transformer-engine[pytorch]==2.20.2"],
-        "test": ["pytest", "chitchat-dataset==0.9.0"],
+        "test": ["pytest", "pytest-xdist", "chitchat-dataset==0.9.0"],
     },
 )

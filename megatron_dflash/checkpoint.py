@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import os
 import pickle
+import queue
 import random
 import shutil
 
@@ -25,6 +26,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
 from megatron.core.dist_checkpointing.core import CheckpointingException, maybe_load_config
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
@@ -108,6 +110,16 @@ def _torch_adam_states(optimizer):
             yield o.optimizer
 
 
+def _save(sharded_state_dict: dict, path: str) -> None:
+    """dist_checkpointing.save, which writes synchronously in this process. Its filesystem writer
+    hands results over a multiprocessing Manager queue, made for async saves that write from
+    another process; the first use starts the Manager's server, a spawned interpreter that
+    re-imports the main script (~6 s of CPU per rank). In this process a plain queue does."""
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = queue.Queue()
+    dist_checkpointing.save(sharded_state_dict, path)
+
+
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extra: dict) -> str:
     """Save the draft, optimizer, scheduler, RNG and `extra` (data position, configs) collectively."""
     final, partial = iteration_dir(root, iteration), _partial_dir(root, iteration)
@@ -117,7 +129,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
     sd = _sharded_state_dict(_unwrap(model), optimizer, is_loading=False)
     sd["scheduler"] = scheduler.state_dict()
     sd["extra"] = dict(extra, iteration=iteration)
-    dist_checkpointing.save(sd, partial)
+    _save(sd, partial)
     dist.barrier()
     if dist.get_rank() == 0:
         atomic.publish(partial, final, replace=True)
@@ -137,7 +149,7 @@ def save_model_checkpoint(root: str, draft, extra: dict, iteration: int = 0) -> 
         if dist.get_rank() == 0:
             atomic.make_partial(partial)
         dist.barrier()
-        dist_checkpointing.save({"model": draft.sharded_state_dict(prefix=DRAFT_PREFIX),
+        _save({"model": draft.sharded_state_dict(prefix=DRAFT_PREFIX),
                                  "extra": dict(extra, iteration=iteration)}, partial)
         dist.barrier()
         if dist.get_rank() == 0:

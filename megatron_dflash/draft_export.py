@@ -14,6 +14,7 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import save_file
 
 from megatron_dflash import atomic, state_dict_adapter
@@ -30,15 +31,22 @@ def export_checkpoint(root: str, out_dir: str, *, iteration: int | None = None,
                       dtype: str | None = None, tokenizer_dir: str | None = None) -> str:
     """Write a training checkpoint's draft as a reference-format directory `out_dir`.
 
+    Collective where a process group exists (inside a training job): every rank reads the
+    checkpoint, rank 0 writes; otherwise a world of one process is made for the read.
+
     Args:
         dtype: "fp32", "bf16" or "fp16"; default: the stored dtype (fp32 if mixed).
         tokenizer_dir: copy the tokenizer files found there (the target's) into `out_dir`.
     """
-    _check_new_output(out_dir)
+    writes = not dist.is_initialized() or dist.get_rank() == 0
+    if writes:
+        _check_new_output(out_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
     tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
     extra, cfg, full = read_checkpoint(root, iteration)
+    if not writes:
+        return out_dir
     tensors = state_dict_adapter.megatron_to_hf(full, cfg)
     stored = {t.dtype for t in tensors.values()}
     out_dtype = DTYPES[dtype] if dtype else (stored.pop() if len(stored) == 1 else torch.float32)

@@ -1,6 +1,6 @@
 """Test harness: megatron-core on CPU with gloo, megatron's own unit-test style.
 
-  pytest tests/unit_tests                                   world of one
+  pytest -n 2 --dist loadfile tests/unit_tests              worlds of one, two workers
   torchrun --nproc-per-node N -m pytest tests/distributed   every rank runs every test in lockstep
 
 A test marked `@pytest.mark.world(n)` runs only in a world of n processes (others deselect it), so
@@ -41,6 +41,11 @@ def _world_size():
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+# The longest modules (they start whole jobs in subprocesses, or train), longest first: collected
+# before the rest, so that under the README's `-n 2 --dist loadfile` the two workers end together.
+LONG_MODULES = ("test_resume.py", "test_evaluate.py", "test_training.py", "test_benchmark.py")
+
+
 def pytest_collection_modifyitems(config, items):
     keep, drop = [], []
     for item in items:
@@ -48,7 +53,9 @@ def pytest_collection_modifyitems(config, items):
         (keep if (m.args[0] if m else 1) == _world_size() else drop).append(item)
     if drop:
         config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    rank = {name: i for i, name in enumerate(LONG_MODULES)}
+    keep.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: else as collected
+    items[:] = keep
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -10,11 +10,9 @@ import contextlib
 import dataclasses
 import gc
 import math
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.distributed as dist
@@ -441,37 +439,31 @@ def pretrain(args) -> dict:
 
 
 def export_draft(args, model, optimizer, scheduler, iteration: int, extra: dict) -> str:
-    """--export DIR: the draft in the reference format, written by rank 0 from this iteration's
-    checkpoint in --save (or, without one, a temporary checkpoint beside DIR), which
-    `draft_export` reads with the TP/PP shards gathered. Collective. An earlier export in DIR is
-    replaced once the new one is complete.
-
-    The reading is collective over whatever default process group exists, so in a world of
-    more than one process rank 0 runs the export in a fresh process of its own (a world of
-    one) while the others wait."""
+    """--export DIR: the draft in the reference format, from this iteration's checkpoint in
+    --save (or, without one, a temporary checkpoint beside DIR), which `draft_export` reads with
+    the TP/PP shards gathered: every rank reads, rank 0 writes. Collective. An earlier export in
+    DIR is replaced once the new one is complete."""
     out = os.path.abspath(args.export)
     root = args.save
     if root is None or not os.path.isdir(checkpoint.iteration_dir(root, iteration)):
         root = out + ".checkpoint-partial"
         checkpoint.save_checkpoint(root, iteration, model, optimizer, scheduler, extra)
-    if dist.get_rank() == 0:
-        fresh = not os.path.exists(out) or not os.listdir(out)
-        written = out if fresh else out + ".export-partial"
+    rank0 = dist.get_rank() == 0
+    fresh = [not os.path.exists(out) or not os.listdir(out)]
+    dist.broadcast_object_list(fresh, src=0)  # rank 0's view, before it writes
+    written = out if fresh[0] else out + ".export-partial"
+    if rank0:
         shutil.rmtree(out + ".export-partial", ignore_errors=True)
-        tokenizer = args.target if any(os.path.isfile(os.path.join(args.target, f))
-                                       for f in TOKENIZER_FILES) else None
-        try:
-            if dist.get_world_size() == 1:
-                export_checkpoint(root, written, iteration=iteration, tokenizer_dir=tokenizer)
-            else:
-                with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                    pool.submit(export_checkpoint, root, written, iteration=iteration,
-                                tokenizer_dir=tokenizer).result()
-            if not fresh:
-                atomic.publish(written, out, replace=True)
-        finally:
-            if root != args.save:
-                shutil.rmtree(root, ignore_errors=True)
+    tokenizer = args.target if any(os.path.isfile(os.path.join(args.target, f))
+                                   for f in TOKENIZER_FILES) else None
+    try:
+        export_checkpoint(root, written, iteration=iteration, tokenizer_dir=tokenizer)
+        dist.barrier()  # every rank has read the checkpoint
+        if rank0 and not fresh[0]:
+            atomic.publish(written, out, replace=True)
+    finally:
+        if rank0 and root != args.save:
+            shutil.rmtree(root, ignore_errors=True)
     dist.barrier()
     return out
 

@@ -1,6 +1,8 @@
-"""Export from tensor-parallel checkpoints: reference -> megatron checkpoint at TP=2 -> reference
-is bit-exact, and a draft saved at TP=2 exports to the reference code with our TP=1 logits. The
-export runs as the CLI in a separate single process, as it would after training."""
+"""Export from tensor- and pipeline-parallel checkpoints: reference -> megatron checkpoint at TP=2
+-> reference is bit-exact (the CLI in a separate single process, as a user runs it after
+training); a draft saved at TP=2 exports to the reference code with our TP=1 logits (the export
+collective over the TP=2 world: every rank reads, rank 0 writes); and a PP=2 training job's own
+--export gives the reference code our logits."""
 import json
 import os
 import subprocess
@@ -19,6 +21,7 @@ from interop_testing import (REPO, draft_config, reference_block_logits, referen
                              reference_tensors, same_bytes, shared_tmp_dir,
                              write_draft_checkpoint, write_reference_dir)
 from megatron_dflash import state_dict_adapter
+from megatron_dflash.draft_export import export_checkpoint
 from megatron_dflash.draft_import import import_reference, load_draft_weights
 from megatron_dflash.draft_reader import read_checkpoint
 
@@ -92,7 +95,8 @@ def test_tp2_checkpoint_exports_our_tp1_logits(utils, shared):
                            "decoder.layers.0.self_attention.linear_qkv.weight"])
     root, out = os.path.join(shared, "ckpt"), os.path.join(shared, "out")
     write_draft_checkpoint(root, draft2, cfg2)
-    _export_in_one_process(root, out)
+    assert export_checkpoint(root, out) == out  # collective
+    dist.barrier()
     ref, info = ReferenceDraft.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     theirs = reference_block_logits(ref.eval(), head["embedding"], head["output"], inputs)
@@ -101,8 +105,8 @@ def test_tp2_checkpoint_exports_our_tp1_logits(utils, shared):
 
 @pytest.mark.world(2)
 def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
-    """A checkpoint written by pipeline-parallel training (PP=2) exports to the reference code
-    with the same block logits as our draft holding the checkpoint's weights."""
+    """Pipeline-parallel training (PP=2) with --export: the export gives the reference code the
+    same block logits as our draft holding the saved checkpoint's weights."""
     from dflash_testing import pattern_dataset, tiny_target_dir
     from megatron_dflash.training.arguments import parse_args
     from megatron_dflash.training.loop import pretrain
@@ -117,11 +121,10 @@ def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
                          "--seq-length", "48", "--block-size", "8", "--num-anchors", "4",
                          "--micro-batch-size", "2", "--global-batch-size", "4",
                          "--train-iters", "2", "--pipeline-model-parallel-size", "2",
-                         "--save", root], world_size=2))
+                         "--save", root, "--export", out], world_size=2))
     utils.initialize_model_parallel(1)
     extra, cfg, full = read_checkpoint(root)
     assert extra["world_size"] == 2 and extra["iteration"] == 2
-    _export_in_one_process(root, out)
     head_target = head_only_target()
     draft = build_draft(target_config(), cfg, head_target)
     load_draft_weights(draft, full)

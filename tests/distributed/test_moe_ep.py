@@ -209,24 +209,35 @@ def _flags(shared, **kw):
                  target_layer_ids=TAPS, **kw)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _train_reference_job(shared):
+    """The single-process trajectories with 1 and 3 buckets, in one fresh process on rank 0,
+    started with the module so that it runs beside the target tests above."""
+    if dist.get_rank() != 0:
+        yield None
+        return
+    out = os.path.join(shared, "reference.json")
+    body = "json.dump({b: trajectory(argv) for b, argv in %r.items()}, open(%r, 'w'))" % (
+        {buckets: _flags(shared, seq_length_buckets=buckets) for buckets in (1, 3)}, out)
+    job = _single_process(shared, body)
+    try:
+        yield job, out
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.wait()
+
+
 @pytest.fixture(scope="module")
-def train_reference(shared):
-    """The single-process trajectories (fresh processes on rank 0), with 1 and 3 buckets."""
+def train_reference(_train_reference_job):
     import json
 
     result = [None]
     if dist.get_rank() == 0:
-        jobs = {}
-        for buckets in (1, 3):
-            out = os.path.join(shared, f"reference_b{buckets}.json")
-            argv = _flags(shared, seq_length_buckets=buckets)
-            jobs[buckets] = (out, _single_process(
-                shared, f"json.dump(trajectory({argv!r}), open({out!r}, 'w'))"))
-        result[0] = {}
-        for buckets, (out, job) in jobs.items():
-            _finish(job)
-            with open(out) as f:
-                result[0][buckets] = json.load(f)
+        job, out = _train_reference_job
+        _finish(job)
+        with open(out) as f:
+            result[0] = {int(b): ref for b, ref in json.load(f).items()}
     dist.broadcast_object_list(result, src=0)
     return result[0]
 

@@ -46,14 +46,11 @@ def _train_flags(shared, **kw):
 
 
 def _export(root, out):
-    """tools/export_hf.py's main on every rank, each writing its own copy (the export reads the
-    whole draft collectively over whatever world exists); every copy equals rank 0's, `out`."""
-    mine = out if dist.get_rank() == 0 else f"{out}.rank{dist.get_rank()}"
-    assert tool("export_hf").main(["--checkpoint", root, "--output", mine]) == 0
+    """tools/export_hf.py's main on every rank: the export reads the whole draft collectively
+    over whatever world exists and rank 0 writes `out` (the checks below compare it)."""
+    assert tool("export_hf").main(["--checkpoint", root, "--output", out]) == 0
     dist.barrier()
-    exported, copy = reference_tensors(out), reference_tensors(mine)
-    assert sorted(copy) == sorted(exported)
-    assert all(same_bytes(v, exported[k]) for k, v in copy.items())
+    assert os.path.isfile(os.path.join(out, "model.safetensors"))
 
 
 def _hf_greedy(model, prompt, new_tokens):

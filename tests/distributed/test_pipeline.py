@@ -178,24 +178,59 @@ def _data(shared):
     return [os.path.join(shared, "long"), os.path.join(shared, "short")]
 
 
-@pytest.fixture(scope="module")
-def reference(shared):
-    """The single-process trajectory (rank 0 computes it in a fresh process; all ranks get it)."""
-    result = [None]
-    if dist.get_rank() == 0:
-        out = os.path.join(shared, "reference.json")
-        argv = flags(os.path.join(shared, "target"), _data(shared))
-        _finish(_single_process(shared, f"json.dump(trajectory({argv!r}), open({out!r}, 'w'))"))
-        with open(out) as f:
-            result[0] = json.load(f)
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
+def _taps01_flags(shared):
+    return flags(os.path.join(shared, "target"), _data(shared), target_layer_ids=[0, 1],
+                 distill_weight=0, train_iters=8)
+
+
+class References:
+    """The single-process trajectories this world's tests compare with, computed by one fresh
+    process on rank 0 that starts with the module, so it runs while the first test trains;
+    `get(name)` (collective) waits for it once and hands every rank the results."""
+
+    def __init__(self, shared):
+        self._result = None
+        self._job = None
+        if dist.get_rank() == 0:
+            wanted = {"full": (flags(os.path.join(shared, "target"), _data(shared)), STEPS)}
+            if dist.get_world_size() == 2:  # test_stage_past_the_deepest_tap_computes_no_layer
+                wanted["taps01"] = (_taps01_flags(shared), 8)
+            self._out = os.path.join(shared, "references.json")
+            body = ("json.dump({k: trajectory(a, n) for k, (a, n) in %r.items()}, open(%r, 'w'))"
+                    % (wanted, self._out))
+            self._job = _single_process(shared, body)
+
+    def get(self, name: str) -> dict:
+        if self._result is None:
+            result = [None]
+            if dist.get_rank() == 0:
+                _finish(self._job)
+                with open(self._out) as f:
+                    result[0] = json.load(f)
+            dist.broadcast_object_list(result, src=0)
+            self._result = result[0]
+        return self._result[name]
+
+    def close(self):
+        if self._job is not None and self._job.poll() is None:
+            self._job.kill()
+            self._job.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def references(shared):
+    refs = References(shared)
+    try:
+        yield refs
+    finally:
+        refs.close()
 
 
 @pytest.mark.parametrize("world,layout", [pytest.param(w, name, id=name, marks=pytest.mark.world(w))
                                           for w in LAYOUTS for name in LAYOUTS[w]])
-def test_layout_equals_one_process(world, layout, shared, reference):
+def test_layout_equals_one_process(world, layout, shared, references):
     got = trajectory(flags(os.path.join(shared, "target"), _data(shared), **LAYOUTS[world][layout]))
+    reference = references.get("full")
     assert got["lengths"] == [32, 48]  # the payload's shape changes between micro-batches
     for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"], strict=True)):
         assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step
@@ -208,21 +243,12 @@ def test_layout_equals_one_process(world, layout, shared, reference):
 
 
 @pytest.mark.world(2)
-def test_stage_past_the_deepest_tap_computes_no_layer(shared):
+def test_stage_past_the_deepest_tap_computes_no_layer(shared, references):
     """Without distillation the target stops at its deepest tap: with taps on stage 0 only, the
     last stage of PP=2 holds no target layer (it passes the payload to the draft) and trains
     exactly like one process, whose target holds only the tapped layers 0-1."""
-    argv = flags(os.path.join(shared, "target"), _data(shared), target_layer_ids=[0, 1],
-                 distill_weight=0, train_iters=8)
-    result = [None]
-    if dist.get_rank() == 0:
-        out = os.path.join(shared, "reference_taps01.json")
-        _finish(_single_process(shared, f"json.dump(trajectory({argv!r}, 8), open({out!r}, 'w'))"))
-        with open(out) as f:
-            result[0] = json.load(f)
-    dist.broadcast_object_list(result, src=0)
-    reference = result[0]
-    got = trajectory(argv + ["--pipeline-model-parallel-size", "2"], steps=8)
+    got = trajectory(_taps01_flags(shared) + ["--pipeline-model-parallel-size", "2"], steps=8)
+    reference = references.get("taps01")
     assert reference["target_layers"] == [2] and got["target_layers"] == [2, 0]
     assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
     for norms in got["grad_norms"]:
@@ -307,11 +333,11 @@ def _metrics_losses(save_dir: str) -> dict[int, float]:
 
 
 @pytest.mark.world(4)
-def test_checkpoints_reshard_between_layouts(shared, reference):
+def test_checkpoints_reshard_between_layouts(shared, references):
     """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 (DP4) and at PP2xDP2; saved there -> resumed
     at TP2xPP2 and at TP2xDP2. Each resumed step's loss equals the uninterrupted run's (<= 1e-5).
     All in this world of four, so no layout needs a process of its own."""
-    target_dir, data, ref = os.path.join(shared, "target"), _data(shared), reference["loss"]
+    target_dir, data, ref = os.path.join(shared, "target"), _data(shared), references.get("full")["loss"]
     layouts = {"tp2pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                               sequence_parallel=True),
                "dp4": {}, "pp2dp2": dict(pipeline_model_parallel_size=2),

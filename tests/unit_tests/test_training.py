@@ -1,17 +1,14 @@
-"""Training end to end: learning, sparse == dense attention, bad data, flag validation,
-kill-and-resume exactness, save-and-exit on a signal."""
+"""Training end to end: learning, sparse == dense attention, bad data, flag validation, loading
+with other settings (kill-and-resume and signals: test_resume.py)."""
 import importlib.util
 import io
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 
-import psutil
 import pytest
 import sentencepiece as spm
 
@@ -254,159 +251,3 @@ def test_tracker_ignores_partial_save(tmp_path):
     (tmp_path / checkpoint.TRACKER).write_text("4")
     with pytest.raises(ValueError, match="missing checkpoint"):
         checkpoint.latest_iteration(str(tmp_path))
-
-
-def _torchrun(nproc, argv, log_path):
-    """The main job under torchrun; its log to `log_path`, its metrics beside it (`_losses`)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [os.path.join(os.path.dirname(sys.executable), "torchrun"), "--standalone",
-           f"--nproc-per-node={nproc}", os.path.join(REPO, "examples", "pretrain_dflash.py"), *argv,
-           "--metrics-file", str(log_path) + ".metrics.jsonl"]
-    return subprocess.Popen(cmd, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env,
-                            cwd=REPO)
-
-
-def _losses(log_path):
-    """{iteration: loss} from the job's metrics file (JSON floats round-trip exactly)."""
-    path = str(log_path) + ".metrics.jsonl"
-    if not os.path.exists(path):
-        return {}
-    out = {}
-    for line in open(path):
-        if line.endswith("\n"):  # a line being written is not complete yet
-            rec = json.loads(line)
-            out[rec["iteration"]] = rec["loss"]
-    return out
-
-
-def _wait_for_checkpoint(root, job, log_path, timeout=300):
-    deadline = time.time() + timeout
-    while not (root.exists() and checkpoint.latest_iteration(str(root)) is not None):
-        assert job.poll() is None and time.time() < deadline, open(log_path).read()[-3000:]
-        time.sleep(0.1)
-
-
-STRAIGHT_ITERS = 12  # the uninterrupted run both resume tests compare with (k + n <= this)
-
-
-def _resumable(target, data):
-    """The flags of the kill and signal tests: a constant LR makes the schedule independent of
-    --train-iters, so a job can run until it is stopped and a longer straight run is the
-    reference for any shorter one."""
-    return flags(target, *data, log_interval=1, lr_decay_style="constant", lr_warmup_fraction=0,
-                 eval_samples=4)
-
-
-@pytest.fixture(scope="module")
-def straight_losses(target, data, tmp_path_factory):
-    """nproc -> {iteration: loss} of one straight run of STRAIGHT_ITERS, made once per world size
-    and shared by the resume tests."""
-    made = {}
-
-    def get(nproc):
-        if nproc not in made:
-            log = tmp_path_factory.mktemp(f"straight_dp{nproc}") / "straight.log"
-            job = _torchrun(nproc, _resumable(target, data) + ["--train-iters", str(STRAIGHT_ITERS)],
-                            log)
-            try:
-                assert job.wait(timeout=300) == 0, open(log).read()[-3000:]
-            finally:
-                _kill_tree(job)
-            made[nproc] = _losses(log)
-            assert sorted(made[nproc]) == list(range(1, STRAIGHT_ITERS + 1))
-        return made[nproc]
-    return get
-
-
-def _straight(straight_losses, nproc, iterations):
-    assert iterations <= STRAIGHT_ITERS
-    return {i: v for i, v in straight_losses(nproc).items() if i <= iterations}
-
-
-@pytest.mark.parametrize("nproc", [1, 2], ids=["dp1", "dp2"])
-def test_kill_and_resume_is_exact(target, data, tmp_path, nproc, straight_losses):
-    """Train, SIGKILL the whole job mid-training, resume from its last checkpoint (iteration k)
-    for n more steps: the losses of steps 1..k (killed job) and k+1..k+n (resumed job) equal a
-    straight run, bit for bit."""
-    n = 3
-    common = _resumable(target, data)
-    save = tmp_path / "ckpt"
-    killed = _torchrun(nproc, common + ["--train-iters", "100000", "--save", str(save),
-                                        "--save-interval", str(n)], tmp_path / "killed.log")
-    try:
-        _wait_for_checkpoint(save, killed, tmp_path / "killed.log")
-    finally:  # the whole job, no clean-up (and never an endless job left behind)
-        _kill_tree(killed)
-    k = checkpoint.latest_iteration(str(save))
-    assert k % n == 0
-
-    resumed = _torchrun(nproc, common + ["--train-iters", str(k + n), "--load", str(save)],
-                        tmp_path / "resumed.log")
-    try:
-        assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
-    finally:
-        _kill_tree(resumed)
-    expected = _straight(straight_losses, nproc, k + n)
-    before = {i: v for i, v in _losses(tmp_path / "killed.log").items() if i <= k}
-    after = _losses(tmp_path / "resumed.log")
-    assert sorted(before) == list(range(1, k + 1)) and sorted(after) == list(range(k + 1, k + n + 1))
-    assert {**before, **after} == expected  # bit-exact on CPU fp32
-
-
-def _kill_tree(popen) -> None:
-    """SIGKILL a torchrun job and its workers (they run in sessions of their own)."""
-    if popen.poll() is not None:
-        return
-    job = psutil.Process(popen.pid)
-    procs = job.children(recursive=True) + [job]
-    for proc in procs:
-        try:
-            proc.send_signal(signal.SIGKILL)
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(procs, timeout=60)
-    popen.wait(timeout=60)
-
-
-def _workers(job) -> dict[int, psutil.Process]:
-    """torchrun's worker processes by global rank."""
-    out = {}
-    for proc in psutil.Process(job.pid).children(recursive=True):
-        rank = proc.environ().get("RANK")
-        if rank is not None and "pretrain_dflash.py" in " ".join(proc.cmdline()):
-            out[int(rank)] = proc
-    return out
-
-
-def test_signal_on_one_rank_saves_and_exits_together(target, data, tmp_path, straight_losses):
-    """SIGTERM (pre-emption) reaching only rank 0 of two: both ranks finish the iteration, save
-    one checkpoint there and exit 0 (no final evaluation); resuming from it continues exactly as
-    a straight run."""
-    n = 3
-    common = _resumable(target, data)
-    save, log = tmp_path / "ckpt", tmp_path / "signalled.log"
-    job = _torchrun(2, common + ["--train-iters", "100000", "--save", str(save),
-                                 "--save-interval", "100000"], log)
-    try:
-        deadline = time.time() + 300
-        while len(_losses(log)) < 2:
-            assert job.poll() is None and time.time() < deadline, open(log).read()[-3000:]
-            time.sleep(0.1)
-        _workers(job)[0].send_signal(signal.SIGTERM)
-        assert job.wait(timeout=300) == 0, open(log).read()[-3000:]
-    finally:  # never leave an endless job behind when an assertion fails
-        _kill_tree(job)
-    text = open(log).read()
-    k = max(_losses(log))
-    assert checkpoint.latest_iteration(str(save)) == k
-    assert f"exiting after iteration {k}: received a signal on another rank" in text
-    assert text.count("held-out tau") == 1 and f" iteration {k + 1:8d}/" not in text  # start only
-
-    resumed = _torchrun(2, common + ["--train-iters", str(k + n), "--load", str(save)],
-                        tmp_path / "resumed.log")
-    try:
-        assert resumed.wait(timeout=300) == 0, open(tmp_path / "resumed.log").read()[-3000:]
-    finally:
-        _kill_tree(resumed)
-    assert {**_losses(log), **_losses(tmp_path / "resumed.log")} == \
-        _straight(straight_losses, 2, k + n)
