@@ -9,9 +9,11 @@ composed with TP, SP, PP and DP: everything equals one process. Run with
   ranks' experts. Each rank reads from the safetensors exactly the elements it holds: an
   expert-parallel rank only its experts, an expert-TP rank only its slices of them.
 * Training: 20 DFlash steps give the single-process losses and grad norms (<= 1e-5) — the same
-  `trajectory` driver as tests/distributed/test_pipeline.py.
+  `trajectory` driver as tests/distributed/test_pipeline.py — for Qwen3-MoE at six layouts and
+  DeepSeek-V3 at PP2 x EP2.
 * DeepSeek-V3 (megatron's MLA, sigmoid group-limited router with expert bias, shared experts):
-  logits at EP2 and TP2 x EP2 with SP equal the single-process import.
+  logits and taps at EP2, EP4, TP2 x EP2 with SP and PP2 x EP2 (both dispatchers) equal the
+  single-process import.
 
 gloo runs both dispatchers: allgather (all_gather_into_tensor / reduce_scatter_tensor over the
 expert TP x EP group, equal shapes) and alltoall (all_to_all_single with uneven splits over EP;
@@ -59,6 +61,7 @@ def shared():
     dist.broadcast_object_list(path, src=0)
     if dist.get_rank() == 0:
         tiny_moe_target_dir(os.path.join(path[0], "target"))
+        tiny_deepseek_dir(os.path.join(path[0], "deepseek"), num_hidden_layers=4)
         for name, count, length in (("long", 24, 48), ("short", 24, 32)):
             pattern_dataset(os.path.join(path[0], name), count, length, seed=length)
     dist.barrier()
@@ -123,10 +126,16 @@ def test_target_layout_equals_one_process(layout, dispatcher, shared, reference,
 
     dp = parallel_state.get_data_parallel_rank()
     uneven = dispatcher == "alltoall"  # different lengths on the ranks of an expert group
-    ids, pos = _tokens(dp, uneven)
-    ref_logits, ref_features = reference[uneven, dp]
+    _assert_layout_equals(model, spec, TAPS, _tokens(dp, uneven), *reference[uneven, dp])
+    Utils.destroy_model_parallel()
+
+
+def _assert_layout_equals(model, spec, taps, tokens, ref_logits, ref_features):
+    """This rank's logits (last stage) and captured taps equal the one-process import's, the
+    pipeline stages passing the hidden state on; at PP2 each stage ends with an MoE layer."""
+    ids, pos = tokens
     first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
-    with FeatureCapture(model, TAPS) as capture:
+    with FeatureCapture(model, taps) as capture:
         if not last:
             with torch.no_grad():
                 hidden = model(ids, pos, None)
@@ -134,7 +143,7 @@ def test_target_layout_equals_one_process(layout, dispatcher, shared, reference,
             logits, features = None, capture.features()
         else:
             if not first:
-                hidden = torch.empty(ids.shape[1], BATCH, HIDDEN)
+                hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
                 dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
                 model.set_input_tensor(hidden)
             logits, features = target_forward(model, ids, pos, capture)
@@ -143,53 +152,64 @@ def test_target_layout_equals_one_process(layout, dispatcher, shared, reference,
         assert (_gather(logits, -1, tp_group) - ref_logits).abs().max() <= TOL
     if spec["sp"]:
         features = _gather(features, 0, tp_group)
-    stage_taps = [TAPS.index(i) for i in capture.local_ids]
-    expected = torch.cat([ref_features.chunk(len(TAPS), -1)[i] for i in stage_taps], -1)
-    assert capture.local_ids == (TAPS if spec["pp"] == 1 else [0, 1] if first else [3])
+    stage_taps = [taps.index(i) for i in capture.local_ids]
+    expected = torch.cat([ref_features.chunk(len(taps), -1)[i] for i in stage_taps], -1)
+    assert capture.local_ids == (taps if spec["pp"] == 1 else taps[:2] if first else taps[2:])
     assert (features - expected).abs().max() <= TOL
-    Utils.destroy_model_parallel()
+
+
+DEEPSEEK_TAPS = [0, 1, 3]  # after the dense layer 0 and the MoE layers 1 and 3 (each stage's last)
+DEEPSEEK_LAYOUTS = {  # world 4
+    "ep2_allgather": dict(ep=2),  # x DP4 (expert DP 2)
+    "ep4_alltoall": dict(ep=4),
+    "tp2ep2_sp_alltoall": dict(tp=2, ep=2, sp=True),  # x DP2
+    "pp2ep2_allgather": dict(pp=2, ep=2),  # x DP2
+    "pp2ep2_alltoall": dict(pp=2, ep=2),
+}
 
 
 @pytest.fixture(scope="module")
 def deepseek(shared):
-    """(checkpoint, one-process logits per data-parallel rank) of a tiny DeepSeek-V3."""
+    """(checkpoint, one-process (logits, features) per data-parallel rank, even and uneven
+    lengths) of the tiny DeepSeek-V3 in `shared`: four layers, dense then three MoE."""
     path = os.path.join(shared, "deepseek")
-    if dist.get_rank() == 0:
-        tiny_deepseek_dir(path)
-    dist.barrier()
     Utils.initialize_model_parallel(1, 1)
     hf = load_hf_config(path)
     model = build_target(hf, target_transformer_config(hf))
     load_hf_weights(model, path)
-    with torch.no_grad():
-        logits = [model(*_tokens(dp, False), None) for dp in range(4)]
+    out = {}
+    for uneven in (False, True):
+        for dp in range(4):
+            with FeatureCapture(model, DEEPSEEK_TAPS) as capture:
+                out[uneven, dp] = target_forward(model, *_tokens(dp, uneven), capture)
     Utils.destroy_model_parallel()
-    return path, logits
+    return path, out
 
 
 @pytest.mark.world(4)
-@pytest.mark.parametrize("tp,ep,sp,dispatcher", [(1, 2, False, "allgather"),
-                                                 (2, 2, True, "alltoall")],
-                         ids=["ep2_allgather", "tp2ep2_sp_alltoall"])
-def test_deepseek_layout_equals_one_process(tp, ep, sp, dispatcher, deepseek):
+@pytest.mark.parametrize("layout", list(DEEPSEEK_LAYOUTS))
+def test_deepseek_layout_equals_one_process(layout, deepseek):
+    """MLA, the sigmoid group-limited router with expert bias and the shared experts at every
+    layout: logits and taps equal the one-process import."""
     path, reference = deepseek
-    Utils.initialize_model_parallel(tp, 1, ep=ep)
+    spec = dict(tp=1, pp=1, ep=1, sp=False) | DEEPSEEK_LAYOUTS[layout]
+    dispatcher = layout.rsplit("_", 1)[1]
+    Utils.initialize_model_parallel(spec["tp"], spec["pp"], ep=spec["ep"])
     hf = load_hf_config(path)
     model = build_target(hf, target_transformer_config(
-        hf, tensor_parallel_size=tp, sequence_parallel=sp, expert_model_parallel_size=ep,
+        hf, tensor_parallel_size=spec["tp"], sequence_parallel=spec["sp"],
+        pipeline_parallel_size=spec["pp"], expert_model_parallel_size=spec["ep"],
         moe_token_dispatcher_type=dispatcher))
     load_hf_weights(model, path)
     dp = parallel_state.get_data_parallel_rank()
-    with torch.no_grad():
-        logits = model(*_tokens(dp, False), None)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    assert (_gather(logits, -1, tp_group) - reference[dp]).abs().max() <= TOL
+    uneven = dispatcher == "alltoall"
+    _assert_layout_equals(model, spec, DEEPSEEK_TAPS, _tokens(dp, uneven), *reference[uneven, dp])
     Utils.destroy_model_parallel()
 
 
 # --- 20 DFlash training steps: the single-process trajectory -------------------------------------
 
-TRAIN_LAYOUTS = {  # world 4: (flags, seq_length_buckets of the reference)
+TRAIN_LAYOUTS = {  # world 4: flags (the reference: the same target and seq_length_buckets)
     "ep2_allgather": dict(expert_model_parallel_size=2, seq_length_buckets=1),
     "ep2_alltoall": dict(expert_model_parallel_size=2, moe_token_dispatcher_type="alltoall"),
     "tp2ep2_sp_allgather": dict(tensor_model_parallel_size=2, expert_model_parallel_size=2,
@@ -200,25 +220,35 @@ TRAIN_LAYOUTS = {  # world 4: (flags, seq_length_buckets of the reference)
                              seq_length_buckets=1),
     "pp2ep2_alltoall": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
                             moe_token_dispatcher_type="alltoall"),
+    "deepseek_pp2ep2_alltoall": dict(target="deepseek", pipeline_model_parallel_size=2,
+                                     expert_model_parallel_size=2,
+                                     moe_token_dispatcher_type="alltoall"),
 }
 
 
-def _flags(shared, **kw):
-    return flags(os.path.join(shared, "target"),
+def _flags(shared, target="target", **kw):
+    return flags(os.path.join(shared, target),
                  [os.path.join(shared, "long"), os.path.join(shared, "short")],
                  target_layer_ids=TAPS, **kw)
 
 
+def _reference_key(kw: dict) -> tuple[str, int]:
+    return kw.get("target", "target"), kw.get("seq_length_buckets", 3)
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _train_reference_job(shared):
-    """The single-process trajectories with 1 and 3 buckets, in one fresh process on rank 0,
-    started with the module so that it runs beside the target tests above."""
+    """The single-process trajectories the training layouts compare with, in one fresh process on
+    rank 0, started with the module so that it runs beside the target tests above."""
     if dist.get_rank() != 0:
         yield None
         return
     out = os.path.join(shared, "reference.json")
-    body = "json.dump({b: trajectory(argv) for b, argv in %r.items()}, open(%r, 'w'))" % (
-        {buckets: _flags(shared, seq_length_buckets=buckets) for buckets in (1, 3)}, out)
+    keys = sorted({_reference_key(kw) for kw in TRAIN_LAYOUTS.values()})
+    wanted = {f"{target}/{buckets}": _flags(shared, target, seq_length_buckets=buckets)
+              for target, buckets in keys}
+    body = "json.dump({k: trajectory(argv) for k, argv in %r.items()}, open(%r, 'w'))" % (
+        wanted, out)
     job = _single_process(shared, body)
     try:
         yield job, out
@@ -237,7 +267,7 @@ def train_reference(_train_reference_job):
         job, out = _train_reference_job
         _finish(job)
         with open(out) as f:
-            result[0] = {int(b): ref for b, ref in json.load(f).items()}
+            result[0] = json.load(f)
     dist.broadcast_object_list(result, src=0)
     return result[0]
 
@@ -246,7 +276,7 @@ def train_reference(_train_reference_job):
 @pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
 def test_training_layout_equals_one_process(layout, shared, train_reference):
     kw = dict(TRAIN_LAYOUTS[layout])
-    reference = train_reference[kw.get("seq_length_buckets", 3)]
+    reference = train_reference["%s/%d" % _reference_key(kw)]
     got = trajectory(_flags(shared, **kw))
     assert got["lengths"] == ([48] if kw.get("seq_length_buckets") == 1 else [32, 48])
     for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"],
