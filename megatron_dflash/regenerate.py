@@ -369,6 +369,9 @@ class Finished:
     features: torch.Tensor | None = None
     generated_tokens: int = 0
     problem: SampleError | None = None
+    ends_batch: bool = False
+    """The last conversation a batch finishes: progress is reported there, with the whole batch
+    counted (its conversations all finish in the same generate call)."""
 
 
 def regenerate(generator: BatchGenerator, prompts: ChatPrompts,
@@ -393,15 +396,18 @@ def regenerate(generator: BatchGenerator, prompts: ChatPrompts,
                           for s in ready]
             outputs = generator.generate(batch, max_new_tokens, sampling, generators) if ready \
                 else []
-            states = []
+            states, finished = [], []
             for state, out in zip(ready, outputs):
                 _accept(state, out, prompts, stops)
                 generated[id(state)] += len(out.tokens)
                 if state.turns:
                     states.append(state)
                     continue
-                yield Finished(state.conversation, state.messages, state.tokens, state.loss_mask,
-                               state.features, generated[id(state)])
+                finished.append(Finished(state.conversation, state.messages, state.tokens,
+                                         state.loss_mask, state.features, generated[id(state)]))
+            for i, done in enumerate(finished):
+                done.ends_batch = not states and i == len(finished) - 1
+                yield done
 
 
 # --- layout, part files, merge --------------------------------------------------------------
@@ -498,11 +504,13 @@ class ProgressLine:
         self.last = self.start
         self.active = dist.get_rank() == 0
 
-    def update(self, conversations: int, tokens: int, force: bool = False) -> None:
+    def update(self, conversations: int, tokens: int, report: bool = True,
+               force: bool = False) -> None:
+        """Count; print when `report` and the interval has passed, or when `force`."""
         self.done += conversations
         self.tokens += tokens
         now = time.time()
-        if not self.active or (now - self.last < self.interval and not force):
+        if not self.active or not (force or (report and now - self.last >= self.interval)):
             return
         self.last = now
         elapsed = max(now - self.start, 1e-9)
@@ -595,7 +603,7 @@ def regenerate_to_file(generator: BatchGenerator, prompts: ChatPrompts,
                                  result.features, features.seq_length)
                 if parts is not None:
                     parts.write(record)
-                progress.update(1, result.generated_tokens)
+                progress.update(1, result.generated_tokens, report=result.ends_batch)
     finally:
         if parts is not None:
             parts.close()

@@ -62,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF checkpoint dir (config.json + safetensors) of the target; default: the "
                         "embedded SmolLM2-135M-Instruct, converted once into --cache-dir")
     g.add_argument("--cache-dir", default="cache", help="converted weights and prepared data")
+    g.add_argument("--embedded-answers", choices=("target", "human"), default="target",
+                   help="the embedded default's training answers: the target's own (regenerated "
+                        "once, taps cached) or, for comparison, the human replies in chitchat to "
+                        "the same prompts (taps computed online)")
     g.add_argument("--train-data", nargs="+", default=None,
                    help="JSONL conversations (OpenAI messages or ShareGPT), or an indexed-dataset "
                         "prefix written by tools/preprocess_data.py; default: chitchat conversations")
@@ -256,6 +260,9 @@ def validate_args(a: argparse.Namespace, world_size: int) -> argparse.Namespace:
     _check(a.distill_weight is None or 0 <= a.distill_weight <= 1,
            f"--distill-weight={a.distill_weight} must be in [0, 1]")
     _check(a.loss_gamma is None or a.loss_gamma > 0, f"--loss-gamma={a.loss_gamma} must be > 0")
+    _check(a.embedded_answers == "target" or a.train_data is None,
+           f"--embedded-answers={a.embedded_answers} chooses the embedded default's data; "
+           "with --train-data it has nothing to choose")
     model_parallel = a.tensor_model_parallel_size * a.pipeline_model_parallel_size
     _check(world_size % model_parallel == 0,
            f"world size {world_size} is not divisible by --tensor-model-parallel-size x "

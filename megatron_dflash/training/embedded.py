@@ -46,8 +46,10 @@ MAX_NEW_TOKENS = 64
 REGENERATE_BATCH = 32
 MIN_PROMPT_CHARS = 12
 """Shorter user turns ("ok", "lol") are not prompts."""
-EVAL_PROMPTS, EVAL_NEW_TOKENS = 8, 48
-"""Held-out prompts and tokens per prompt for the final speculative-decoding measurement."""
+EVAL_PROMPTS, EVAL_NEW_TOKENS = 6, 40
+"""Held-out prompts and tokens per prompt for the final speculative-decoding measurement (on
+2 CPU cores about 160 s: the target alone decodes ~4 tokens/s, each DFlash step costs ~2 of its
+steps)."""
 
 def _log(msg: str) -> None:
     if is_logging_rank():
@@ -104,13 +106,47 @@ def prepare_embedded_default(args) -> None:
         if args.target_layer_ids is None:  # the reference's five taps, even for a small draft
             args.target_layer_ids = build_target_layer_ids(load_hf_config(target).num_hidden_layers, 5)
     if args.train_data is None:
-        args.train_data, args.offline_features = _regenerated(args, chitchat)
+        if args.embedded_answers == "human":
+            args.train_data = [_human_answers(chitchat)]
+        else:
+            args.train_data, args.offline_features = _regenerated(args, chitchat)
         args.distill_weight = 0.0
         args.embedded_eval_prompts = _eval_prompts(chitchat)
         run = [os.path.join("runs", "embedded", time.strftime("%Y%m%d-%H%M%S"))]
         dist.broadcast_object_list(run, src=0)  # one run directory for every rank
         args.save = args.save or os.path.join(run[0], "checkpoint")
         args.export = args.export or os.path.join(run[0], "drafter")
+
+
+def _train_prompts(chitchat: str) -> str:
+    """The training prompts' JSONL (written once by rank 0; held-out prompts excluded)."""
+    path = os.path.join(chitchat, f"prompts_train_{TRAIN_PROMPTS}.jsonl")
+    if dist.get_rank() == 0 and not os.path.isfile(path):
+        held_out = {c["messages"][0]["content"] for c in _eval_prompts(chitchat)}
+        _write_jsonl(path, _prompts(os.path.join(chitchat, "chitchat_train.jsonl"),
+                                    TRAIN_PROMPTS, exclude=held_out))
+    dist.barrier()
+    return path
+
+
+def _human_answers(chitchat: str) -> str:
+    """--embedded-answers human: the same training prompts, each answered by the human reply that
+    followed it in chitchat (prompts the conversation ended on are left out)."""
+    path = os.path.join(chitchat, f"human_train_{TRAIN_PROMPTS}.jsonl")
+    prompts = _train_prompts(chitchat)
+    if dist.get_rank() == 0 and not os.path.isfile(path):
+        with open(os.path.join(chitchat, "chitchat_train.jsonl"), encoding="utf-8") as f:
+            records = {r["id"]: r["messages"] for r in map(json.loads, f)}
+        out = []
+        with open(prompts, encoding="utf-8") as f:
+            for prompt in map(json.loads, f):
+                cid, turn = prompt["id"].rsplit("/", 1)
+                messages = records[cid][int(turn):int(turn) + 2]
+                if len(messages) == 2 and messages[1]["role"] == "assistant":
+                    out.append({"id": prompt["id"], "messages": messages})
+        _write_jsonl(path, out)
+    dist.barrier()
+    return path
 
 
 def _regenerated(args, chitchat: str) -> tuple[list[str], str]:
@@ -126,12 +162,7 @@ def _regenerated(args, chitchat: str) -> tuple[list[str], str]:
                         os.path.join(chitchat, f"{name}_features"))
     if os.path.isfile(output) and is_cache(features):
         return [output], features
-    prompts_path = os.path.join(chitchat, f"prompts_train_{TRAIN_PROMPTS}.jsonl")
-    if dist.get_rank() == 0 and not os.path.isfile(prompts_path):
-        held_out = {c["messages"][0]["content"] for c in _eval_prompts(chitchat)}
-        _write_jsonl(prompts_path, _prompts(os.path.join(chitchat, "chitchat_train.jsonl"),
-                                            TRAIN_PROMPTS, exclude=held_out))
-    dist.barrier()
+    prompts_path = _train_prompts(chitchat)
     t0 = time.time()
     _log(f"regenerating the target's answers to {TRAIN_PROMPTS} chitchat prompts (greedy, "
          f"<= {MAX_NEW_TOKENS} tokens), capturing its taps {list(args.target_layer_ids)} into "

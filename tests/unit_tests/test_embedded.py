@@ -1,5 +1,5 @@
-"""The embedded default's own choices: its prompts and its flag defaults (the run itself is
-`make run`, measured in the issue notes)."""
+"""The embedded default's own choices: its prompts, the human answers it can train on instead,
+and its flag defaults (the run itself is `make run`, measured in the issue notes)."""
 import json
 
 from megatron_dflash.training import embedded
@@ -33,3 +33,24 @@ def test_embedded_defaults_apply_only_to_the_embedded_default():
         assert getattr(embedded_run, name) == value, name
     assert any(getattr(defaults, n) != v for n, v in EMBEDDED_RUN_DEFAULTS.items())
     assert parse_args(["--block-size", "4"]).block_size == 4  # a flag still wins
+
+
+def test_human_answers_are_the_replies_that_followed_the_same_prompts(tmp_path, monkeypatch):
+    """--embedded-answers human: each training prompt with the human reply after it; a prompt the
+    conversation ended on has none and is left out."""
+    chats = [
+        {"id": "a", "messages": [{"role": "user", "content": "What is your favourite smell?"},
+                                 {"role": "assistant", "content": "Rain on a hot street."},
+                                 {"role": "user", "content": "Mine is coffee in the morning"}]},
+        {"id": "c", "messages": [{"role": "user", "content": "Where would you like to travel?"},
+                                 {"role": "assistant", "content": "Japan, for the food."}]},
+        {"id": "h", "messages": [{"role": "user", "content": "Held out: what did you eat?"}]},
+    ]
+    (tmp_path / "chitchat_train.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats[:2]))
+    (tmp_path / "chitchat_held_out.jsonl").write_text(json.dumps(chats[2]) + "\n")
+    path = embedded._human_answers(str(tmp_path))
+    got = [json.loads(line) for line in open(path)]
+    assert got == [{"id": "a/0", "messages": chats[0]["messages"][:2]},
+                   {"id": "c/0", "messages": chats[1]["messages"]}]  # "a/2" ended the chat
+    prompts = [json.loads(line)["id"] for line in open(embedded._train_prompts(str(tmp_path)))]
+    assert prompts == ["a/0", "c/0", "a/2"]  # the regenerated run's prompts: the same ones

@@ -6,6 +6,7 @@ conversation, all turns vs the last one, a killed run resumes with every id exac
 uninterrupted run's output and features, and bad input is reported with file:line."""
 import json
 import os
+import re
 
 import pytest
 import torch
@@ -318,3 +319,13 @@ def test_bad_flags_are_one_line_errors_before_the_target_loads(setup, tmp_path, 
     with pytest.raises(SystemExit):
         tool.main(_tool_args(setup[0], str(tmp_path / "missing.jsonl"), tmp_path / "o.jsonl"))
     assert "--input: " in capsys.readouterr().err
+
+
+def test_progress_is_reported_when_a_batch_ends(setup, tmp_path, capsys):
+    """Each progress line counts whole batches (batches of 2, five conversations: 2, 4, 5, then
+    the final line), so its generated tokens/s is what was generated in the time it shows."""
+    tool = load_script("tools/regenerate_data.py")
+    inputs = conversations_jsonl(tmp_path / "in.jsonl", count=5)
+    assert tool.main(_tool_args(setup[0], inputs, tmp_path / "out.jsonl")) == 0
+    out = capsys.readouterr().out
+    assert [int(n) for n in re.findall(r"conversations: (\d+)/5 ", out)] == [2, 4, 5, 5], out

@@ -129,6 +129,7 @@ def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
     (["--fp8-recipe", "delayed"], "--fp8-recipe"),
     (["--fp8-format", "hybrid"], "--transformer-impl transformer_engine"),
     (["--target-fp8-format", "e4m3"], "--transformer-impl transformer_engine"),
+    (["--train-data", "chat.jsonl", "--embedded-answers", "human"], "--embedded-answers=human"),
     (["--target-layer-ids", "1", "5", "40"],  # the embedded target has 30 layers
      "--target-layer-ids=[1, 5, 40]: 40 is outside the target's layers [0, 29]"),
 ])
