@@ -14,26 +14,13 @@ import sys
 import time
 
 import psutil
-import pytest
 
-from dflash_testing import pattern_dataset, tiny_target_dir
 from megatron_dflash import checkpoint
-from test_training import flags, run_in_process
+from test_training import data, flags, run_in_process, target  # noqa: F401 (fixtures)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 STRAIGHT_ITERS = 15  # the uninterrupted run each chain compares with (every chain ends <= this)
 SAVE_INTERVAL = 3
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return tiny_target_dir(tmp_path_factory.mktemp("target"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return pattern_dataset(d / "train", 64, 48, seed=1), pattern_dataset(d / "valid", 8, 48, seed=2)
 
 
 def _resumable(target, data):
