@@ -150,7 +150,7 @@ def save_model_checkpoint(root: str, draft, extra: dict, iteration: int = 0) -> 
             atomic.make_partial(partial)
         dist.barrier()
         _save({"model": draft.sharded_state_dict(prefix=DRAFT_PREFIX),
-                                 "extra": dict(extra, iteration=iteration)}, partial)
+               "extra": dict(extra, iteration=iteration)}, partial)
         dist.barrier()
         if dist.get_rank() == 0:
             atomic.publish(partial, final)

@@ -449,9 +449,8 @@ def export_draft(args, model, optimizer, scheduler, iteration: int, extra: dict)
         root = out + ".checkpoint-partial"
         checkpoint.save_checkpoint(root, iteration, model, optimizer, scheduler, extra)
     rank0 = dist.get_rank() == 0
-    fresh = [not os.path.exists(out) or not os.listdir(out)]
-    dist.broadcast_object_list(fresh, src=0)  # rank 0's view, before it writes
-    written = out if fresh[0] else out + ".export-partial"
+    fresh = rank0 and (not os.path.exists(out) or not os.listdir(out))  # rank 0 alone writes
+    written = out if fresh else out + ".export-partial"
     if rank0:
         shutil.rmtree(out + ".export-partial", ignore_errors=True)
     tokenizer = args.target if any(os.path.isfile(os.path.join(args.target, f))
@@ -459,7 +458,7 @@ def export_draft(args, model, optimizer, scheduler, iteration: int, extra: dict)
     try:
         export_checkpoint(root, written, iteration=iteration, tokenizer_dir=tokenizer)
         dist.barrier()  # every rank has read the checkpoint
-        if rank0 and not fresh[0]:
+        if rank0 and not fresh:
             atomic.publish(written, out, replace=True)
     finally:
         if rank0 and root != args.save:

@@ -36,7 +36,7 @@ from dflash_testing import pattern_dataset, record_checkpoint_reads, tiny_moe_ta
 from megatron_dflash.target.capture import FeatureCapture, target_forward
 from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
-from test_pipeline import _finish, _single_process, flags, trajectory
+from test_pipeline import STEPS, flags, started_references, trajectory
 from unit_tests.test_deepseek_import import tiny_deepseek_dir
 
 VOCAB, HIDDEN, BATCH, TOL = 256, 64, 2, 1e-5
@@ -237,47 +237,22 @@ def _reference_key(kw: dict) -> tuple[str, int]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _train_reference_job(shared):
-    """The single-process trajectories the training layouts compare with, in one fresh process on
-    rank 0, started with the module so that it runs beside the target tests above."""
-    if dist.get_rank() != 0:
-        yield None
-        return
-    out = os.path.join(shared, "reference.json")
+def train_references(shared):
+    """The single-process trajectories the training layouts compare with, started with the module
+    so that they run beside the target tests above."""
     keys = sorted({_reference_key(kw) for kw in TRAIN_LAYOUTS.values()})
-    wanted = {f"{target}/{buckets}": _flags(shared, target, seq_length_buckets=buckets)
-              for target, buckets in keys}
-    body = "json.dump({k: trajectory(argv) for k, argv in %r.items()}, open(%r, 'w'))" % (
-        wanted, out)
-    job = _single_process(shared, body)
-    try:
-        yield job, out
-    finally:
-        if job.poll() is None:
-            job.kill()
-            job.wait()
-
-
-@pytest.fixture(scope="module")
-def train_reference(_train_reference_job):
-    import json
-
-    result = [None]
-    if dist.get_rank() == 0:
-        job, out = _train_reference_job
-        _finish(job)
-        with open(out) as f:
-            result[0] = json.load(f)
-    dist.broadcast_object_list(result, src=0)
-    return result[0]
+    wanted = {"%s/%d" % key: (_flags(shared, key[0], seq_length_buckets=key[1]), STEPS)
+              for key in keys}
+    with started_references(shared, wanted) as refs:
+        yield refs
 
 
 @pytest.mark.world(4)
 @pytest.mark.parametrize("layout", list(TRAIN_LAYOUTS))
-def test_training_layout_equals_one_process(layout, shared, train_reference):
+def test_training_layout_equals_one_process(layout, shared, train_references):
     kw = dict(TRAIN_LAYOUTS[layout])
-    reference = train_reference["%s/%d" % _reference_key(kw)]
     got = trajectory(_flags(shared, **kw))
+    reference = train_references.get("%s/%d" % _reference_key(kw))
     assert got["lengths"] == ([48] if kw.get("seq_length_buckets") == 1 else [32, 48])
     for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"],
                                            strict=True)):

@@ -12,6 +12,7 @@
 
 The data mixes two sequence lengths, so the pipeline payload's shape changes between micro-batches.
 """
+import contextlib
 import json
 import os
 import shutil
@@ -184,18 +185,14 @@ def _taps01_flags(shared):
 
 
 class References:
-    """The single-process trajectories this world's tests compare with, computed by one fresh
-    process on rank 0 that starts with the module, so it runs while the first test trains;
-    `get(name)` (collective) waits for it once and hands every rank the results."""
+    """Single-process trajectories, `wanted` = {name: (argv, steps)}, computed by one fresh process
+    on rank 0 that starts with the module, so it runs while the first tests do; `get(name)`
+    (collective) waits for it once and hands every rank the results."""
 
-    def __init__(self, shared):
-        self._result = None
-        self._job = None
+    def __init__(self, shared, wanted: dict):
+        self._result, self._job = None, None
         if dist.get_rank() == 0:
-            wanted = {"full": (flags(os.path.join(shared, "target"), _data(shared)), STEPS)}
-            if dist.get_world_size() == 2:  # test_stage_past_the_deepest_tap_computes_no_layer
-                wanted["taps01"] = (_taps01_flags(shared), 8)
-            self._out = os.path.join(shared, "references.json")
+            self._out = os.path.join(shared, f"references-{os.urandom(4).hex()}.json")
             body = ("json.dump({k: trajectory(a, n) for k, (a, n) in %r.items()}, open(%r, 'w'))"
                     % (wanted, self._out))
             self._job = _single_process(shared, body)
@@ -217,13 +214,22 @@ class References:
             self._job.wait()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def references(shared):
-    refs = References(shared)
+@contextlib.contextmanager
+def started_references(shared, wanted: dict):
+    refs = References(shared, wanted)
     try:
         yield refs
     finally:
         refs.close()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def references(shared):
+    wanted = {"full": (flags(os.path.join(shared, "target"), _data(shared)), STEPS)}
+    if dist.get_world_size() == 2:  # test_stage_past_the_deepest_tap_computes_no_layer
+        wanted["taps01"] = (_taps01_flags(shared), 8)
+    with started_references(shared, wanted) as refs:
+        yield refs
 
 
 @pytest.mark.parametrize("world,layout", [pytest.param(w, name, id=name, marks=pytest.mark.world(w))
@@ -337,7 +343,8 @@ def test_checkpoints_reshard_between_layouts(shared, references):
     """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 (DP4) and at PP2xDP2; saved there -> resumed
     at TP2xPP2 and at TP2xDP2. Each resumed step's loss equals the uninterrupted run's (<= 1e-5).
     All in this world of four, so no layout needs a process of its own."""
-    target_dir, data, ref = os.path.join(shared, "target"), _data(shared), references.get("full")["loss"]
+    target_dir, data = os.path.join(shared, "target"), _data(shared)
+    ref = references.get("full")["loss"]
     layouts = {"tp2pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                               sequence_parallel=True),
                "dp4": {}, "pp2dp2": dict(pipeline_model_parallel_size=2),
