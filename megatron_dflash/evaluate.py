@@ -42,8 +42,8 @@ from megatron_dflash.draft_import import load_draft_weights
 from megatron_dflash.draft_reader import load_draft_source
 from megatron_dflash.model import target_head
 from megatron_dflash.specs import get_dflash_model_spec
-from megatron_dflash.target.capture import FeatureCapture
-from megatron_dflash.target.hf_import import build_target, load_hf_config, load_hf_weights
+from megatron_dflash.targets.capture import FeatureCapture
+from megatron_dflash.targets.hf_import import build_target, load_hf_config, load_hf_weights
 
 
 @dataclass

@@ -53,7 +53,7 @@ from torch.utils.data import Dataset
 
 from megatron_dflash import atomic
 from megatron_dflash.data.dataset import collate
-from megatron_dflash.target.capture import FeatureCapture
+from megatron_dflash.targets.capture import FeatureCapture
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash.config import DFlashConfig, build_target_layer_ids
-from megatron_dflash.target.hf_import import load_hf_config, target_transformer_config
+from megatron_dflash.targets.hf_import import load_hf_config, target_transformer_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"

@@ -64,7 +64,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megatron_dflash.atomic import write_text
 from megatron_dflash.data.conversations import (MALFORMED, TEMPLATE, UNKNOWN_FORMAT, DataReport,
                                                 SampleError, iter_lines, normalize)
-from megatron_dflash.target.capture import FeatureCapture
+from megatron_dflash.targets.capture import FeatureCapture
 from megatron_dflash.training.progress import _fmt
 
 DUPLICATE_ID = "duplicate id"

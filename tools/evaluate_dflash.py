@@ -26,7 +26,7 @@ import torch.distributed as dist
 from megatron_dflash import cpu
 from megatron_dflash.evaluate import build_decoder, evaluate, plot_position_acceptance
 from megatron_dflash.parallel import initialize_tensor_parallel
-from megatron_dflash.target.gguf import SMOLLM2_STOP_TOKEN_ID, convert_gguf, smollm2_gguf
+from megatron_dflash.targets.gguf import SMOLLM2_STOP_TOKEN_ID, convert_gguf, smollm2_gguf
 
 EMBEDDED_TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "cache", "smollm2-135m-instruct")

@@ -171,7 +171,7 @@ def main(argv=None) -> int:
     from megatron_dflash import regenerate as regen
     from megatron_dflash.data.conversations import DataReport
     from megatron_dflash.feature_cache import cache_manifest
-    from megatron_dflash.target import build_target, load_hf_weights, target_transformer_config
+    from megatron_dflash.targets import build_target, load_hf_weights, target_transformer_config
 
     report = DataReport()
     conversations = regen.read_conversations(args.input, report)

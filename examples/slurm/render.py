@@ -121,7 +121,7 @@ def _check_target(config: Path, pp: int, ep: int) -> None:
     """The layout against the target's config.json: equal pipeline stages, equal expert shards."""
     from transformers import AutoConfig
 
-    from megatron_dflash.target import moe
+    from megatron_dflash.targets import moe
 
     try:
         hf = AutoConfig.from_pretrained(config.parent)

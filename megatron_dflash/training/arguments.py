@@ -17,7 +17,7 @@ from megatron_dflash.config import DFlashConfig, build_target_layer_ids
 from megatron_dflash.fp8 import FP8_FORMATS, FP8_RECIPES, FP8Settings
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS
 from megatron_dflash.specs import ATTENTIONS
-from megatron_dflash.target.gguf import SMOLLM2_MASK_TOKEN_ID
+from megatron_dflash.targets.gguf import SMOLLM2_MASK_TOKEN_ID
 
 # The embedded default target (`training.embedded`), SmolLM2-135M-Instruct, converted on first
 # use into --cache-dir/EMBEDDED_TARGET_DIR. Until then its config.json (as the conversion writes
@@ -412,7 +412,7 @@ def _check_moe_target(a: argparse.Namespace, hf_config) -> None:
     """The expert-parallel flags against the target's config.json: a dense target takes none,
     an MoE target's experts and per-expert FFN must split evenly, and the allgather dispatcher
     needs equal shapes across an expert group that holds different data."""
-    from megatron_dflash.target import moe
+    from megatron_dflash.targets import moe
 
     where = (os.path.join(a.target, "config.json") if a.target is not None
              else f"the embedded target {EMBEDDED_TARGET_DIR}")
@@ -498,7 +498,7 @@ def _target_hf_config(a: argparse.Namespace):
     target's (its converted config.json once it exists)."""
     from transformers import LlamaConfig
 
-    from megatron_dflash.target import load_hf_config
+    from megatron_dflash.targets import load_hf_config
 
     target = a.target
     if target is None:
@@ -541,7 +541,7 @@ def _check_model_configs(a: argparse.Namespace, hf_config) -> DFlashConfig:
     import torch
 
     from megatron_dflash.config import draft_transformer_config
-    from megatron_dflash.target import target_transformer_config
+    from megatron_dflash.targets import target_transformer_config
 
     where = (os.path.join(a.target, "config.json") if a.target is not None
              else f"the embedded target {EMBEDDED_TARGET_DIR}")

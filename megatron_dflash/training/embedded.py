@@ -33,8 +33,8 @@ from megatron_dflash.config import build_target_layer_ids
 from megatron_dflash.data.chitchat import write_chitchat_jsonl
 from megatron_dflash.data.conversations import DataReport
 from megatron_dflash.feature_cache import cache_manifest, is_cache
-from megatron_dflash.target import load_hf_config
-from megatron_dflash.target.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOKEN_ID, convert_gguf,
+from megatron_dflash.targets import load_hf_config
+from megatron_dflash.targets.gguf import (SMOLLM2_MASK_TOKEN_ID, SMOLLM2_STOP_TOKEN_ID, convert_gguf,
                                          smollm2_gguf)
 from megatron_dflash.training.progress import is_logging_rank
 
@@ -176,7 +176,7 @@ def _regenerate(args, prompts_path: str, output: str, features: str, manifest: d
     from transformers import AutoTokenizer
 
     from megatron_dflash import regenerate as regen
-    from megatron_dflash.target import build_target, load_hf_weights, target_transformer_config
+    from megatron_dflash.targets import build_target, load_hf_weights, target_transformer_config
 
     hf_config = load_hf_config(args.target)
     config = target_transformer_config(hf_config,

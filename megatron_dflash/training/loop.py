@@ -33,7 +33,7 @@ from megatron_dflash.data.dataset import ResumableSampler, build_dataset, collat
 from megatron_dflash.data.tokenize import load_chat_tokenizer, tokenizer_spec
 from megatron_dflash.fp8 import sequence_multiple
 from megatron_dflash.specs import get_dflash_model_spec
-from megatron_dflash.target import (build_target, hf_tensor, load_hf_config, load_hf_weights,
+from megatron_dflash.targets import (build_target, hf_tensor, load_hf_config, load_hf_weights,
                                    target_transformer_config)
 from megatron_dflash.training.arguments import dflash_config, moe_parallel
 from megatron_dflash.training.embedded import finish_embedded_default, prepare_embedded_default

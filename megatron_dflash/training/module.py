@@ -23,7 +23,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash.model import DFlashDraftModel, output_weight, target_head
-from megatron_dflash.target.capture import FeatureCapture
+from megatron_dflash.targets.capture import FeatureCapture
 from megatron_dflash.training.pipeline import link_received, pack, unpack
 
 

@@ -22,7 +22,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_dflash.target.hf_import import _Checkpoint
+from megatron_dflash.targets.hf_import import _Checkpoint
 
 
 class _ZeroGradToReceived(torch.autograd.Function):

@@ -33,8 +33,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 
 from conftest import Utils
 from dflash_testing import pattern_dataset, record_checkpoint_reads, tiny_moe_target_dir
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 from test_pipeline import STEPS, flags, started_references, trajectory
 from unit_tests.test_deepseek_import import tiny_deepseek_dir

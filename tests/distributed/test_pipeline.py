@@ -29,8 +29,8 @@ from megatron.core.utils import get_model_config
 from conftest import Utils
 from dflash_testing import pattern_dataset, tiny_target_dir
 from megatron_dflash.data.dataset import build_dataset
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 from megatron_dflash.training import loop
 from megatron_dflash.training.arguments import parse_args

@@ -10,9 +10,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from dflash_testing import record_checkpoint_reads, tiny_target_dir
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from megatron_dflash.target import hf_import
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+from megatron_dflash.targets import hf_import
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 128, 64, 4, 16, 2

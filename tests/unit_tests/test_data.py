@@ -17,7 +17,7 @@ from megatron_dflash.data import (ChatTemplateError, ConversationDataset,
 from megatron_dflash.data.chitchat import conversation_to_messages, write_chitchat_jsonl
 from megatron_dflash.data.conversations import (MALFORMED, NO_ASSISTANT, NO_SUPERVISED, TEMPLATE,
                                                 TRUNCATED, UNKNOWN_FORMAT)
-from megatron_dflash.target.gguf import smollm2_gguf
+from megatron_dflash.targets.gguf import smollm2_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CHAT = [

@@ -21,9 +21,9 @@ from dflash_testing import build_draft, record_checkpoint_reads
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.evaluate import SpeculativeDecoder
 from megatron_dflash.synthetic import randomize_
-from megatron_dflash.target import hf_import
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (build_target, load_hf_config, load_hf_weights,
+from megatron_dflash.targets import hf_import
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 256, 64, 3, 16, 2

@@ -16,7 +16,7 @@ from megatron_dflash.head_loss import vocab_head_loss
 from megatron_dflash.loss import per_token_loss
 from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.sparse_attention import build_flex_block_mask
-from megatron_dflash.target import (FeatureCapture, build_target, load_hf_config, load_hf_weights,
+from megatron_dflash.targets import (FeatureCapture, build_target, load_hf_config, load_hf_weights,
                                     target_forward, target_transformer_config)
 from megatron_dflash.training.arguments import parse_args
 from megatron_dflash.training.loop import MicroBatches

@@ -12,9 +12,9 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from safetensors.torch import load_file, save_file
 
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
-from megatron_dflash.target import moe
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (_mapping, build_target, load_hf_config,
+from megatron_dflash.targets import moe
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.hf_import import (_mapping, build_target, load_hf_config,
                                               load_hf_weights, target_transformer_config)
 from megatron_dflash.training.arguments import parse_args
 

@@ -17,8 +17,8 @@ from dflash_testing import load_script, tiny_target_dir
 from megatron_dflash import regenerate as regen
 from megatron_dflash.data.conversations import MALFORMED, DataReport
 from megatron_dflash.feature_cache import FeatureCacheDataset, read_manifest
-from megatron_dflash.target import build_target, load_hf_config, load_hf_weights
-from megatron_dflash.target import target_transformer_config
+from megatron_dflash.targets import build_target, load_hf_config, load_hf_weights
+from megatron_dflash.targets import target_transformer_config
 
 VOCAB, TAPS = 256, [0, 2]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]

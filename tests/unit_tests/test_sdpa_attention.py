@@ -11,9 +11,9 @@ from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
 from dflash_testing import target_config, tiny_target_dir
-from megatron_dflash.target import hf_import
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.sdpa_attention import SDPACoreAttention
+from megatron_dflash.targets import hf_import
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.sdpa_attention import SDPACoreAttention
 
 TOL = 1e-5
 HEADS, GROUPS, HN, BATCH = 4, 2, 16, 2

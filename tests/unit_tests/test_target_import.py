@@ -8,8 +8,8 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from megatron_dflash import weights
-from megatron_dflash.target.capture import FeatureCapture, target_forward
-from megatron_dflash.target.hf_import import (_Checkpoint, _converters, build_target,
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.hf_import import (_Checkpoint, _converters, build_target,
                                               load_hf_config, load_hf_weights,
                                               target_transformer_config)
 

@@ -36,8 +36,8 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from megatron_dflash.layers import LocalRMSNorm, _check_backend, _te
-from megatron_dflash.target import deepseek_v3, moe
-from megatron_dflash.target.sdpa_attention import SDPACoreAttention
+from megatron_dflash.targets import deepseek_v3, moe
+from megatron_dflash.targets.sdpa_attention import SDPACoreAttention
 from megatron_dflash.weights import (check_qkv_groups, merge_fc1, merge_qkv, shard_columns,
                                      shard_range)
 

@@ -40,7 +40,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
-from megatron_dflash.target import deepseek_v3
+from megatron_dflash.targets import deepseek_v3
 from megatron_dflash.weights import merge_fc1
 
 MOE_ARCHITECTURES = ("Qwen3MoeForCausalLM", deepseek_v3.ARCHITECTURE)
