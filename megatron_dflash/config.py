@@ -102,7 +102,7 @@ class DFlashConfig:
                     f"num_draft_layers={r.num_draft_layers}: the default target_layer_ids need "
                     f"num_draft_layers <= the target's {t.num_layers} layers; pass target_layer_ids")
             r.target_layer_ids = build_target_layer_ids(t.num_layers, r.num_draft_layers)
-        _check_layer_ids(r.target_layer_ids, t.num_layers)
+        check_layer_ids(r.target_layer_ids, t.num_layers)
         if r.mask_token_id is None:
             raise ValueError(f"mask_token_id is required: an id in [0, {vocab_size - 1}] that the "
                              "target's embedding holds and your data never uses")
@@ -210,7 +210,7 @@ def _check_int(cfg, name, lo, hi=None):
         raise ValueError(f"{name}={v!r} must be an integer {rng}")
 
 
-def _check_layer_ids(ids, num_layers):
+def check_layer_ids(ids, num_layers):
     if not isinstance(ids, (list, tuple)) or not ids:
         raise ValueError(f"target_layer_ids={ids!r} must be a non-empty list of layer indices")
     for i in ids:

@@ -3,7 +3,7 @@
     export_checkpoint(ckpt_root, out_dir, dtype="bf16")     training checkpoint -> HF dir
 
 The directory (`reference_format`: config.json + model.safetensors, and the target's tokenizer
-files when asked) loads in the z-lab reference, vLLM and SGLang. Every failure is one
+as `save_pretrained` writes it, when asked) loads in the z-lab reference, vLLM and SGLang. Every failure is one
 `ValueError` or `FileNotFoundError`, raised before anything is written; the directory is written
 under a temporary name and renamed when complete, 0755 with 0644 files (readable by others).
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 
 import torch
 import torch.distributed as dist
@@ -19,12 +18,8 @@ from safetensors.torch import save_file
 
 from megatron_dflash import atomic, state_dict_adapter
 from megatron_dflash.draft_reader import read_checkpoint, target_description
-from megatron_dflash.reference_format import (CONFIG_FILE, DTYPES, WEIGHTS_FILE, reference_config,
-                                              target_fields)
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
-                   "chat_template.jinja", "chat_template.json")
+from megatron_dflash.reference_format import (ARCHITECTURE, CONFIG_FILE, DTYPES, WEIGHTS_FILE,
+                                              reference_config, target_fields)
 
 
 def export_checkpoint(root: str, out_dir: str, *, iteration: int | None = None,
@@ -36,14 +31,14 @@ def export_checkpoint(root: str, out_dir: str, *, iteration: int | None = None,
 
     Args:
         dtype: "fp32", "bf16" or "fp16"; default: the stored dtype (fp32 if mixed).
-        tokenizer_dir: copy the tokenizer files found there (the target's) into `out_dir`.
+        tokenizer_dir: also save the tokenizer found there (the target's) into `out_dir`.
     """
     writes = not dist.is_initialized() or dist.get_rank() == 0
     if writes:
         _check_new_output(out_dir)
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype={dtype!r} must be one of {sorted(DTYPES)}")
-    tokenizer_files = _tokenizer_files(tokenizer_dir) if tokenizer_dir else []
+    tokenizer = _tokenizer(tokenizer_dir) if tokenizer_dir else None
     extra, cfg, full = read_checkpoint(root, iteration)
     if not writes:
         return out_dir
@@ -59,17 +54,30 @@ def export_checkpoint(root: str, out_dir: str, *, iteration: int | None = None,
                   os.path.join(tmp, WEIGHTS_FILE), metadata={"format": "pt"})
         with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
             f.write(json.dumps(config, indent=2) + "\n")
-        for src in tokenizer_files:
-            shutil.copy2(src, tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
     return out_dir
 
 
-def _tokenizer_files(tokenizer_dir: str) -> list[str]:
-    files = [os.path.join(tokenizer_dir, f) for f in TOKENIZER_FILES
-             if os.path.isfile(os.path.join(tokenizer_dir, f))]
-    if not files:
-        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files ({', '.join(TOKENIZER_FILES)})")
-    return files
+def is_export(path: str) -> bool:
+    """Whether `path` holds an earlier export (a reference draft config and its weights)."""
+    try:
+        with open(os.path.join(path, CONFIG_FILE)) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return (isinstance(config, dict) and config.get("architectures") == [ARCHITECTURE]
+            and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
+
+
+def _tokenizer(tokenizer_dir: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(tokenizer_dir)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (transformers cannot load "
+                                f"a tokenizer there: {' '.join(str(e).split())[:200]})") from None
 
 
 def _check_new_output(out_dir: str) -> None:

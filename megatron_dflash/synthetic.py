@@ -93,9 +93,11 @@ def tiny_target_dir(path, vocab=VOCAB, layers=4, hidden=HIDDEN, seed=0) -> str:
     return str(path)
 
 
-def pattern_dataset(prefix, count, seq_len, vocab=VOCAB, seed=0) -> str:
+def pattern_dataset(prefix, count, seq_len, vocab=VOCAB, seed=0,
+                    response_length: int | None = None) -> str:
     """An indexed dataset of learnable conversations: a random prompt, then a response cycling
-    through five tokens from a random phase — a small draft learns to continue it quickly."""
+    through five tokens from a random phase — a small draft learns to continue it quickly. The
+    response fills the sequence, or is `response_length` tokens long."""
     from megatron_dflash.data.dataset import write_indexed_dataset
     from megatron_dflash.data.tokenize import Tokenized
 
@@ -104,7 +106,9 @@ def pattern_dataset(prefix, count, seq_len, vocab=VOCAB, seed=0) -> str:
     for _ in range(count):
         prompt = torch.randint(0, vocab - 4, (seq_len // 4,), generator=g).tolist()
         start = int(torch.randint(0, 5, (1,), generator=g))
-        response = [10 + (start + i) % 5 for i in range(seq_len - len(prompt))]
-        samples.append(Tokenized(prompt + response, [0] * len(prompt) + [1] * len(response), seq_len))
+        length = seq_len - len(prompt) if response_length is None else response_length
+        response = [10 + (start + i) % 5 for i in range(length)]
+        samples.append(Tokenized(prompt + response, [0] * len(prompt) + [1] * len(response),
+                                 len(prompt) + length))
     write_indexed_dataset(str(prefix), samples, vocab_size=vocab)
     return str(prefix)

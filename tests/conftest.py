@@ -9,10 +9,8 @@ each parallel layout is exercised exactly once by the README's test command.
 import datetime
 import gc
 import os
-import sys
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from megatron_dflash import cpu  # noqa: E402
 
@@ -60,11 +58,9 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def gloo_world():
-    if not dist.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(20000 + os.getpid() % 20000))
-        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=300))
+    from megatron_dflash.distributed import init_distributed
+
+    init_distributed(timeout=datetime.timedelta(seconds=300))
     yield
     dist.barrier()
     destroy_model_parallel_and_groups()
@@ -90,14 +86,14 @@ class Utils:
 
     @staticmethod
     def initialize_model_parallel(tp=1, pp=1, seed=123, ep=1, etp=None):
-        from megatron.core import parallel_state, tensor_parallel
+        from megatron_dflash.distributed import set_parallel_layout
+        from megatron_dflash.run.config import ParallelArgs
 
         destroy_model_parallel_and_groups()
-        parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp,
-                                                 pipeline_model_parallel_size=pp,
-                                                 expert_model_parallel_size=ep,
-                                                 expert_tensor_parallel_size=etp)
-        tensor_parallel.model_parallel_cuda_manual_seed(seed)
+        set_parallel_layout(ParallelArgs(tensor_model_parallel_size=tp,
+                                         pipeline_model_parallel_size=pp,
+                                         expert_model_parallel_size=ep,
+                                         expert_tensor_parallel_size=etp), seed)
 
     @staticmethod
     def destroy_model_parallel():

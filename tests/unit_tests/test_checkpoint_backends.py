@@ -19,16 +19,16 @@ from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 
-from conftest import Utils
-from dflash_testing import dflash_config, params, pattern_dataset, randomize_, target_config
-from dflash_testing import tiny_target_dir
+from tests.conftest import Utils
+from tests.dflash_testing import dflash_config, params, pattern_dataset, randomize_, target_config
+from tests.dflash_testing import tiny_target_dir
 from megatron_dflash import checkpoint
 from megatron_dflash.attention import DFlashSelfAttention, DFlashTransformerLayer
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.sparse_attention import DFlashSparseAttention
 from megatron_dflash.specs import get_dflash_model_spec
-from megatron_dflash.training.arguments import parse_args
-from megatron_dflash.training.loop import pretrain
+from megatron_dflash.training.pretrain import parse_plan
+from tests.training_testing import train
 
 # What each module of the TE draft puts in megatron's sharded state dict (no biases: the draft has
 # none). TE modules carry an `_extra_state` (FP8 metadata): the linears from
@@ -139,7 +139,7 @@ def _flags(target, train, **kw):
 def _run(argv):
     Utils.destroy_model_parallel()
     try:
-        return pretrain(parse_args(argv))
+        return train(argv)
     finally:
         Utils.destroy_model_parallel()
 

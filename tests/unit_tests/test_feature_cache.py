@@ -10,13 +10,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import Utils
-from dflash_testing import load_script, pattern_dataset, tiny_target_dir
+from tests.conftest import Utils
+from tests.dflash_testing import load_script, pattern_dataset, tiny_target_dir
 from megatron_dflash import feature_cache
 from megatron_dflash.data.dataset import IndexedConversationDataset
 from megatron_dflash.draft_reader import read_checkpoint, read_reference
-from megatron_dflash.training.arguments import parse_args
-from megatron_dflash.training.loop import pretrain
+from megatron_dflash.training.pretrain import parse_plan
+from tests.training_testing import train
 
 MASK = 255  # never produced by pattern_dataset
 
@@ -50,7 +50,7 @@ def flags(target, train, valid=None, **kw):
 def run_in_process(argv):
     Utils.destroy_model_parallel()
     try:
-        return pretrain(parse_args(argv))
+        return train(argv)
     finally:
         Utils.destroy_model_parallel()
 
@@ -143,7 +143,7 @@ def test_cache_that_does_not_fit_is_refused(target, data, monkeypatch):
 
 def _error_line(argv, capsys) -> str:
     with pytest.raises(SystemExit) as exit_:
-        parse_args(argv)
+        parse_plan(argv)
     assert exit_.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
     assert len(errors) == 1, errors
@@ -195,4 +195,4 @@ def test_export_at_the_end_equals_the_saved_draft(target, data, tmp_path):
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit):
-        parse_args(flags(target, data[0], export=str(tmp_path / "busy")))
+        parse_plan(flags(target, data[0], export=str(tmp_path / "busy")))

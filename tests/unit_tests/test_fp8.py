@@ -1,6 +1,7 @@
 """FP8 flags (training/arguments.py) -> TransformerConfig fields (fp8.py) and block padding
 (anchors.py); Transformer Engine stays optional."""
 import argparse
+import dataclasses
 import importlib.util
 import os
 import subprocess
@@ -10,14 +11,16 @@ import textwrap
 import pytest
 import torch
 
-from dflash_testing import (build_draft, dflash_config, head_only_target, pattern_dataset,
+from tests.dflash_testing import (build_draft, dflash_config, head_only_target, pattern_dataset,
                             randomize_, target_config, tiny_target_dir, weighted_loss)
 from megatron_dflash.anchors import pad_blocks
 from megatron_dflash.data.dataset import build_dataset
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason, sequence_multiple
-from megatron_dflash.training.arguments import add_fp8_args, fp8_settings, parse_args
-from megatron_dflash.training.loop import MicroBatches
+from megatron_dflash.run.checks import fp8_settings
+from megatron_dflash.run.flags import add_precision_flags, run_config
+from megatron_dflash.training.microbatches import MicroBatches
+from megatron_dflash.training.pretrain import parse_plan
 from megatron_dflash.training.step import prepare_microbatch
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
@@ -25,9 +28,8 @@ HAVE_TE = importlib.util.find_spec("transformer_engine") is not None
 
 def parse(*argv, impl="transformer_engine"):
     p = argparse.ArgumentParser()
-    p.add_argument("--transformer-impl", default=impl)
-    add_fp8_args(p)
-    return p.parse_args(list(argv))
+    add_precision_flags(p)
+    return run_config(p.parse_args(["--transformer-impl", impl, *argv]))
 
 
 def test_settings_map_onto_transformer_config():
@@ -155,18 +157,19 @@ def test_training_microbatches_are_padded_for_fp8(utils, tmp_path):
     never supervised. (FP8 itself needs TE and a GPU; the settings are set directly here.)"""
     utils.initialize_model_parallel(1)
     data = pattern_dataset(tmp_path / "train", 8, 40)
-    args = parse_args(["--target", tiny_target_dir(tmp_path / "target"), "--mask-token-id", "255",
+    plan = parse_plan(["--target", tiny_target_dir(tmp_path / "target"), "--mask-token-id", "255",
                        "--train-data", data, "--seq-length", "40", "--block-size", "8",
                        "--num-anchors", "3", "--micro-batch-size", "2", "--global-batch-size", "2",
                        "--attention", "sparse"])
-    cfg = dflash_config(target_config(), block_size=8, num_anchors=3)
-    train, _ = build_dataset(args.train_data, None, 40)
+    train, _ = build_dataset(plan.data.train, None, 40)
     expected = {(FP8Settings(), FP8Settings()): (40, 24),
                 (FP8Settings("hybrid"), FP8Settings()): (48, 32),
                 (FP8Settings(), FP8Settings("e4m3", "mxfp8")): (64, 24),
                 (FP8Settings("hybrid"), FP8Settings("e4m3", "mxfp8")): (64, 32)}
-    for (args.fp8, args.target_fp8), (seq_len, block_tokens) in expected.items():
-        mb = MicroBatches(train, args, cfg, pad_id=0, consumed_samples=0).next()
+    for (draft, target), (seq_len, block_tokens) in expected.items():
+        fp8 = dataclasses.replace(plan, draft_fp8=draft,
+                                  target=dataclasses.replace(plan.target, fp8=target))
+        mb = MicroBatches(train, fp8, pad_id=0, consumed_samples=0).next()
         assert mb["tokens"].shape == (2, seq_len)
         assert mb["block_input_ids"].shape == (2, block_tokens)
         assert mb["attention_mask"].anchors.shape == (2, block_tokens // 8)

@@ -1,5 +1,5 @@
 """The mask token id found from the target's tokenizer per family (spec §4.3), the explicit
-override, the refusal when none exists, and its use by parse_args without --mask-token-id."""
+override, the refusal when none exists, and its use by parse_plan without --mask-token-id."""
 import io
 
 import pytest
@@ -7,10 +7,10 @@ import sentencepiece as spm
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from dflash_testing import tiny_target_dir
+from tests.dflash_testing import tiny_target_dir
 from megatron_dflash.data.mask_token import resolve_mask_token_id
 from megatron_dflash.synthetic import VOCAB
-from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.training.pretrain import parse_plan
 
 WORDS = ["hello", "world", "reserved", "mask", "the", "a"]  # plain words, never chosen
 CHATML = ("{% for m in messages %}"
@@ -98,7 +98,7 @@ def test_sentencepiece_pieces():
                                             "(the chat template never writes it)")
 
 
-# --- parse_args without --mask-token-id ----------------------------------------------------------
+# --- parse_plan without --mask-token-id ----------------------------------------------------------
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
@@ -110,20 +110,20 @@ def _saved(tmp_path, tok) -> str:
     return str(tmp_path)
 
 
-def test_parse_args_resolves_from_the_tokenizer(target, tmp_path, capsys):
+def test_parse_plan_resolves_from_the_tokenizer(target, tmp_path, capsys):
     spare = _tokenizer(QWEN3, eos_token="<|im_end|>")
     assert len(spare) < VOCAB
-    args = parse_args(["--target", target, "--tokenizer", _saved(tmp_path, spare)])
-    assert args.mask_token_id == len(spare)
+    plan = parse_plan(["--target", target, "--tokenizer", _saved(tmp_path, spare)])
+    assert plan.dflash.mask_token_id == len(spare)
     [line] = [l for l in capsys.readouterr().out.splitlines() if l.startswith("mask token:")]
     assert line.startswith(f"mask token: id {len(spare)} from hf:{tmp_path}: no token")
     # the flag still wins
-    assert parse_args(["--target", target, "--tokenizer", str(tmp_path),
-                       "--mask-token-id", "7"]).mask_token_id == 7
+    assert parse_plan(["--target", target, "--tokenizer", str(tmp_path),
+                       "--mask-token-id", "7"]).dflash.mask_token_id == 7
 
 
 @pytest.mark.parametrize("case", ["no candidate", "no tokenizer"])
-def test_parse_args_refuses_without_a_mask_token(target, tmp_path, capsys, case):
+def test_parse_plan_refuses_without_a_mask_token(target, tmp_path, capsys, case):
     argv = ["--target", target]
     if case == "no candidate":  # every one of the target's rows is a token, none a mask
         full = _tokenizer(QWEN3 + [f"<extra_{i}>" for i in range(VOCAB - 7 - len(QWEN3))],
@@ -131,7 +131,7 @@ def test_parse_args_refuses_without_a_mask_token(target, tmp_path, capsys, case)
         assert len(full) == VOCAB
         argv += ["--tokenizer", _saved(tmp_path, full)]
     with pytest.raises(SystemExit):
-        parse_args(argv)
+        parse_plan(argv)
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "--mask-token-id" in err
     assert ("is needed" if case == "no candidate" else "cannot be loaded") in err

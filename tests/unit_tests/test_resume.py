@@ -16,9 +16,7 @@ import time
 import psutil
 
 from megatron_dflash import checkpoint
-from test_training import data, flags, run_in_process, target  # noqa: F401 (fixtures)
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from tests.training_testing import REPO, flags, run_in_process
 STRAIGHT_ITERS = 15  # the uninterrupted run each chain compares with (every chain ends <= this)
 SAVE_INTERVAL = 3
 

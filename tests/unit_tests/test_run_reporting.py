@@ -6,10 +6,10 @@ import math
 import pytest
 import torch
 
-from conftest import Utils
-from dflash_testing import pattern_dataset, tiny_target_dir
-from megatron_dflash.training import loop
-from megatron_dflash.training.arguments import parse_args
+from tests.conftest import Utils
+from tests.dflash_testing import pattern_dataset, tiny_target_dir
+from megatron_dflash.training.trainer import Trainer, TrainingError
+from tests.training_testing import train
 
 MASK = 255
 
@@ -38,7 +38,7 @@ def _flags(target, data, **kw):
 def _run(argv):
     Utils.destroy_model_parallel()
     try:
-        return loop.pretrain(parse_args(argv))
+        return train(argv)
     finally:
         Utils.destroy_model_parallel()
 
@@ -46,13 +46,14 @@ def _run(argv):
 def _poison(monkeypatch, steps):
     """Make the gradients of the given optimizer steps (1-based) NaN after backward; record the
     draft's weights around each step."""
-    real, seen = loop.run_step, {"step": 0, "weights": []}
+    real, seen = Trainer.run_step, {"step": 0, "weights": []}
 
-    def run_step(model, microbatches, cfg, args, forward_only):
+    def run_step(trainer, microbatches, forward_only):
+        model = trainer.model
         if not forward_only:
             seen["weights"].append([p.detach().clone() for p in model.parameters()
                                     if p.requires_grad])
-        reports = real(model, microbatches, cfg, args, forward_only)
+        reports = real(trainer, microbatches, forward_only)
         if not forward_only:
             seen["step"] += 1
             if seen["step"] in steps:
@@ -60,7 +61,7 @@ def _poison(monkeypatch, steps):
                     buffer.grad_data.fill_(math.nan)
         return reports
 
-    monkeypatch.setattr(loop, "run_step", run_step)
+    monkeypatch.setattr(Trainer, "run_step", run_step)
     return seen
 
 
@@ -80,7 +81,7 @@ def test_nan_gradient_skips_exactly_that_step(target, data, monkeypatch, tmp_pat
 
 def test_run_stops_after_max_skipped_steps_in_a_row(target, data, monkeypatch):
     _poison(monkeypatch, {2, 3, 4, 5, 6})
-    with pytest.raises(loop.TrainingError, match=r"3 iterations in a row .*iteration 4.*"
+    with pytest.raises(TrainingError, match=r"3 iterations in a row .*iteration 4.*"
                                                  r"--max-skipped-steps 3"):
         _run(_flags(target, data, max_skipped_steps=3))
 

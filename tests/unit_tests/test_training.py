@@ -12,46 +12,10 @@ import sys
 import pytest
 import sentencepiece as spm
 
-from conftest import Utils
-from dflash_testing import pattern_dataset, tiny_target_dir
 from megatron_dflash import checkpoint
-from megatron_dflash.training.arguments import parse_args
-from megatron_dflash.training.loop import pretrain
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-MASK = 255  # never produced by pattern_dataset
-
-
-@pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return tiny_target_dir(tmp_path_factory.mktemp("target"))
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    return pattern_dataset(d / "train", 64, 48, seed=1), pattern_dataset(d / "valid", 8, 48, seed=2)
-
-
-def flags(target, train, valid=None, **kw):
-    base = dict(target=target, mask_token_id=MASK, train_data=train, seq_length=48, block_size=8,
-                num_draft_layers=1, num_anchors=4, micro_batch_size=2, global_batch_size=4,
-                train_iters=10, lr=3e-3, min_lr=3e-4, log_interval=50, eval_samples=8, seed=7)
-    if valid:
-        base["valid_data"] = valid
-    base.update(kw)
-    out = []
-    for k, v in base.items():
-        out += [f"--{k.replace('_', '-')}"] + ([str(v)] if v is not True else [])
-    return out
-
-
-def run_in_process(argv):
-    Utils.destroy_model_parallel()
-    try:
-        return pretrain(parse_args(argv))
-    finally:
-        Utils.destroy_model_parallel()
+from megatron_dflash.training.pretrain import parse_plan
+from tests.dflash_testing import pattern_dataset
+from tests.training_testing import REPO, flags, run_in_process
 
 
 def test_training_lowers_loss_and_raises_tau(target, data):
@@ -135,14 +99,14 @@ def test_bad_data_is_skipped_and_reported(target, tmp_path, capsys):
 ])
 def test_bad_flags_fail_before_any_work(argv, flag, capsys):
     with pytest.raises(SystemExit):
-        parse_args(argv)
+        parse_plan(argv)
     assert flag in capsys.readouterr().err
 
 
 def _parse_error(argv, capsys, world_size=1) -> str:
-    """parse_args must exit 2 with argparse's usage and one error line, no traceback: that line."""
+    """parse_plan must exit 2 with argparse's usage and one error line, no traceback: that line."""
     with pytest.raises(SystemExit) as exit_:
-        parse_args(argv, world_size=world_size)
+        parse_plan(argv, world_size=world_size)
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if "error:" in line]
@@ -165,12 +129,12 @@ def _parse_error(argv, capsys, world_size=1) -> str:
 ])
 def test_draft_flags_are_checked_against_the_target_config(target, data, extra, message, capsys):
     """What DFlashConfig.resolve rejects, found from the flags and the target's config.json by
-    parse_args (nothing is built), named by flag."""
+    parse_plan (nothing is built), named by flag."""
     world = 2 if "--tensor-model-parallel-size" in extra else 1
     assert message in _parse_error(flags(target, data[0]) + extra, capsys, world)
 
 
-def test_unreadable_target_weights_fail_in_parse_args(target, data, tmp_path, capsys):
+def test_unreadable_target_weights_fail_in_parse_plan(target, data, tmp_path, capsys):
     broken = tmp_path / "target"
     shutil.copytree(target, broken)
     weights = broken / "model.safetensors"
@@ -236,10 +200,20 @@ def test_transformer_engine_impl_needs_transformer_engine(capsys):
     argv = ["--transformer-impl", "transformer_engine"]
     if importlib.util.find_spec("transformer_engine") is None:  # the CPU CI
         with pytest.raises(SystemExit):
-            parse_args(argv)
+            parse_plan(argv)
         assert "needs Transformer Engine: pip install" in capsys.readouterr().err
     else:
-        assert parse_args(argv).transformer_impl == "transformer_engine"
+        assert parse_plan(argv).run.precision.transformer_impl == "transformer_engine"
+
+
+def test_data_without_a_supervised_block_is_refused_before_training(target, tmp_path, capsys):
+    """One-token answers at --block-size 8: no anchor has a supervised slot, so every step would
+    be a no-op; the run stops before building a model, with one line saying so."""
+    short = pattern_dataset(tmp_path / "short", 6, 48, response_length=1)
+    with pytest.raises(ValueError, match="none of the 6 training conversations holds a block of "
+                                         "--block-size 8 tokens"):
+        run_in_process(flags(target, short))
+    assert "iteration" not in capsys.readouterr().out
 
 
 def test_tracker_ignores_partial_save(tmp_path):

@@ -1,0 +1,63 @@
+"""This data-parallel rank's micro-batches, prepared (anchors drawn) from the resumable sampler."""
+from __future__ import annotations
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_dflash import feature_cache
+from megatron_dflash.data.dataset import ResumableSampler, collate
+from megatron_dflash.fp8 import sequence_multiple
+from megatron_dflash.run.plan import Plan
+from megatron_dflash.training.prefetch import Prefetcher
+from megatron_dflash.training.step import anchor_generator, prepare_microbatch
+
+
+def sequence_buckets(seq_length: int, count: int, multiple: int) -> list[int]:
+    """`count` evenly spaced padded lengths up to `seq_length`, each rounded up to `multiple`."""
+    return sorted({-(-(seq_length * (i + 1) // count) // multiple) * multiple
+                   for i in range(count)})
+
+
+class MicroBatches:
+    """Micro-batches of `dataset` for this data-parallel rank, from `consumed_samples` on.
+
+    Sequences are padded to the smallest of `--seq-length-buckets` fixed lengths that holds the
+    micro-batch (one bucket: always `--seq-length`), each a multiple of what sequence
+    parallelism and the target's and draft's FP8 GEMMs need, so compiled attention sees one shape
+    per bucket; the block tokens (N * block_size) are padded to what the draft's GEMMs need.
+    """
+
+    def __init__(self, dataset, plan: Plan, pad_id: int, consumed_samples: int,
+                 shuffle: bool = True, seed: int | None = None):
+        run = plan.run
+        self.dataset, self.cfg, self.pad_id = dataset, plan.dflash, pad_id
+        self.seed = run.training.seed if seed is None else seed
+        tp, sp = run.parallel.tensor_model_parallel_size, run.parallel.sequence_parallel
+        self.buckets = sequence_buckets(
+            run.data.seq_length, run.data.seq_length_buckets,
+            sequence_multiple(tp, sp, plan.draft_fp8, plan.target.fp8))
+        self.block_multiple = sequence_multiple(tp, sp, plan.draft_fp8)
+        self.attention = plan.attention
+        self.sampler = ResumableSampler(
+            len(dataset), run.training.micro_batch_size, parallel_state.get_data_parallel_rank(),
+            parallel_state.get_data_parallel_world_size(), seed=self.seed,
+            consumed_samples=consumed_samples, shuffle=shuffle)
+        self._it = iter(self.sampler)
+
+    def next(self) -> dict:
+        indices = next(self._it)
+        s = self.sampler
+        position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
+        samples = [self.dataset[i] for i in indices]
+        batch = collate(samples, self.pad_id, buckets=self.buckets)
+        features = None  # the offline cache's taps, padded as the tokens are
+        if "features" in samples[0]:
+            features = feature_cache.pad_features(samples, batch["tokens"].shape[1])
+        return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
+                                  anchor_generator(self.seed, position), self.attention,
+                                  self.block_multiple, batch["lengths"], features)
+
+    def prefetcher(self, device: torch.device, depth: int = 2) -> Prefetcher:
+        """These micro-batches prepared `depth` ahead, each with the consumed-sample count after
+        it."""
+        return Prefetcher(lambda: (self.next(), self.sampler.consumed_samples), device, depth)
