@@ -44,10 +44,11 @@ def free_port() -> int:
 
 
 def init_distributed(parallel: ParallelArgs | None = None, seed: int = 1234,
-                     timeout: datetime.timedelta = TIMEOUT) -> bool:
+                     timeout: datetime.timedelta = TIMEOUT, backend: str | None = None) -> bool:
     """Join (or make) the world, then, with `parallel`, lay megatron's model-parallel groups
     over it (replacing any earlier layout) and seed its RNG tracker. Returns whether this call
-    made the process group (the caller then tears it down: `shutdown_distributed`)."""
+    made the process group (the caller then tears it down: `shutdown_distributed`). `backend`:
+    NCCL with a GPU, else gloo, unless given (gloo for work on CPU tensors only)."""
     setup_logging()
     if not torch.cuda.is_available():
         cpu.apply()
@@ -56,9 +57,9 @@ def init_distributed(parallel: ParallelArgs | None = None, seed: int = 1234,
         if "RANK" not in os.environ:  # a plain `python` process: a world of one
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0",
                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-        if torch.cuda.is_available():
+        if backend is None and torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
+        dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"),
                                 timeout=timeout)
     if parallel is not None:
         set_parallel_layout(parallel, seed)
@@ -85,16 +86,16 @@ def shutdown_distributed(created: bool = True) -> None:
 
 
 @contextlib.contextmanager
-def distributed(parallel: ParallelArgs | None = None, seed: int = 1234):
-    """`init_distributed` for the duration of a block; tears down only what it made."""
-    created = init_distributed(parallel, seed)
+def distributed(parallel: ParallelArgs | None = None, seed: int = 1234,
+                backend: str | None = None):
+    """`init_distributed` for the duration of a block; tears down only what it made (inside an
+    existing world, e.g. a tool called in-process, the layout stays for the caller)."""
+    created = init_distributed(parallel, seed, backend=backend)
     try:
         yield
     finally:
         if created:
             shutdown_distributed()
-        elif parallel is not None:
-            parallel_state.destroy_model_parallel()
 
 
 def launcher_free_env() -> dict[str, str]:

@@ -75,7 +75,7 @@ def _tokenizer(tokenizer_dir: str):
 
     try:
         return AutoTokenizer.from_pretrained(tokenizer_dir)
-    except (OSError, ValueError) as e:
+    except Exception as e:  # transformers raises many types for files it cannot read
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer files (transformers cannot load "
                                 f"a tokenizer there: {' '.join(str(e).split())[:200]})") from None
 

@@ -14,14 +14,13 @@ import os
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.checkpoint import save_model_checkpoint
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.draft_reader import read_reference
 from megatron_dflash.reference_format import resolve_for_target, target_fields
-from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.specs import build_draft
 
 
 def import_reference(ref_dir: str, root: str, *, target_dir: str | None = None) -> str:
@@ -39,8 +38,7 @@ def import_reference(ref_dir: str, root: str, *, target_dir: str | None = None) 
                                                 target_dir, tp, where=ref_dir)
     if os.path.exists(root) and os.listdir(root):
         raise ValueError(f"{root}: exists and is not empty; import writes a new checkpoint")
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers),
-                         config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
+    draft = build_draft(cfg, draft_transformer_config(cfg, tcfg))
     load_draft_weights(draft, state_dict_adapter.hf_to_megatron(tensors, cfg))
     extra = {"dflash_config": dataclasses.asdict(cfg),
              "target": {"hf_config": target_json,

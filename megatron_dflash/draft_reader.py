@@ -11,8 +11,6 @@ backend, in its stored dtype (bit-exact). Every failure is one `ValueError` or
 """
 from __future__ import annotations
 
-import contextlib
-import datetime
 import json
 import os
 import re
@@ -26,6 +24,7 @@ from safetensors import SafetensorError, safe_open
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_dflash import state_dict_adapter
+from megatron_dflash.distributed import distributed
 from megatron_dflash.checkpoint import DRAFT_PREFIX, TRACKER, iteration_dir, latest_iteration
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.reference_format import (CONFIG_FILE, WEIGHTS_FILE, check_shapes,
@@ -84,10 +83,10 @@ def read_checkpoint(root: str, iteration: int | None = None
 
     Reads only the draft ("model") and "extra": optimizer, RNG and scheduler entries may or may
     not be present. Collective when a process group exists (every rank reads the whole draft);
-    otherwise a world of one process is created for the read.
+    otherwise a world of one process is made for the read (`distributed`).
     """
     path = checkpoint_path(root, iteration)
-    with _process_group():
+    with distributed(backend="gloo"):  # dist_checkpointing reads in a process group
         try:
             common = dist_checkpointing.load_common_state_dict(path)
             extra = common["extra"]
@@ -166,19 +165,3 @@ def _unstack_layers(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         for i, t in enumerate(tensor.unbind(0)):
             out[f"decoder.layers.{i}.{suffix}"] = t.clone()
     return out
-
-
-@contextlib.contextmanager
-def _process_group():
-    """dist_checkpointing needs a default process group: create a world of one process when none
-    exists (and only then tear it down)."""
-    if dist.is_initialized():
-        yield
-        return
-    store = dist.HashStore()
-    dist.init_process_group("gloo", store=store, rank=0, world_size=1,
-                            timeout=datetime.timedelta(minutes=10))
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()

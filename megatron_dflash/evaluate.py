@@ -8,14 +8,12 @@ matching prefix plus the target's bonus token. Every emitted token is the target
 the output equals target-only greedy decoding; `block_size=1` is that baseline, run through the
 same loop (as the reference benchmark does).
 
-KV caches. The target uses megatron's `StaticInferenceContext`: a forward at
-`sequence_len_offset = start` writes the block's K/V at start..start+B-1 and attends to
-everything before; rejected tokens are dropped by moving the offset back (the stale entries are
-overwritten by the next forward). An explicit causal mask is passed because megatron's static
-path assumes one new token per step once the offset is past the prompt (it then switches to
-"no mask"), which would let the block see its own future; megatron's local core attention
-applies that mask, Transformer Engine's ignores it, so the target must use the local backend.
-The draft keeps only context K/V (`DFlashKVCache`).
+KV caches. The target runs on `generation.engine.TargetEngine` (megatron's
+`StaticInferenceContext`, the forward regeneration uses too): a verify at offset `start` writes
+the block's K/V at start..start+B-1 and attends to everything before under an explicit causal
+mask; rejected tokens are dropped by moving the offset back (the stale entries are overwritten by
+the next forward). The target must use the local backend (see the engine for why). The draft
+keeps only context K/V (`DFlashKVCache`).
 
 Metrics follow the reference benchmark: τ = tokens emitted per draft+verify step (accepted
 drafts + the bonus, cut at the length limit or a stop token), averaged per request then across
@@ -24,25 +22,20 @@ time per token / DFlash time per token.
 """
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from dataclasses import dataclass, field
 
 import torch
 from megatron.core import parallel_state
-from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
-
-from megatron.core.transformer.spec_utils import build_module
 
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.draft_import import load_draft_weights
 from megatron_dflash.draft_reader import load_draft_source
+from megatron_dflash.generation.engine import TargetEngine
 from megatron_dflash.model import target_head
-from megatron_dflash.specs import get_dflash_model_spec
-from megatron_dflash.targets.capture import FeatureCapture
+from megatron_dflash.specs import build_draft
 from megatron_dflash.targets.hf_import import build_target, load_hf_config, load_hf_weights
 
 
@@ -99,29 +92,19 @@ class SpeculativeDecoder:
     """
 
     def __init__(self, target, draft=None):
-        self.target = target.eval()
         self.draft = draft.eval() if draft is not None else None
-        self.capture = (FeatureCapture(target, draft.dflash_config.target_layer_ids)
-                        if draft is not None else None)
-        self.tp_group = target.pg_collection.tp
-        self.device = next(target.parameters()).device
+        self.engine = TargetEngine(target, draft.dflash_config.target_layer_ids
+                                   if draft is not None else None)
+        self.target = self.engine.target
+        self.device = self.engine.device
 
-    def _logits(self, logits: torch.Tensor) -> torch.Tensor:
-        return gather_from_tensor_model_parallel_region(logits, group=self.tp_group)
-
-    def _verify(self, cache: StaticInferenceContext, ids: torch.Tensor, offset: int,
-                capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _verify(self, cache, ids: torch.Tensor, offset: int, capture: bool
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Target forward of `ids` [s] at positions offset..offset+s-1 with the cache holding
         positions < offset: (argmax per position [s], taps [s, 1, K*H] or None)."""
-        cache.sequence_len_offset = offset
-        s = ids.shape[0]
-        query = offset + torch.arange(s, device=self.device)[:, None]
-        mask = (torch.arange(offset + s, device=self.device)[None, :] > query)[None, None]
-        hooks = self.capture if capture else contextlib.nullcontext()
-        with hooks:
-            logits = self.target(ids[None], None, attention_mask=mask, inference_context=cache)
-        features = self.capture.features() if capture else None
-        return self._logits(logits)[0].argmax(-1), features
+        logits, features = self.engine.forward(cache, ids[None], offset, all_positions=True,
+                                               capture=capture)
+        return logits[0].argmax(-1), features
 
     @torch.no_grad()
     def generate(self, prompt, max_new_tokens: int, stop_token_ids=(),
@@ -147,7 +130,7 @@ class SpeculativeDecoder:
         output = torch.full((max_length + 1,), mask_id, dtype=torch.long, device=self.device)
         output[:num_prompt] = prompt
         stops = torch.tensor(list(stop_token_ids), dtype=torch.long, device=self.device)
-        cache = StaticInferenceContext(1, max_length + block_size)
+        cache = self.engine.new_cache(1, max_length + block_size)
         draft_cache = DFlashKVCache()
         result = Generation(tokens=[])
 
@@ -167,7 +150,7 @@ class SpeculativeDecoder:
                                          device=self.device)
                 logits = self.draft(block[None], features, None, positions[None],
                                     kv_cache=draft_cache)
-                block[1:] = self._logits(logits)[1:, 0].argmax(-1)
+                block[1:] = self.engine.gather(logits)[1:, 0].argmax(-1)
             posterior, features = self._verify(cache, block, start, capture=size > 1)
             accepted = int((block[1:] == posterior[:-1]).cumprod(0).sum())
             output[start:start + accepted + 1] = block[:accepted + 1]
@@ -197,8 +180,7 @@ def build_decoder(target_dir: str, draft_source: str, device: torch.device | Non
     hf_config = load_hf_config(target_dir)
     target = build_target(hf_config, target_config, backend="local")
     load_hf_weights(target, target_dir)
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, "local"),
-                         config=draft_transformer_config(cfg, target_config), dflash_config=cfg)
+    draft = build_draft(cfg, draft_transformer_config(cfg, target_config))
     load_draft_weights(draft, full)
     if device is not None:
         target, draft = target.to(device), draft.to(device)

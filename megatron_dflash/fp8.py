@@ -10,7 +10,7 @@ inherited. The borrowed LM head and `fc` run outside the draft's TransformerBloc
 FP8 GEMMs need token counts divisible by `get_fp8_align_size` (16; 32 for mxfp8): pad the
 sequence to `sequence_multiple` and the number of blocks with `anchors.pad_blocks` (the added
 blocks are unkept: no loss, no context). The `--fp8-*` flags and their validation are in
-training/arguments.py.
+run/flags.py and run/checks.py.
 
 The mapping works without Transformer Engine; only `fp8_unavailable_reason` imports it, to ask
 what this GPU supports.

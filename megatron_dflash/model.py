@@ -81,9 +81,13 @@ class DFlashDraftModel(MegatronModule):
 
     def _rotary(self, position_ids: torch.Tensor, num_context: int):
         """RoPE frequencies for explicit positions: context at 0..S-1, each block at its anchor's
-        positions. Returns (query [Q, b, 1, d], key [S+Q, b, 1, d]) for `Attention.forward`."""
-        inv_freq = self.rotary_pos_emb.inv_freq.to(position_ids.device)
-        freqs = position_ids.t().unsqueeze(-1).float() * inv_freq
+        positions. Returns (query [Q, b, 1, d], key [S+Q, b, 1, d]) for `Attention.forward`.
+        `inv_freq` (a plain attribute: `.to()` of the model leaves it) moves to the positions'
+        device once, as megatron's own forward does: a host copy in every step would block."""
+        rope = self.rotary_pos_emb
+        if rope.inv_freq.device != position_ids.device:
+            rope.inv_freq = rope.inv_freq.to(position_ids.device)
+        freqs = position_ids.t().unsqueeze(-1).float() * rope.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(2)
         return emb[num_context:], emb
 

@@ -37,12 +37,15 @@ GATHER_CHUNK_QUERIES = 256
 @dataclasses.dataclass
 class DFlashBlockMask:
     """The DFlash training mask as its per-block description, passed to the draft in place of the
-    dense [b, 1, N*B, S+N*B] mask. `anchors`/`keep` are [b, N] as from `sample_anchors`."""
+    dense [b, 1, N*B, S+N*B] mask. `anchors`/`keep` are [b, N] as from `sample_anchors`; `dims`
+    holds [S, B, N] as a tensor for `build_flex_block_mask`, made once with the mask (on the host,
+    in preparation) and moved with it, not made on the device inside the step."""
 
     anchors: torch.Tensor
     keep: torch.Tensor
     seq_len: int
     block_size: int
+    dims: torch.Tensor
     _flex: BlockMask | None = dataclasses.field(default=None, repr=False, compare=False)
 
     @property
@@ -53,11 +56,22 @@ class DFlashBlockMask:
         """[b, N] context positions each block sees (its anchor; 0 when unkept)."""
         return block_context_lengths(self.anchors, self.keep)
 
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors the mask carries to the device, by field name."""
+        return {"anchors": self.anchors, "keep": self.keep, "dims": self.dims}
+
+    def _map(self, fn) -> "DFlashBlockMask":
+        return DFlashBlockMask(fn(self.anchors), fn(self.keep), self.seq_len, self.block_size,
+                               fn(self.dims))
+
     def to(self, device, non_blocking: bool = False) -> "DFlashBlockMask":
         """A copy on `device` (what the training step does with every micro-batch entry)."""
-        return DFlashBlockMask(self.anchors.to(device, non_blocking=non_blocking),
-                               self.keep.to(device, non_blocking=non_blocking),
-                               self.seq_len, self.block_size)
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin_memory(self) -> "DFlashBlockMask":
+        """A copy in pinned host memory (what the prefetcher does with every micro-batch entry),
+        so that `to(cuda, non_blocking=True)` is asynchronous."""
+        return self._map(torch.Tensor.pin_memory)
 
     def flex_block_mask(self) -> BlockMask:
         """The FlexAttention BlockMask, built on first use and then shared by every layer
@@ -80,15 +94,14 @@ def build_flex_block_mask(mask: DFlashBlockMask, create=create_block_mask) -> Bl
     (SpecForge PR #501/#511).
     """
     n, s, bs = mask.num_blocks, mask.seq_len, mask.block_size
-    return create(_dflash_mask_mod(mask.context_lengths(),
-                                   torch.tensor([s, bs, n], device=mask.anchors.device)),
+    return create(_dflash_mask_mod(mask.context_lengths(), mask.dims),
                   B=mask.anchors.shape[0], H=None, Q_LEN=n * bs, KV_LEN=s + n * bs,
                   device=mask.anchors.device)
 
 
 def _dflash_mask_mod(context_lengths: torch.Tensor, dims: torch.Tensor):
     def mask_mod(b, h, q_idx, kv_idx):
-        seq_len, block_size, n = dims[0], dims[1], dims[2]
+        seq_len, block_size, n = dims.unbind()
         q_block = q_idx // block_size
         visible = block_visible(context_lengths[b, torch.minimum(q_block, n - 1)], q_block,
                                 kv_idx, seq_len, block_size)
@@ -103,7 +116,8 @@ def dflash_block_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,
     if anchors.shape != keep.shape or anchors.dim() != 2:
         raise ValueError(f"anchors {tuple(anchors.shape)} and keep {tuple(keep.shape)} must both "
                          "be [b, N]")
-    return DFlashBlockMask(anchors, keep.bool(), int(seq_len), int(block_size))
+    dims = torch.tensor([seq_len, block_size, anchors.shape[1]], device=anchors.device)
+    return DFlashBlockMask(anchors, keep.bool(), int(seq_len), int(block_size), dims)
 
 
 @functools.cache
@@ -142,11 +156,8 @@ def gather_block_attention(query, key, value, mask: DFlashBlockMask, scale: floa
     v_blk = value[:, :, s:].reshape(b, groups, 1, n, bs, hn)
     ctx_len = mask.context_lengths()
     per_chunk = max(1, chunk_queries // bs)
-    bounds = list(range(0, n, per_chunk))
-    padded = F.pad(ctx_len, (0, len(bounds) * per_chunk - n))
-    prefixes = padded.view(b, len(bounds), per_chunk).amax(dim=(0, 2)).tolist()
     outputs = []
-    for start, prefix in zip(bounds, prefixes):
+    for start, prefix in zip(range(0, n, per_chunk), chunk_prefixes(ctx_len, per_chunk)):
         blocks = slice(start, min(start + per_chunk, n))
         qc = q[:, :, :, blocks]  # [b, ng, rep, g, B, hn]
         g = qc.shape[3]
@@ -162,6 +173,16 @@ def gather_block_attention(query, key, value, mask: DFlashBlockMask, scale: floa
         out = (p_ctx.flatten(3, 4) @ v_ctx[:, :, :, :prefix]).view(b, groups, rep, g, bs, hn)
         outputs.append(out + p_own @ v_blk[:, :, :, blocks])
     return torch.cat(outputs, dim=3).reshape(b, num_heads, num_q, hn)
+
+
+def chunk_prefixes(context_lengths: torch.Tensor, per_chunk: int) -> list[int]:
+    """The context prefix each chunk of `per_chunk` consecutive blocks scores against: the most
+    any of its blocks sees. Its shapes depend on the data, read on the host: the gather path
+    serves CPU tensors, where that waits for nothing (CUDA runs FlexAttention)."""
+    b, n = context_lengths.shape
+    chunks = -(-n // per_chunk)
+    padded = F.pad(context_lengths, (0, chunks * per_chunk - n))
+    return padded.view(b, chunks, per_chunk).amax(dim=(0, 2)).tolist()
 
 
 class DFlashSparseAttention(MegatronModule):

@@ -22,7 +22,7 @@ from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_bac
 from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayerSubmodules
 
@@ -99,3 +99,10 @@ def get_dflash_model_spec(num_layers: int, backend: str = "local",
             decoder=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm),
         ),
     )
+
+
+def build_draft(cfg, draft_config, backend: str = "local", attention: str = "dense"):
+    """A fresh DFlash draft for a resolved `DFlashConfig` and the draft's `TransformerConfig`
+    (`config.draft_transformer_config`): the one place a draft is built from its spec."""
+    return build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
+                        config=draft_config, dflash_config=cfg)

@@ -16,7 +16,7 @@ from dflash.model import DFlashDraftModel as ReferenceDraft
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from dflash_testing import load_script, randomize_
+from tests.dflash_testing import load_script, randomize_
 from megatron_dflash.checkpoint import save_model_checkpoint
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.reference_format import reference_config

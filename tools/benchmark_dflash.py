@@ -4,7 +4,7 @@
     python tools/benchmark_dflash.py --shape qwen3-cpu --seq-length 1024 --num-anchors 128 \
         --num-draft-layers 1 --precisions fp32 --attention sparse --steps 2 --warmup 1    (CPU)
 
-Runs on CPU or GPU as it is. Our step is exactly a training step (`training.loop.train_step`):
+Runs on CPU or GPU as it is. Our step is exactly a training step (`training.trainer.train_step`):
 the frozen target's forward up to its deepest tapped layer with feature capture (as training
 builds it without distillation), the draft's forward and backward with the chunked LM head and
 loss over the supervised slots, and the DistributedOptimizer's update, on one micro-batch of
@@ -39,39 +39,33 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import resource
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-from types import SimpleNamespace
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core import tensor_parallel
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import LlamaConfig, Qwen3Config
 
-from megatron_dflash import cpu
+from megatron_dflash.distributed import distributed
 from megatron_dflash.anchors import block_loss_mask, sample_anchors
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.fp8 import FP8_RECIPES, FP8Settings, fp8_unavailable_reason, sequence_multiple
 from megatron_dflash.masks import block_context_lengths
-from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.targets import build_target, target_transformer_config
-from megatron_dflash.training.loop import build_optimizer, train_step, wrap_training_chunk
-from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS
+from megatron_dflash.run.config import OptimizerArgs, ParallelArgs
+from megatron_dflash.specs import build_draft
+from megatron_dflash.training.builders import build_optimizer, wrap_training_chunk
+from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.step import anchor_generator, prepare_microbatch, to_device
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the sibling baseline script
-from specforge_baseline import build_specforge_step, specforge_unavailable_reason  # noqa: E402
+from megatron_dflash.training.trainer import run_schedule, train_step
 
 _QWEN3_ROPE = {"rope_type": "default", "rope_theta": 1e6}
 SHAPES = {
@@ -208,7 +202,7 @@ def _dflash_config(args, hf, tcfg) -> DFlashConfig:
 
 
 def run_ours(args, precision: str, attention: str, device) -> dict:
-    """One case of our step: exactly `training.loop.train_step` on one micro-batch, with the
+    """One case of our step: exactly `training.trainer.train_step` on one micro-batch, with the
     target built as training builds it without distillation (up to the deepest tap)."""
     hf = hf_config(args.shape)
     dtype, fp8 = _precision(precision)
@@ -230,22 +224,20 @@ def run_ours(args, precision: str, attention: str, device) -> dict:
     target = build_target(hf, tcfg, backend=args.backend, last_layer=max(cfg.target_layer_ids))
     dcfg = draft_transformer_config(cfg, tcfg, perform_initialization=True,
                                     use_cpu_initialization=device.type == "cpu", **fp8.fields())
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, args.backend, attention),
-                         config=dcfg, dflash_config=cfg)
+    draft = build_draft(cfg, dcfg, args.backend, attention)
     model = wrap_training_chunk(DFlashTrainingModule(target, draft).to(device), dcfg,
                                 use_distributed_optimizer=True)
-    opt_args = SimpleNamespace(lr=1e-4, min_lr=1e-5, weight_decay=0.0, adam_beta1=0.9,
-                               adam_beta2=0.95, clip_grad=1.0, bf16=dtype == torch.bfloat16,
-                               use_distributed_optimizer=True, lr_warmup_fraction=0.0,
-                               train_iters=args.warmup + args.steps + 1,
-                               lr_decay_style="constant", distill_weight=0.0,
-                               micro_batch_size=args.micro_batch_size,
-                               loss_chunk_size=args.loss_chunk_size)
-    optimizer, scheduler = build_optimizer(opt_args, model)
+    optimizer, scheduler = build_optimizer(
+        OptimizerArgs(lr=1e-4, min_lr=1e-5, lr_warmup_fraction=0.0, lr_decay_style="constant"),
+        model, bf16=dtype == torch.bfloat16, train_iters=args.warmup + args.steps + 1)
     mb = to_device(mb, device)
 
+    def run_step(microbatches, forward_only):
+        return run_schedule(model, microbatches, cfg, 0.0, args.loss_chunk_size,
+                            args.micro_batch_size, forward_only)
+
     def step():
-        reports, _ = train_step(model, optimizer, scheduler, [mb], cfg, opt_args)
+        reports, _ = train_step(model, optimizer, scheduler, [mb], run_step)
         return sum(r["loss"][0] for r in reports) / sum(r["loss"][1] for r in reports)
 
     return {"attention": attention, **_time_and_count(step, args),
@@ -255,7 +247,7 @@ def run_ours(args, precision: str, attention: str, device) -> dict:
 def run_specforge(args, precision: str, device) -> dict:
     """SpecForge 0.2.0's own DFlash step (tools/specforge_baseline.py) at the same shape."""
     dtype, _ = _precision(precision)
-    step = build_specforge_step(
+    step = _specforge().build_specforge_step(
         hf_config(args.shape), seq_length=args.seq_length, num_anchors=args.num_anchors,
         block_size=args.block_size, num_draft_layers=args.num_draft_layers,
         batch_size=args.micro_batch_size, device=device, dtype=dtype, seed=args.seed,
@@ -317,7 +309,8 @@ def benchmark(args) -> dict:
                                                        "num_draft_layers", "micro_batch_size",
                                                        "steps", "warmup", "fp8_format")},
               "flops": flops, "cases": []}
-    specforge_reason = specforge_unavailable_reason() if args.baseline == "specforge" else None
+    specforge_reason = (_specforge().specforge_unavailable_reason()
+                        if args.baseline == "specforge" else None)
     for precision in args.precisions:
         fp8 = None if precision in ("fp32", "bf16") else \
             FP8Settings(args.fp8_format, precision.removeprefix("fp8-"))
@@ -438,30 +431,21 @@ def main(argv=None) -> dict:
 
 def _case_main(args) -> dict:
     """A child process: one case, in its own world of one."""
-    if "RANK" not in os.environ:
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(_free_port()))
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        cpu.apply()
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo",
-                            timeout=datetime.timedelta(minutes=30))
-    parallel_state.initialize_model_parallel(1, 1)
-    try:
+    with distributed(ParallelArgs(), seed=args.seed):
         result = _run_case_here(args)
-    finally:
-        parallel_state.destroy_model_parallel()
-        if dist.is_initialized():
-            dist.destroy_process_group()
     _write(result, args.json)
     return result
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _specforge():
+    """tools/specforge_baseline.py, the sibling script (a tool, not part of the package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "specforge_baseline.py")
+    spec = importlib.util.spec_from_file_location("specforge_baseline", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 if __name__ == "__main__":

@@ -20,12 +20,13 @@ import json
 import os
 import sys
 
-import torch
 import torch.distributed as dist
 
-from megatron_dflash import cpu
 from megatron_dflash.evaluate import build_decoder, evaluate, plot_position_acceptance
-from megatron_dflash.parallel import initialize_tensor_parallel
+from megatron_dflash.generation import stop_token_ids
+from megatron_dflash.distributed import device, distributed, world_size
+from megatron_dflash.log import log_rank0
+from megatron_dflash.run.config import ParallelArgs
 from megatron_dflash.targets.gguf import SMOLLM2_STOP_TOKEN_ID, convert_gguf, smollm2_gguf
 
 EMBEDDED_TARGET = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -69,16 +70,6 @@ def _target_dir(path: str | None) -> str:
     return convert_gguf(gguf_dir, gguf_file, EMBEDDED_TARGET, stop_token_id=SMOLLM2_STOP_TOKEN_ID)
 
 
-def _stop_token_ids(target_dir: str) -> list[int]:
-    for name in ("generation_config.json", "config.json"):
-        path = os.path.join(target_dir, name)
-        if os.path.isfile(path):
-            eos = json.load(open(path)).get("eos_token_id")
-            if eos is not None:
-                return [eos] if isinstance(eos, int) else list(eos)
-    return []
-
-
 def _prompts(path: str | None, target_dir: str, limit: int | None) -> list[list[int]]:
     from transformers import AutoTokenizer
 
@@ -118,34 +109,32 @@ def _prompts(path: str | None, target_dir: str, limit: int | None) -> list[list[
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        cpu.apply()  # megatron-core's CPU adaptations
-    initialize_tensor_parallel()
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else None)
-    try:
-        target_dir = _target_dir(args.target)
-        prompts = _prompts(args.prompts, target_dir, args.num_prompts)
-        stops = args.stop_token_ids if args.stop_token_ids is not None else _stop_token_ids(target_dir)
-        decoder = build_decoder(target_dir, args.draft, device)
-        report, _ = evaluate(decoder, prompts, args.max_new_tokens, stops, args.block_size)
-        if dist.get_rank() == 0 and args.plot:
-            plot_position_acceptance(report.position_acceptance, args.plot,
-                                     f"tau={report.tau:.2f}  {os.path.basename(args.draft)}")
-    except (OSError, ValueError) as e:
-        print(f"evaluate_dflash: error: {e}", file=sys.stderr)
-        return 1
-    if dist.get_rank() == 0:
-        print(f"requests: {report.num_requests}  block size: {report.block_size}  "
-              f"stop tokens: {stops}")
-        print(f"tau (mean acceptance length): {report.tau:.3f}")
-        print("acceptance rate by position: "
-              + " ".join(f"{r:.2f}" for r in report.position_acceptance))
-        print(f"baseline: {report.baseline_tokens_per_second:.2f} tok/s  dflash: "
-              f"{report.dflash_tokens_per_second:.2f} tok/s  speedup: {report.speedup:.2f}x")
-        print("lossless: " + ("yes (every output equals target-only greedy decoding)"
-                              if report.lossless else f"NO, requests {report.mismatched_requests}"))
-        if args.output:
+    with distributed(ParallelArgs(tensor_model_parallel_size=world_size())):
+        try:
+            target_dir = _target_dir(args.target)
+            prompts = _prompts(args.prompts, target_dir, args.num_prompts)
+            stops = (args.stop_token_ids if args.stop_token_ids is not None
+                     else stop_token_ids(target_dir))
+            where = device()
+            decoder = build_decoder(target_dir, args.draft, where if where.type == "cuda" else None)
+            report, _ = evaluate(decoder, prompts, args.max_new_tokens, stops, args.block_size)
+            if dist.get_rank() == 0 and args.plot:
+                plot_position_acceptance(report.position_acceptance, args.plot,
+                                         f"tau={report.tau:.2f}  {os.path.basename(args.draft)}")
+        except (OSError, ValueError) as e:
+            print(f"evaluate_dflash: error: {e}", file=sys.stderr)
+            return 1
+        log_rank0(f"requests: {report.num_requests}  block size: {report.block_size}  "
+                  f"stop tokens: {stops}")
+        log_rank0(f"tau (mean acceptance length): {report.tau:.3f}")
+        log_rank0("acceptance rate by position: "
+                  + " ".join(f"{r:.2f}" for r in report.position_acceptance))
+        log_rank0(f"baseline: {report.baseline_tokens_per_second:.2f} tok/s  dflash: "
+                  f"{report.dflash_tokens_per_second:.2f} tok/s  speedup: {report.speedup:.2f}x")
+        log_rank0("lossless: " + ("yes (every output equals target-only greedy decoding)"
+                                  if report.lossless
+                                  else f"NO, requests {report.mismatched_requests}"))
+        if args.output and dist.get_rank() == 0:
             with open(args.output, "w") as f:
                 json.dump(dataclasses.asdict(report), f, indent=2)
     return 0 if report.lossless else 2

@@ -3,43 +3,40 @@
   draft_backends  one draft's logits and gradients with each backend/attention/dtype against the
                   local dense fp32 draft: local sparse (FlexAttention, with its backward),
                   local bf16, TE bf16 dense (arbitrary mask), TE bf16 sparse
-  fp8_training    the training job itself (`pretrain` from command-line flags, as
-                  examples/pretrain_dflash.py runs it) on a tiny learnable task, bf16 and each
-                  FP8 recipe (draft and target): the loss must fall, and FP8's about as far as
-                  bf16's
+  fp8_training    the training job itself (`parse_plan` + `pretrain` from command-line flags,
+                  as examples/pretrain_dflash.py runs it) on a tiny learnable task, bf16 and,
+                  per FP8 recipe, FP8 for the draft and the target together and for the frozen
+                  target alone under a bf16 draft: the loss must fall, and FP8's about as far
+                  as bf16's
 
 Checks that this machine cannot run (no TE, no GPU, a recipe the GPU lacks) are reported as
 skipped, so the script runs on CPU or GPU as is (`python tools/gpu_check.py`; without CUDA it
 applies megatron-core's CPU adaptations, `megatron_dflash.cpu`). The small configs, targets and
-data it checks on are built here, from configs, with random weights.
+data it checks on are built here, from configs, with random weights. Each row is printed and
+appended to --json as soon as it is measured, so a run cut short keeps what it found.
 """
 from __future__ import annotations
 
 import argparse
-import datetime
 import importlib.util
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-from megatron.core import parallel_state, tensor_parallel
-from megatron.core.transformer.spec_utils import build_module
 
-from megatron_dflash import cpu
-from megatron_dflash.anchors import block_input_ids, block_position_ids, sample_anchors
 from megatron_dflash.config import draft_transformer_config
+from megatron_dflash.distributed import device as training_device
+from megatron_dflash.distributed import distributed, init_distributed
 from megatron_dflash.fp8 import FP8Settings, fp8_unavailable_reason
 from megatron_dflash.model import target_head
 from megatron_dflash.sparse_attention import dflash_block_mask
-from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.specs import build_draft
+from megatron_dflash.run.config import ParallelArgs
 from megatron_dflash.synthetic import (dflash_config, draft_inputs, head_only_target, pattern_dataset,
                                        randomize_, target_config, tiny_target_dir)
-from megatron_dflash.training.arguments import parse_args
-from megatron_dflash.training.loop import pretrain
+from megatron_dflash.training.pretrain import parse_plan, pretrain
 
 TE_REASON = (None if torch.cuda.is_available() and importlib.util.find_spec("transformer_engine")
              else "needs Transformer Engine and a GPU")
@@ -58,7 +55,7 @@ def _te_name(name: str) -> str:
     return name.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 
 
-def check_draft_backends(device) -> list[dict]:
+def check_draft_backends(device, report) -> None:
     tcfg = target_config()
     cfg = dflash_config(tcfg, head_dim=32, num_anchors=8)  # 8 blocks of 16: Q = 128
     inputs = {k: v.to(device) for k, v in draft_inputs(cfg, batch=2, seq_len=96, seed=1).items()}
@@ -73,8 +70,7 @@ def check_draft_backends(device) -> list[dict]:
         dcfg = draft_transformer_config(cfg, tcfg, params_dtype=dtype, pipeline_dtype=dtype,
                                         bf16=dtype == torch.bfloat16,
                                         use_cpu_initialization=device.type == "cpu")
-        draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
-                             config=dcfg, dflash_config=cfg).to(device)
+        draft = build_draft(cfg, dcfg, backend, attention).to(device)
         draft.borrow_target_head(*target_head(heads[dtype]))
         rename = _te_name if backend == "te" else str
         named = dict(draft.named_parameters())
@@ -96,34 +92,35 @@ def check_draft_backends(device) -> list[dict]:
             {n: p.grad.float() for n, p in params.items()}
 
     ref_logits, weights, ref_grads = run("local", "dense", torch.float32, None)
-    rows = [{"check": "draft local dense float32", "ok": True, "detail": "reference"}]
+    report({"check": "draft local dense float32", "ok": True, "detail": "reference"})
     for backend, attention, dtype in (("local", "sparse", torch.float32),
                                       ("local", "dense", torch.bfloat16),
                                       ("te", "dense", torch.bfloat16),
                                       ("te", "sparse", torch.bfloat16)):
         name = f"draft {backend} {attention} {str(dtype)[6:]}"
         if backend == "te" and TE_REASON:
-            rows.append({"check": name, "ok": None, "detail": f"skipped: {TE_REASON}"})
+            report({"check": name, "ok": None, "detail": f"skipped: {TE_REASON}"})
             continue
         try:
             logits, _, grads = run(backend, attention, dtype, weights)
         except Exception as e:  # noqa: BLE001 - report it, run the other variants
-            rows.append({"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"[:400]})
+            report({"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"[:400]})
             continue
         logit_err = rel_err(logits, ref_logits)
         grad_err = max(rel_err(grads[n], g) for n, g in ref_grads.items())
         tol = (2e-3, 2e-3) if dtype == torch.float32 else (3e-2, 6e-2)
-        rows.append({"check": name, "ok": logit_err < tol[0] and grad_err < tol[1],
-                     "detail": f"rel err logits {logit_err:.2e} (< {tol[0]:g}), "
-                               f"worst grad {grad_err:.2e} (< {tol[1]:g})"})
-    return rows
+        report({"check": name, "ok": logit_err < tol[0] and grad_err < tol[1],
+                "detail": f"rel err logits {logit_err:.2e} (< {tol[0]:g}), "
+                          f"worst grad {grad_err:.2e} (< {tol[1]:g})"})
 
 
-def check_fp8_training(device, steps: int = 40) -> list[dict]:
-    """The training job itself (`pretrain` with command-line flags) for bf16 and, per recipe,
-    FP8 for the draft and the frozen target."""
+def check_fp8_training(device, report, steps: int = 40) -> None:
+    """The training job itself (`parse_plan` + `pretrain` with command-line flags) for bf16 and,
+    per recipe, FP8 for the draft and the frozen target together, and for the target alone
+    (bf16 draft: the target's FP8 weights must be re-quantised though the draft's config has no
+    FP8)."""
     impl = "local" if TE_REASON else "transformer_engine"
-    rows, bf16_last = [], None
+    bf16_last = None
     with tempfile.TemporaryDirectory() as tmp:
         base = ["--target", tiny_target_dir(Path(tmp) / "target", layers=6, hidden=128),
                 "--train-data", pattern_dataset(Path(tmp) / "train", 64, 64, seed=1),
@@ -133,67 +130,53 @@ def check_fp8_training(device, steps: int = 40) -> list[dict]:
                 "--lr", "1e-2", "--min-lr", "1e-2", "--lr-decay-style", "constant",
                 "--lr-warmup-fraction", "0", "--log-interval", str(steps), "--bf16",
                 "--transformer-impl", impl]
-        for precision in ("bf16",) + tuple(f"fp8-{r}" for r in RECIPES):
+        cases = [("bf16", FP8Settings(), [])]
+        for r in RECIPES:
+            fp8 = ["--fp8-format", "hybrid", "--fp8-recipe", r]
+            target = ["--target-fp8-format", "hybrid", "--target-fp8-recipe", r]
+            cases += [(f"fp8-{r}", FP8Settings("hybrid", r), fp8 + target),
+                      (f"target-fp8-{r}", FP8Settings("hybrid", r), target)]
+        for precision, fp8, extra in cases:
             name = f"train {'te' if impl == 'transformer_engine' else 'local'} {precision}"
-            fp8 = FP8Settings() if precision == "bf16" else FP8Settings("hybrid", precision[4:])
             reason = fp8_unavailable_reason(fp8)
             if reason:
-                rows.append({"check": name, "ok": None, "detail": f"skipped: {reason}"})
+                report({"check": name, "ok": None, "detail": f"skipped: {reason}"})
                 continue
-            flags = base if not fp8.enabled else base + [
-                "--fp8-format", "hybrid", "--fp8-recipe", fp8.recipe,
-                "--target-fp8-format", "hybrid", "--target-fp8-recipe", fp8.recipe]
-            parallel_state.destroy_model_parallel()
             try:
-                losses = pretrain(parse_args(flags))["losses"]
+                plan = parse_plan(base + extra)
+                init_distributed(plan.run.parallel, plan.run.training.seed)
+                losses = pretrain(plan)["losses"]
             except Exception as e:  # noqa: BLE001 - report it, run the other recipes
-                rows.append({"check": name, "ok": False,
-                             "detail": f"{type(e).__name__}: {e}"[:400]})
+                report({"check": name, "ok": False, "detail": f"{type(e).__name__}: {e}"[:400]})
                 continue
             first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
             bf16_last = last if bf16_last is None else bf16_last
-            rows.append({"check": name, "ok": last < 0.8 * first and last < 1.25 * bf16_last,
-                         "detail": f"mean loss of the first/last 5 of {steps} steps {first:.3f} "
-                                   f"-> {last:.3f} (needs < 80%, and < 125% of bf16's "
-                                   f"{bf16_last:.3f})"})
-    return rows
+            report({"check": name, "ok": last < 0.8 * first and last < 1.25 * bf16_last,
+                    "detail": f"mean loss of the first/last 5 of {steps} steps {first:.3f} -> "
+                              f"{last:.3f} (needs < 80%, and < 125% of bf16's {bf16_last:.3f})"})
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=EPILOG)
-    p.add_argument("--json", default=None, help="also write the rows as JSON")
+    p.add_argument("--json", default=None, help="also write the rows as JSON (after each row)")
     args = p.parse_args(argv)
-    if not torch.cuda.is_available():
-        cpu.apply()  # megatron-core's CPU adaptations
-    device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
-              else torch.device("cpu"))
-    own_group = not dist.is_initialized()
-    if own_group:
-        os.environ.setdefault("RANK", "0")
-        os.environ.setdefault("WORLD_SIZE", "1")
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29562")
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(minutes=5))
-    parallel_state.initialize_model_parallel(1, 1)
-    tensor_parallel.model_parallel_cuda_manual_seed(0)
     rows = []
-    try:
+
+    def report(row: dict) -> None:
+        rows.append(row)
+        status = {True: "ok", False: "FAIL", None: "skip"}[row["ok"]]
+        print(f"{row['check']:34} {status:5} {row['detail']}", flush=True)
+        if args.json:
+            Path(args.json).write_text(json.dumps(rows, indent=1))
+
+    with distributed(ParallelArgs(), seed=0):
+        device = training_device()
         for check in (check_draft_backends, check_fp8_training):
             try:
-                rows += check(device)
+                check(device, report)
             except Exception as e:  # noqa: BLE001 - report it, run the other checks
-                rows.append({"check": check.__name__, "ok": False,
-                             "detail": f"{type(e).__name__}: {e}"[:400]})
-    finally:
-        parallel_state.destroy_model_parallel()
-        if own_group:
-            dist.destroy_process_group()
-    for r in rows:
-        status = {True: "ok", False: "FAIL", None: "skip"}[r["ok"]]
-        print(f"{r['check']:34} {status:5} {r['detail']}", flush=True)
-    if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+                report({"check": check.__name__, "ok": False,
+                        "detail": f"{type(e).__name__}: {e}"[:400]})
     return 1 if any(r["ok"] is False for r in rows) else 0
 
 

@@ -15,11 +15,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-import torch
-
-from megatron_dflash import cpu
 from megatron_dflash.draft_import import import_reference
-from megatron_dflash.parallel import initialize_tensor_parallel
+from megatron_dflash.distributed import distributed, world_size
+from megatron_dflash.log import log_rank0
+from megatron_dflash.run.config import ParallelArgs
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,15 +34,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if not torch.cuda.is_available():
-        cpu.apply()  # megatron-core's CPU adaptations
-    tp = initialize_tensor_parallel()
-    try:
-        path = import_reference(args.draft, args.checkpoint, target_dir=args.target)
-    except (OSError, ValueError) as e:
-        print(f"import_hf: error: {e}", file=sys.stderr)
-        return 1
-    print(f"imported {args.draft} to {path} (tensor-parallel size {tp})")
+    tp = world_size()
+    with distributed(ParallelArgs(tensor_model_parallel_size=tp)):
+        try:
+            path = import_reference(args.draft, args.checkpoint, target_dir=args.target)
+        except (OSError, ValueError) as e:
+            print(f"import_hf: error: {e}", file=sys.stderr)
+            return 1
+    log_rank0(f"imported {args.draft} to {path} (tensor-parallel size {tp})")
     return 0
 
 

@@ -26,7 +26,6 @@ megatron themselves).
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import resource
@@ -157,56 +156,44 @@ def optimizer_bytes(optimizer, model: torch.nn.Module) -> int:
     return total
 
 
-def measure(args, device: torch.device) -> dict:
-    """Build and train `args.train_iters` steps with loop.py's pieces in the current world;
-    this rank's layout position, parameter and optimizer bytes, and peak memory."""
+def measure(plan) -> dict:
+    """Build the plan's `Trainer` and train `--train-iters` steps in the current world; this
+    rank's layout position, parameter and optimizer bytes, and peak memory."""
     import psutil
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
-    from megatron_dflash.data.dataset import build_dataset
-    from megatron_dflash.training import loop
+    from megatron_dflash.training.microbatches import MicroBatches
+    from megatron_dflash.training.step import to_device
+    from megatron_dflash.training.trainer import Trainer
 
-    parallel_state.initialize_model_parallel(
-        args.tensor_model_parallel_size, args.pipeline_model_parallel_size,
-        expert_model_parallel_size=args.expert_model_parallel_size,
-        expert_tensor_parallel_size=args.expert_tensor_parallel_size)
-    tensor_parallel.model_parallel_cuda_manual_seed(args.seed)
-    torch.manual_seed(args.seed)
-    train, _ = build_dataset(args.train_data, None, args.seq_length)
     baseline = psutil.Process().memory_info().rss
-    model, cfg, _ = loop.build_models(args, device)
-    optimizer, scheduler = loop.build_optimizer(args, model)
-    batches = loop.MicroBatches(train, args, cfg, 0, 0)
-    for _ in range(args.train_iters):
-        loop.train_step(model, optimizer, scheduler,
-                        [batches.next() for _ in range(args.num_microbatches)], cfg, args)
-    if device.type == "cuda":
+    trainer = Trainer(plan)
+    batches = MicroBatches(trainer.train_data, plan, trainer.pad_id, 0)
+    for _ in range(plan.run.training.train_iters):
+        trainer.train_step([to_device(batches.next(), trainer.device)
+                            for _ in range(plan.num_microbatches)])
+    if trainer.device.type == "cuda":
         peak = torch.cuda.max_memory_allocated()
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - baseline
     return dict(rank=dist.get_rank(), stage=parallel_state.get_pipeline_model_parallel_rank(),
                 ep_rank=parallel_state.get_expert_model_parallel_rank(), peak=peak,
-                optimizer=optimizer_bytes(optimizer, model), **parameter_bytes(model))
+                optimizer=optimizer_bytes(trainer.optimizer, trainer.model),
+                **parameter_bytes(trainer.model))
 
 
 def _worker(pretrain_flags: list[str]) -> None:
     """One rank of a layout's torchrun job: measure, then print every rank's row on rank 0."""
-    if torch.cuda.is_available():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        backend, device = "nccl", torch.device("cuda", torch.cuda.current_device())
-    else:
-        from megatron_dflash import cpu
-        cpu.apply()  # megatron-core's CPU adaptations
-        backend, device = "gloo", torch.device("cpu")
-    from megatron_dflash.training.arguments import parse_args
+    from megatron_dflash.distributed import distributed
+    from megatron_dflash.training.pretrain import parse_plan
 
-    dist.init_process_group(backend, timeout=datetime.timedelta(minutes=30))
-    row = measure(parse_args(pretrain_flags, world_size=dist.get_world_size()), device)
-    rows = [None] * dist.get_world_size()
-    dist.all_gather_object(rows, row)
-    if dist.get_rank() == 0:
-        print("memory " + json.dumps(rows), flush=True)
-    dist.destroy_process_group()
+    plan = parse_plan(pretrain_flags)
+    with distributed(plan.run.parallel, plan.run.training.seed):
+        row = measure(plan)
+        rows = [None] * dist.get_world_size()
+        dist.all_gather_object(rows, row)
+        if dist.get_rank() == 0:
+            print("memory " + json.dumps(rows), flush=True)
 
 
 def _launch(pretrain_flags: list[str], nproc: int, label: str) -> list[dict]:

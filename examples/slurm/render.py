@@ -32,7 +32,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from megatron_dflash.training.arguments import build_parser
+from megatron_dflash.run.flags import build_parser
 
 HERE = Path(__file__).resolve().parent
 TEMPLATE = HERE / "dflash.sbatch.in"

@@ -18,6 +18,7 @@ import torch
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
+from megatron_dflash import fusions
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.fp8 import FP8Settings
 from megatron_dflash.log import log_rank0
@@ -101,6 +102,7 @@ def resolve_target(run: RunConfig, hf_config: PretrainedConfig | None = None,
           f"target's {layers} layers (every stage holds the same number)")
     data_checks.check_moe_target(run, hf_config, where)
     fp8 = fp8 if fp8 is not None else fp8_settings(run)[1]
+    backend = "te" if run.precision.transformer_impl == "transformer_engine" else "local"
     from megatron_dflash.targets import target_transformer_config
 
     try:
@@ -113,11 +115,12 @@ def resolve_target(run: RunConfig, hf_config: PretrainedConfig | None = None,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
             moe_token_dispatcher_type=p.moe_token_dispatcher_type,
             moe_grouped_gemm=p.moe_grouped_gemm, **fp8.fields())
+        config = dataclasses.replace(config, **fusions.target_fields(
+            backend, config.multi_latent_attention, fp8))
     except ValueError as e:  # megatron's checks of the target against the parallel layout
         tp = p.tensor_model_parallel_size
         name = f"--tensor-model-parallel-size={tp}" if tp > 1 else "--target"
         raise ValueError(f"{name}: the target ({where}): {one_line(e)}") from None
-    backend = "te" if run.precision.transformer_impl == "transformer_engine" else "local"
     return TargetPlan(t.target, hf_config, config, backend, fp8)
 
 
@@ -158,7 +161,8 @@ def resolve(run: RunConfig, world_size: int, hf_config: PretrainedConfig | None 
         draft_config = draft_transformer_config(
             cfg, target.config, perform_initialization=True,
             use_cpu_initialization=not torch.cuda.is_available(),
-            deallocate_pipeline_outputs=pipelined, **draft_fp8.fields())
+            deallocate_pipeline_outputs=pipelined, **draft_fp8.fields(),
+            **fusions.draft_fields(target.backend))
     except ValueError as e:
         raise ValueError(f"the draft's TransformerConfig: {one_line(e)}") from None
     # Set after construction: TransformerConfig refuses variable lengths with its default MoE

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from megatron.core.models.gpt import GPTModel
 
-from megatron_dflash.config import _check_layer_ids
+from megatron_dflash.config import check_layer_ids
 
 
 class FeatureCapture:
@@ -29,7 +29,7 @@ class FeatureCapture:
     """
 
     def __init__(self, gpt_model: GPTModel, layer_ids: Sequence[int]):
-        _check_layer_ids(list(layer_ids), gpt_model.config.num_layers)
+        check_layer_ids(list(layer_ids), gpt_model.config.num_layers)
         layers = {layer.layer_number - 1: layer for layer in gpt_model.decoder.layers}
         self.local_ids = [i for i in layer_ids if i in layers]  # this stage's taps, in order
         self._layers = {i: layers[i] for i in self.local_ids}

@@ -8,12 +8,10 @@ from megatron.core.distributed import (DistributedDataParallel, DistributedDataP
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.transformer.module import Float16Module
-from megatron.core.transformer.spec_utils import build_module
 
-from megatron_dflash.config import DFlashConfig
 from megatron_dflash.run.config import OptimizerArgs
 from megatron_dflash.run.plan import Plan, TargetPlan
-from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.specs import build_draft
 from megatron_dflash.targets import build_target, hf_tensor, load_hf_weights
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
@@ -28,13 +26,6 @@ def build_frozen_target(target: TargetPlan, *, last_layer: int | None = None,
     if load:
         load_hf_weights(model, target.path)
     return model
-
-
-def build_draft(cfg: DFlashConfig, draft_config, backend: str = "local",
-                attention: str = "dense"):
-    """A fresh DFlash draft (`get_dflash_model_spec`)."""
-    return build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
-                        config=draft_config, dflash_config=cfg)
 
 
 def target_last_layer(plan: Plan) -> int | None:
@@ -73,16 +64,39 @@ def build_training_chunk(plan: Plan, device: torch.device, load_target: bool = T
 
 def wrap_training_chunk(module: DFlashTrainingModule, dcfg, use_distributed_optimizer: bool):
     """`module` as megatron's schedule and optimizer take it: Float16Module when the draft is
-    bf16, then megatron DDP (fp32 gradient reduction), with the config hooks the schedule calls."""
+    bf16 (the routers' fp32 expert bias kept exact), then megatron DDP (fp32 gradient reduction,
+    overlapped with the backward), with the config hooks the schedule calls."""
     if dcfg.bf16:
+        fp32 = _fp32_buffers(module)
         module = Float16Module(dcfg, module)
+        _restore_buffers(module.module, fp32)
     ddp = DistributedDataParallel(
         config=dcfg, module=module,
         ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer))
+            grad_reduce_in_fp32=True, use_distributed_optimizer=use_distributed_optimizer,
+            overlap_grad_reduce=True))
     dcfg.no_sync_func = ddp.no_sync
+    dcfg.grad_sync_func = ddp.start_grad_sync
     dcfg.finalize_model_grads_func = finalize_model_grads
     return ddp
+
+
+# Buffers that are checkpoint data kept in fp32 whatever the model's dtype: the MoE routers'
+# expert bias (HF `e_score_correction_bias`), which decides near-tie routing.
+_FP32_BUFFERS = (".router.expert_bias",)
+
+
+def _fp32_buffers(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: b.detach().clone() for name, b in module.named_buffers()
+            if name.endswith(_FP32_BUFFERS) and b.dtype == torch.float32}
+
+
+def _restore_buffers(module: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Put `saved` back (Float16Module casts every floating buffer to bf16)."""
+    for name, value in saved.items():
+        owner, _, leaf = name.rpartition(".")
+        owner = module.get_submodule(owner)
+        owner._buffers[leaf] = value.to(owner._buffers[leaf].device)  # same persistence
 
 
 def build_optimizer(opt: OptimizerArgs, model, *, bf16: bool, train_iters: int):

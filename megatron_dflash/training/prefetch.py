@@ -4,7 +4,9 @@ Drawing anchors and building block inputs, labels and masks is host work; done i
 stalls the GPU once per micro-batch. A `Prefetcher` runs the (deterministic) producer in a
 background thread `depth` micro-batches ahead, pins their tensors when CUDA is present, and hands
 them out already copied to the training device (asynchronously, from pinned memory), so every
-collective of the step also sees device tensors.
+collective of the step also sees device tensors. Pinning copies a tensor into pinned storage of
+its own strides, so every tensor of a micro-batch must be contiguous (`check_pinnable`, checked
+on every device, so that a CPU run catches what would fail on CUDA).
 
 Resumability is unchanged: what the producer draws depends only on the data position (seed and
 consumed samples, `training.step.anchor_generator`), not on timing, and each item carries the
@@ -19,6 +21,27 @@ from typing import Callable
 import torch
 
 from megatron_dflash.training.step import to_device
+
+
+def microbatch_tensors(mb: dict) -> dict[str, torch.Tensor]:
+    """Every tensor a micro-batch hands to the device, by key (a mask's own as `key.field`)."""
+    out = {}
+    for key, value in mb.items():
+        if isinstance(value, torch.Tensor):
+            out[key] = value
+        else:
+            out.update({f"{key}.{name}": t for name, t in value.tensors().items()})
+    return out
+
+
+def check_pinnable(mb: dict) -> None:
+    """ValueError naming every tensor of `mb` that is not contiguous. `pin_memory()` copies into
+    storage of the tensor's own strides, which `copy_` refuses when elements share memory (an
+    expand's stride 0); a strided view would pin, and send, all it strides over."""
+    bad = [f"{key} {tuple(t.shape)} strides {t.stride()}"
+           for key, t in microbatch_tensors(mb).items() if not t.is_contiguous()]
+    if bad:
+        raise ValueError(f"micro-batch tensors must be contiguous to be pinned: {', '.join(bad)}")
 
 
 class Prefetcher:
@@ -41,9 +64,9 @@ class Prefetcher:
         while not self._stop.is_set():
             try:
                 mb, position = self._produce()
+                check_pinnable(mb)
                 if self._pin:
-                    mb = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v
-                          for k, v in mb.items()}
+                    mb = {k: v.pin_memory() for k, v in mb.items()}
                 item = (mb, position)
             except BaseException as error:  # handed to the consumer, which raises it
                 item = error

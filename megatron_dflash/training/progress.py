@@ -123,7 +123,8 @@ class Progress:
                 f" tau: {metrics['tau']:.3f} | acc@1..3: {acc} |"
                 f" grad norm: {metrics['grad_norm']:.3f} |"
                 f" target tokens/s: {window[0] / max(window[1], 1e-9):.0f} |"
-                f" skipped iterations: {metrics['skipped_iterations']:3d} | ETA {_fmt(eta)}")
+                f" skipped iterations: {metrics['skipped_iterations']:3d} |"
+                f" ETA {format_duration(eta)}")
             self._window = [0, 0.0, 0]
 
     def close(self) -> None:
@@ -133,6 +134,6 @@ class Progress:
             self._metrics.close()
 
 
-def _fmt(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
     seconds = int(max(0, seconds)) if math.isfinite(seconds) else 0
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m{seconds % 60:02d}s"

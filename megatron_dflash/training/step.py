@@ -60,24 +60,26 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     (N * block_size) is padded with unkept blocks to a multiple of it (FP8 GEMM alignment).
 
     The loss reads only the supervised slots: `loss_index` holds their flat indices into [b, Q]
-    and `teacher_index` those of the target positions that teach them (a_j+k-1) into [b, S].
+    and `teacher_index` those of the target positions that teach them (a_j+k-1) into [b, S];
+    their lengths depend on the data, so they are found here, on the host, not in the step.
+    Every tensor is contiguous: the prefetcher pins them (`prefetch.check_pinnable`).
     `features` [b, S, K*H]: the target's taps from the offline cache (`feature_cache`), carried
     as `features` [S, b, K*H] (megatron's layout) in place of a target forward.
     """
     if attention not in MASKS:
         raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
-    B, seq_len = cfg.block_size, tokens.shape[1]
+    B, (b, seq_len) = cfg.block_size, tokens.shape
     anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator, lengths)
     anchors, keep = pad_blocks(anchors, keep, B, block_multiple,
                                min_blocks=min(cfg.num_anchors, max(1, seq_len - B + 1)))
     supervised = block_loss_mask(loss_mask, anchors, keep, B)
     label_positions = block_positions(anchors, B)
     loss_index = supervised.flatten().nonzero().squeeze(1)
-    batch = torch.arange(tokens.shape[0]).repeat_interleave(label_positions.shape[1])
+    batch = torch.arange(b).repeat_interleave(label_positions.shape[1])
     teacher_index = (batch * seq_len + label_positions.flatten() - 1)[loss_index]
     out = dict(
-        tokens=tokens,
-        position_ids=torch.arange(seq_len).expand_as(tokens),
+        tokens=tokens.contiguous(),
+        position_ids=torch.arange(seq_len).repeat(b, 1),
         block_input_ids=block_input_ids(tokens, anchors, keep, B, cfg.mask_token_id),
         attention_mask=MASKS[attention](anchors, keep, seq_len, B),
         block_position_ids=block_position_ids(seq_len, anchors, B),
@@ -126,7 +128,8 @@ def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_ro
     The draft's supervised rows go through the target's output layer in chunks (`head_loss`).
     When distilling, the teacher is the target at the rows the loss reads, and accuracy (and so
     τ̂) is measured against the target's greedy tokens — what speculative decoding accepts — since
-    the data were not written by the target.
+    the data were not written by the target. Nothing here reads device data on the host (no
+    boolean indexing, `bincount` or `.item()`): on CUDA each would stall the step's launch queue.
     """
     draft_hidden, target_hidden = output
     config, tp_group = module.draft.config, module.draft.tp_group
@@ -134,24 +137,23 @@ def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_ro
     teacher = None
     if distill_weight > 0:
         teacher = loss_rows(target_hidden, mb["teacher_index"], config.sequence_parallel, tp_group)
-    labels = mb["labels"].flatten()[mb["loss_index"]]
+    index = mb["loss_index"]
+    labels = mb["labels"].flatten().index_select(0, index)
     loss_sum, predicted, teacher_predicted = vocab_head_loss(
-        rows, module.output_weight(), labels, mb["weights"].flatten()[mb["loss_index"]],
+        rows, module.output_weight(), labels, mb["weights"].flatten().index_select(0, index),
         teacher_rows=teacher, distill_weight=distill_weight, chunk_rows=chunk_rows,
         tp_group=tp_group)
     reference = labels if teacher_predicted is None else teacher_predicted
-    hit = predicted == reference
-    slot = mb["loss_index"] % block_size
-    correct = torch.bincount(slot[hit], minlength=block_size)[1:]
-    total = torch.bincount(slot, minlength=block_size)[1:]
-    # Per block: its acceptance length, over the blocks that have a supervised slot.
-    by_block = torch.zeros(mb["supervised"].numel(), dtype=torch.bool, device=hit.device)
-    by_block[mb["loss_index"]] = hit
-    kept = mb["supervised"].reshape(-1, block_size).any(1)
-    lengths = block_acceptance_lengths(by_block.view(-1, block_size)[:, 1:])
+    # Per block slot ([b*N, B]): whether the draft got it right (unsupervised slots: no). The
+    # metrics then reduce over fixed shapes, never reading device data on the host.
+    supervised = mb["supervised"].reshape(-1, block_size)
+    hit = supervised.new_zeros(supervised.numel()).scatter_(0, index, predicted == reference)
+    hit = hit.view(-1, block_size)
+    kept = supervised.any(1)  # the blocks that have a supervised slot
+    lengths = block_acceptance_lengths(hit[:, 1:])
     report = {"loss": torch.stack([loss_sum.detach(), mb["weights"].sum()]).double(),
-              "correct": correct, "total": total,
-              "tau": torch.stack([lengths[kept].sum(), kept.sum()]).double()}
+              "correct": hit.sum(0)[1:], "total": supervised.sum(0)[1:],
+              "tau": torch.stack([(lengths * kept).sum(), kept.sum()]).double()}
     return loss_sum * scale, report
 
 

@@ -81,32 +81,17 @@ class Trainer:
     # --- steps ---------------------------------------------------------------------------
 
     def run_step(self, microbatches: list[dict], forward_only: bool):
-        """One forward(+backward) over `microbatches` (on the training device) with megatron's
-        schedule; returns the reports."""
-        plan, scale = self.plan, 1.0
-        if not forward_only:
-            total = global_weight_sum(microbatches, parallel_state.get_data_parallel_group())
-            scale = len(microbatches) * parallel_state.get_data_parallel_world_size() \
-                / max(total, 1e-12)
-        return get_forward_backward_func()(
-            forward_step_func=make_forward_step(plan.dflash, plan.distill_weight, scale,
-                                                plan.run.dflash.loss_chunk_size),
-            data_iterator=iter(microbatches), model=[self.model],
-            num_microbatches=len(microbatches), seq_length=microbatches[0]["tokens"].shape[1],
-            micro_batch_size=plan.run.training.micro_batch_size, forward_only=forward_only)
+        """One forward(+backward) over `microbatches` with megatron's schedule (`run_schedule`);
+        returns the reports."""
+        plan = self.plan
+        return run_schedule(self.model, microbatches, plan.dflash, plan.distill_weight,
+                            plan.run.dflash.loss_chunk_size, plan.run.training.micro_batch_size,
+                            forward_only)
 
     def train_step(self, microbatches: list[dict]):
-        """One optimizer step over this rank's micro-batches: (their reports, on the last
-        pipeline stage only, and the global gradient norm before clipping; NaN when megatron's
-        optimizer found inf/NaN gradients and skipped the update and the LR schedule step)."""
-        self.model.zero_grad_buffer()
-        self.optimizer.zero_grad()
-        reports = self.run_step(microbatches, forward_only=False)
-        update_successful, grad_norm, _ = self.optimizer.step()
-        if not update_successful:  # inf/NaN gradients (build_optimizer): no update
-            return reports, math.nan
-        self.scheduler.step(increment=1)
-        return reports, float(grad_norm or 0.0)
+        """One optimizer step over this rank's micro-batches (`train_step`)."""
+        return train_step(self.model, self.optimizer, self.scheduler, microbatches,
+                          self.run_step)
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float]]:
@@ -142,7 +127,10 @@ class Trainer:
         # SIGTERM / SIGUSR1 (SLURM pre-emption, time limit): finish the iteration, save, leave.
         signal = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
         skipped_total, skipped_in_row = 0, 0
-        with signal or contextlib.nullcontext(), batches.prefetcher(self.device) as prefetched:
+        # Prepared one step and a micro-batch ahead: the next step's first micro-batch is ready
+        # when this step ends.
+        ahead = batches.prefetcher(self.device, depth=self.plan.num_microbatches + 1)
+        with signal or contextlib.nullcontext(), ahead as prefetched:
             while self.iteration < run.training.train_iters:
                 t = time.time()
                 microbatches = []
@@ -255,6 +243,37 @@ class Trainer:
             return run.logging.metrics_file
         return os.path.join(run.checkpoint.save, "metrics.jsonl") if run.checkpoint.save \
             else None
+
+
+def run_schedule(model, microbatches: list[dict], cfg, distill_weight: float, chunk_rows: int,
+                 micro_batch_size: int, forward_only: bool):
+    """One forward(+backward) over `microbatches` (on the training device) with megatron's
+    schedule; returns the reports (on the last pipeline stage)."""
+    scale = 1.0
+    if not forward_only:
+        total = global_weight_sum(microbatches, parallel_state.get_data_parallel_group())
+        scale = len(microbatches) * parallel_state.get_data_parallel_world_size() \
+            / max(total, 1e-12)
+    return get_forward_backward_func()(
+        forward_step_func=make_forward_step(cfg, distill_weight, scale, chunk_rows),
+        data_iterator=iter(microbatches), model=[model], num_microbatches=len(microbatches),
+        seq_length=microbatches[0]["tokens"].shape[1], micro_batch_size=micro_batch_size,
+        forward_only=forward_only)
+
+
+def train_step(model, optimizer, scheduler, microbatches: list[dict], run_step):
+    """One optimizer step: `run_step(microbatches, forward_only=False)`, then megatron's
+    optimizer and LR schedule. Returns (the reports, on the last pipeline stage only, and the
+    global gradient norm before clipping; NaN when megatron's optimizer found inf/NaN gradients
+    and skipped the update and the LR schedule step)."""
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    reports = run_step(microbatches, forward_only=False)
+    update_successful, grad_norm, _ = optimizer.step()
+    if not update_successful:  # inf/NaN gradients (build_optimizer): no update
+        return reports, math.nan
+    scheduler.step(increment=1)
+    return reports, float(grad_norm or 0.0)
 
 
 def _tensorboard(directory: str | None):

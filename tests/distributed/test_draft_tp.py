@@ -7,7 +7,7 @@ from megatron.core import parallel_state
 from megatron.core.distributed import (DistributedDataParallel, DistributedDataParallelConfig,
                                        finalize_model_grads)
 
-from dflash_testing import (all_gather, build_draft, dflash_config, draft_inputs, head_only_target,
+from tests.dflash_testing import (all_gather, build_draft, dflash_config, draft_inputs, head_only_target,
                             head_state, load_head_shard, load_params, params, randomize_,
                             target_config, weighted_loss)
 from megatron_dflash import state_dict_adapter

@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from interop_testing import (VOCAB, draft_config, reference_model, shared_tmp_dir, target_dir,
-                             write_reference_dir)
+from tests.interop_testing import (VOCAB, draft_config, reference_model, shared_tmp_dir,
+                                   target_dir, write_reference_dir)
 from megatron_dflash.evaluate import build_decoder, evaluate
 
 

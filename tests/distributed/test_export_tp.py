@@ -14,10 +14,10 @@ import torch.distributed as dist
 from dflash.model import DFlashDraftModel as ReferenceDraft
 from megatron.core import parallel_state
 
-from dflash_testing import (build_draft, draft_inputs, head_only_target, head_state, params,
+from tests.dflash_testing import (build_draft, draft_inputs, head_only_target, head_state, params,
                             randomize_, target_config)
-from dflash_testing import dflash_config as resolved_config
-from interop_testing import (REPO, draft_config, reference_block_logits, reference_model,
+from tests.dflash_testing import dflash_config as resolved_config
+from tests.interop_testing import (REPO, draft_config, reference_block_logits, reference_model,
                              reference_tensors, same_bytes, shared_tmp_dir,
                              write_draft_checkpoint, write_reference_dir)
 from megatron_dflash import state_dict_adapter
@@ -107,9 +107,8 @@ def test_tp2_checkpoint_exports_our_tp1_logits(utils, shared):
 def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
     """Pipeline-parallel training (PP=2) with --export: the export gives the reference code the
     same block logits as our draft holding the saved checkpoint's weights."""
-    from dflash_testing import pattern_dataset, tiny_target_dir
-    from megatron_dflash.training.arguments import parse_args
-    from megatron_dflash.training.loop import pretrain
+    from tests.dflash_testing import pattern_dataset, tiny_target_dir
+    from tests.training_testing import train
 
     target, data, root, out = (os.path.join(shared, n) for n in ("target", "data", "ckpt", "out"))
     if dist.get_rank() == 0:
@@ -117,11 +116,10 @@ def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
         pattern_dataset(data, 16, 48, seed=3)
     dist.barrier()
     utils.destroy_model_parallel()
-    pretrain(parse_args(["--target", target, "--mask-token-id", "255", "--train-data", data,
-                         "--seq-length", "48", "--block-size", "8", "--num-anchors", "4",
-                         "--micro-batch-size", "2", "--global-batch-size", "4",
-                         "--train-iters", "2", "--pipeline-model-parallel-size", "2",
-                         "--save", root, "--export", out], world_size=2))
+    train(["--target", target, "--mask-token-id", "255", "--train-data", data,
+           "--seq-length", "48", "--block-size", "8", "--num-anchors", "4",
+           "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "2",
+           "--pipeline-model-parallel-size", "2", "--save", root, "--export", out])
     utils.initialize_model_parallel(1)
     extra, cfg, full = read_checkpoint(root)
     assert extra["world_size"] == 2 and extra["iteration"] == 2

@@ -12,13 +12,15 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dflash_testing import pattern_dataset, tiny_moe_config, tiny_moe_model, tiny_moe_target_dir
-from interop_testing import reference_tensors, same_bytes, shared_tmp_dir, tool
+from tests.dflash_testing import (pattern_dataset, tiny_moe_config, tiny_moe_model,
+                                  tiny_moe_target_dir)
+from tests.interop_testing import reference_tensors, same_bytes, shared_tmp_dir, tool
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.draft_reader import read_checkpoint
 from megatron_dflash.evaluate import build_decoder, evaluate
-from megatron_dflash.training.arguments import parse_args
-from megatron_dflash.training.loop import pretrain
+from megatron_dflash.distributed import init_distributed
+from megatron_dflash.training.pretrain import parse_plan
+from tests.training_testing import train
 
 MASK, SEED = 255, 0
 WORLDS = [pytest.param(n, marks=pytest.mark.world(n)) for n in (2,)]  # make test runs worlds 2 and 4
@@ -65,8 +67,8 @@ def test_train_export_import_evaluate(world, shared, utils):
     target, root, out, imported = (os.path.join(shared, n) for n in
                                    ("target", f"ckpt{world}", f"export{world}", f"imported{world}"))
     utils.destroy_model_parallel()
-    result = pretrain(parse_args(_train_flags(shared, expert_model_parallel_size=world,
-                                              train_iters=3, save=root), world_size=world))
+    result = train(_train_flags(shared, expert_model_parallel_size=world, train_iters=3,
+                                save=root))
     assert len(result["losses"]) == 3
     utils.destroy_model_parallel()
     _export(root, out)
@@ -97,9 +99,10 @@ def test_measure_memory_accounting(world, shared, utils):
     tensors: each rank holds num_experts / EP experts of every MoE layer, the rest of the target
     whole, the draft whole, and 1/DP of the draft's Adam moments (distributed optimizer)."""
     utils.destroy_model_parallel()
-    args = parse_args(_train_flags(shared, expert_model_parallel_size=world, train_iters=1,
-                                   distill_weight=0.5), world_size=world)
-    row = tool("measure_memory").measure(args, torch.device("cpu"))
+    plan = parse_plan(_train_flags(shared, expert_model_parallel_size=world, train_iters=1,
+                                   distill_weight=0.5))
+    init_distributed(plan.run.parallel, plan.run.training.seed)
+    row = tool("measure_memory").measure(plan)
     hf = dict(tiny_moe_model(tiny_moe_config(), SEED).named_parameters())
     experts = sum(p.numel() * 4 for n, p in hf.items() if ".experts." in n)
     assert row["experts"] * world == experts

@@ -12,12 +12,9 @@
 
 The data mixes two sequence lengths, so the pipeline payload's shape changes between micro-batches.
 """
-import contextlib
 import json
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
 
 import pytest
@@ -26,19 +23,16 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.utils import get_model_config
 
-from conftest import Utils
-from dflash_testing import pattern_dataset, tiny_target_dir
-from megatron_dflash.data.dataset import build_dataset
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
-from megatron_dflash.training import loop
-from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.training.builders import build_training_chunk
+from megatron_dflash.training.pretrain import parse_plan
 from megatron_dflash.training.step import prepare_microbatch
-
-HERE = os.path.dirname(os.path.abspath(__file__))
-REPO = os.path.dirname(os.path.dirname(HERE))
-MASK, TAPS, STEPS, TOL = 255, [0, 2, 3], 20, 1e-5
+from megatron_dflash.training.trainer import run_schedule
+from tests.dflash_testing import pattern_dataset, tiny_target_dir
+from tests.pipeline_testing import MASK, STEPS, TAPS, TOL, flags, started_references, trajectory
+from tests.training_testing import run_in_process
 # 4 target layers: at PP4 the taps sit on stages 0 (first), 2 (middle) and 3 (last); stage 1 only
 # passes them on. At PP2: stage 0 holds tap 0, stage 1 taps 2 and 3.
 LAYOUTS = {
@@ -51,106 +45,6 @@ LAYOUTS = {
         "tp2dp2": dict(tensor_model_parallel_size=2),
         "pp2dp2": dict(pipeline_model_parallel_size=2)},
 }
-
-
-def flags(target, train, **kw):
-    """Constant LR, so a run's steps do not depend on --train-iters (resumed == straight)."""
-    base = dict(target=target, mask_token_id=MASK, train_data=train, seq_length=48, block_size=8,
-                num_draft_layers=1, target_layer_ids=TAPS, num_anchors=4, micro_batch_size=2,
-                global_batch_size=8, lr=3e-3, lr_decay_style="constant", lr_warmup_fraction=0,
-                distill_weight=0.5, log_interval=1, seed=7, train_iters=STEPS,
-                seq_length_buckets=3)
-    base.update(kw)
-    out = []
-    for k, v in base.items():
-        v = v if isinstance(v, list) else [v]
-        out += [f"--{k.replace('_', '-')}"] + [str(x) for x in v if x is not True]
-    return out
-
-
-def trajectory(argv, steps=STEPS) -> dict:
-    """Train `steps` steps with loop.py's own pieces at the layout `argv` asks for. Every rank
-    returns the micro-batch losses of every step in global order (DP rank r's i-th micro-batch is
-    global micro-batch i*DP + r), each step's loss, every rank's grad norms and the micro-batch
-    lengths seen."""
-    args = parse_args(argv, world_size=dist.get_world_size())
-    Utils.initialize_model_parallel(args.tensor_model_parallel_size,
-                                    args.pipeline_model_parallel_size, seed=args.seed,
-                                    ep=args.expert_model_parallel_size,
-                                    etp=args.expert_tensor_parallel_size)
-    torch.manual_seed(args.seed)
-    train, _ = build_dataset(args.train_data, None, args.seq_length)
-    model, cfg, _ = loop.build_models(args, torch.device("cpu"))
-    optimizer, scheduler = loop.build_optimizer(args, model)
-    batches = loop.MicroBatches(train, args, cfg, 0, 0)
-    mine, grad_norms, lengths = [], [], set()
-    for _ in range(steps):
-        microbatches = [batches.next() for _ in range(args.num_microbatches)]
-        lengths |= {mb["tokens"].shape[1] for mb in microbatches}
-        reports, grad_norm = loop.train_step(model, optimizer, scheduler, microbatches, cfg, args)
-        mine.append([r["loss"].tolist() for r in reports])
-        grad_norms.append(grad_norm)
-    owner = (parallel_state.is_pipeline_last_stage()
-             and parallel_state.get_tensor_model_parallel_rank() == 0)
-    per_rank = [None] * dist.get_world_size()
-    dist.all_gather_object(per_rank, (parallel_state.get_data_parallel_rank(), owner, mine,
-                                      grad_norms, _replicated_params_agree(model),
-                                      len(model.module.target.decoder.layers)))
-    by_dp = dict(sorted((dp, losses) for dp, owns, losses, *_ in per_rank if owns))
-    microbatch, losses = [], []
-    for step in range(steps):
-        sums = [by_dp[dp][step][i] for i in range(len(by_dp[0][step])) for dp in by_dp]
-        microbatch.append([n / d for n, d in sums])
-        losses.append(sum(n for n, _ in sums) / sum(d for _, d in sums))
-    Utils.destroy_model_parallel()
-    return {"microbatch": microbatch, "loss": losses, "lengths": sorted(lengths),
-            "grad_norms": [norms for _, _, _, norms, *_ in per_rank],
-            "replicated_agree": all(agree for *_, agree, _ in per_rank),
-            "target_layers": [layers for *_, layers in per_rank]}
-
-
-def _replicated_params_agree(model) -> bool:
-    """Parameters that every TP rank holds whole (norms, fc) are bitwise equal across TP."""
-    group = parallel_state.get_tensor_model_parallel_group()
-    for p in model.parameters():
-        if p.requires_grad and not getattr(p, "tensor_model_parallel", False):
-            copies = [torch.empty_like(p) for _ in range(group.size())]
-            dist.all_gather(copies, p.detach().contiguous(), group=group)
-            if any(not torch.equal(c, copies[0]) for c in copies):
-                return False
-    return True
-
-
-def _clean_env():
-    """This process's environment without the torchrun variables of the running test world."""
-    return {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-                         "MASTER_PORT", "GROUP_RANK", "ROLE_RANK", "ROLE_WORLD_SIZE")
-            and not k.startswith("TORCHELASTIC")}
-
-
-def _single_process(shared, body: str) -> subprocess.Popen:
-    """Start `body` (python, may use `Utils`, `trajectory`, `pretrain`, `parse_args`, `json`) in a
-    fresh single-process gloo world, as the tests run it."""
-    code = "\n".join([
-        "import json, sys",
-        f"sys.path[:0] = [{os.path.dirname(HERE)!r}, {HERE!r}]",
-        "import conftest",  # the CPU shims, exactly as under pytest
-        "import torch.distributed as dist",
-        f"dist.init_process_group('gloo', init_method='file://{shared}/rdzv-{os.urandom(4).hex()}',"
-        " rank=0, world_size=1)",
-        "from conftest import Utils",
-        "from test_pipeline import trajectory",
-        "from megatron_dflash.training.arguments import parse_args",
-        "from megatron_dflash.training.loop import pretrain",
-        body])
-    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=_clean_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _finish(job: subprocess.Popen, timeout=600) -> None:
-    out, _ = job.communicate(timeout=timeout)
-    assert job.returncode == 0, out[-4000:]
 
 
 @pytest.fixture(scope="module")
@@ -182,45 +76,6 @@ def _data(shared):
 def _taps01_flags(shared):
     return flags(os.path.join(shared, "target"), _data(shared), target_layer_ids=[0, 1],
                  distill_weight=0, train_iters=8)
-
-
-class References:
-    """Single-process trajectories, `wanted` = {name: (argv, steps)}, computed by one fresh process
-    on rank 0 that starts with the module, so it runs while the first tests do; `get(name)`
-    (collective) waits for it once and hands every rank the results."""
-
-    def __init__(self, shared, wanted: dict):
-        self._result, self._job = None, None
-        if dist.get_rank() == 0:
-            self._out = os.path.join(shared, f"references-{os.urandom(4).hex()}.json")
-            body = ("json.dump({k: trajectory(a, n) for k, (a, n) in %r.items()}, open(%r, 'w'))"
-                    % (wanted, self._out))
-            self._job = _single_process(shared, body)
-
-    def get(self, name: str) -> dict:
-        if self._result is None:
-            result = [None]
-            if dist.get_rank() == 0:
-                _finish(self._job)
-                with open(self._out) as f:
-                    result[0] = json.load(f)
-            dist.broadcast_object_list(result, src=0)
-            self._result = result[0]
-        return self._result[name]
-
-    def close(self):
-        if self._job is not None and self._job.poll() is None:
-            self._job.kill()
-            self._job.wait()
-
-
-@contextlib.contextmanager
-def started_references(shared, wanted: dict):
-    refs = References(shared, wanted)
-    try:
-        yield refs
-    finally:
-        refs.close()
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -292,13 +147,15 @@ def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
     with FeatureCapture(ref, TAPS) as capture:
         _, ref_features = target_forward(ref, tokens, torch.arange(48).expand(2, 48), capture)
 
-    args = parse_args(flags(target_dir, _data(shared), **parallel), world_size=dist.get_world_size())
-    utils.initialize_model_parallel(args.tensor_model_parallel_size,
-                                    args.pipeline_model_parallel_size, seed=args.seed)
-    model, cfg, _ = loop.build_models(args, torch.device("cpu"))
+    plan = parse_plan(flags(target_dir, _data(shared), **parallel),
+                      world_size=dist.get_world_size())
+    utils.initialize_model_parallel(plan.run.parallel.tensor_model_parallel_size,
+                                    plan.run.parallel.pipeline_model_parallel_size,
+                                    seed=plan.run.training.seed)
+    model = build_training_chunk(plan, torch.device("cpu"))
     module = model.module
-    mb = prepare_microbatch(tokens, loss_mask, cfg, torch.Generator().manual_seed(4),
-                            args.attention)
+    mb = prepare_microbatch(tokens, loss_mask, plan.dflash, torch.Generator().manual_seed(4),
+                            plan.attention)
     with torch.no_grad():
         ref_embedding = ref.embedding(input_ids=mb["block_input_ids"], position_ids=None)
     stage, stages = (parallel_state.get_pipeline_model_parallel_rank(),
@@ -313,23 +170,17 @@ def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
         assert (module.embedding.word_embeddings.weight is module.target.output_layer.weight) == tied
         module.draft.register_forward_pre_hook(lambda m, a: seen.update(features=a[1]))
         module.embedding.register_forward_hook(lambda m, a, out: seen.update(embedding=out))
-    reports = loop.run_step(model, [mb], cfg, args, forward_only=True)
+    reports = run_schedule(model, [mb], plan.dflash, plan.distill_weight,
+                           plan.run.dflash.loss_chunk_size, plan.run.training.micro_batch_size,
+                           forward_only=True)
     assert len(reports) == (1 if last else 0)
     if last:
         features, embedding = seen["features"], seen["embedding"]
-        if args.sequence_parallel:
+        if plan.run.parallel.sequence_parallel:
             group = parallel_state.get_tensor_model_parallel_group()
             features, embedding = (_gather_sequence(t, group) for t in (features, embedding))
         assert (features - ref_features).abs().max() <= TOL
         assert (embedding - ref_embedding).abs().max() <= TOL
-
-
-def _in_process(argv) -> dict:
-    Utils.destroy_model_parallel()
-    try:
-        return loop.pretrain(parse_args(argv, world_size=dist.get_world_size()))
-    finally:
-        Utils.destroy_model_parallel()
 
 
 def _metrics_losses(save_dir: str) -> dict[int, float]:
@@ -354,7 +205,7 @@ def test_checkpoints_reshard_between_layouts(shared, references):
     def run(layout, iters, load=None, save=None):
         extra = dict(layouts[layout], **({"load": ckpt[load]} if load else {}),
                      **({"save": ckpt[save]} if save else {}))
-        return _in_process(flags(target_dir, data, train_iters=iters, **extra))["losses"]
+        return run_in_process(flags(target_dir, data, train_iters=iters, **extra))["losses"]
 
     saved = run("tp2pp2", 2, save="tp2pp2")
     assert max(abs(a - b) for a, b in zip(saved, ref[:2], strict=True)) <= TOL
@@ -377,5 +228,5 @@ def test_unsupported_pipeline_layouts_fail_up_front(pp, argv, message, shared, c
     if "30" not in message:
         argv = ["--target", os.path.join(shared, "target"), "--mask-token-id", str(MASK)] + argv
     with pytest.raises(SystemExit):
-        parse_args(["--pipeline-model-parallel-size", str(pp)] + argv, world_size=pp)
+        parse_plan(["--pipeline-model-parallel-size", str(pp)] + argv, world_size=pp)
     assert message in capsys.readouterr().err

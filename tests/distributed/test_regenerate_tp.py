@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from dflash_testing import load_script, tiny_moe_target_dir
-from interop_testing import shared_tmp_dir
+from tests.dflash_testing import load_script, tiny_moe_target_dir
+from tests.interop_testing import shared_tmp_dir
+from tests.regenerate_testing import chat_target_dir, chat_tokenizer_dir, conversations_jsonl
 from megatron_dflash.feature_cache import FeatureCacheDataset, read_manifest
 
-helpers = load_script("tests/unit_tests/test_regenerate.py")
 LAYOUTS = {2: [("tp1", []), ("tp2", ["--tensor-model-parallel-size", "2"])],
            4: [("tp1", []), ("tp2", ["--tensor-model-parallel-size", "2"])]}
 
@@ -50,7 +50,7 @@ def _layouts(utils, target_of, layouts):
     with shared_tmp_dir() as shared:
         if dist.get_rank() == 0:
             target_of(os.path.join(shared, "target"))
-            helpers.conversations_jsonl(os.path.join(shared, "in.jsonl"), count=9)
+            conversations_jsonl(os.path.join(shared, "in.jsonl"), count=9)
         dist.barrier()
         runs = [_regenerate(tool, os.path.join(shared, "target"),
                             os.path.join(shared, "in.jsonl"), shared, name, flags)
@@ -60,18 +60,18 @@ def _layouts(utils, target_of, layouts):
 
 @pytest.mark.world(2)
 def test_tp2_equals_tp1_dp2(utils):
-    _layouts(utils, lambda p: helpers.chat_target_dir(p, seed=5), LAYOUTS[2])
+    _layouts(utils, lambda p: chat_target_dir(p, seed=5), LAYOUTS[2])
 
 
 @pytest.mark.world(4)
 def test_tp2_dp2_equals_tp1_dp4(utils):
-    _layouts(utils, lambda p: helpers.chat_target_dir(p, seed=5), LAYOUTS[4])
+    _layouts(utils, lambda p: chat_target_dir(p, seed=5), LAYOUTS[4])
 
 
 @pytest.mark.world(2)
 def test_moe_expert_parallel_equals_data_parallel(utils):
     def moe_target(path):
         tiny_moe_target_dir(path, seed=6)
-        helpers.chat_tokenizer_dir(path)
+        chat_tokenizer_dir(path)
 
     _layouts(utils, moe_target, [("dp2", []), ("ep2", ["--expert-model-parallel-size", "2"])])

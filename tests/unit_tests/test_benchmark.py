@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from dflash_testing import load_script
+from tests.dflash_testing import load_script
 from megatron_dflash.masks import dflash_attention_mask
 
 bench = load_script("tools/benchmark_dflash.py")

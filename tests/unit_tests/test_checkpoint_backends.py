@@ -17,7 +17,7 @@ from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
                                                          TELayerNormColumnParallelLinear, TELinear,
                                                          TENorm, TERowParallelLinear)
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.spec_utils import ModuleSpec
 
 from tests.conftest import Utils
 from tests.dflash_testing import dflash_config, params, pattern_dataset, randomize_, target_config
@@ -26,7 +26,7 @@ from megatron_dflash import checkpoint
 from megatron_dflash.attention import DFlashSelfAttention, DFlashTransformerLayer
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.sparse_attention import DFlashSparseAttention
-from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.specs import build_draft, get_dflash_model_spec
 from megatron_dflash.training.pretrain import parse_plan
 from tests.training_testing import train
 
@@ -89,8 +89,7 @@ def te_checkpoint_keys(model_spec: ModuleSpec) -> set[str]:
 
 
 def local_draft(cfg, tcfg, attention="dense"):
-    return build_module(get_dflash_model_spec(cfg.num_draft_layers, "local", attention),
-                        config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
+    return build_draft(cfg, draft_transformer_config(cfg, tcfg), "local", attention)
 
 
 def sharded_keys(module) -> set[str]:

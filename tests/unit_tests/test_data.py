@@ -8,7 +8,7 @@ import pytest
 import sentencepiece as spm
 import torch
 
-from dflash_testing import load_script
+from tests.dflash_testing import load_script
 from megatron_dflash.data import (ChatTemplateError, ConversationDataset,
                                   IndexedConversationDataset, ResumableSampler, SampleError,
                                   SentencePieceChatTokenizer, build_dataset, collate,

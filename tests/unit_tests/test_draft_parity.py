@@ -3,10 +3,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dflash_testing import (HIDDEN, VOCAB, build_draft, dflash_config, draft_inputs,
+from tests.dflash_testing import (HIDDEN, VOCAB, build_draft, dflash_config, draft_inputs,
                             head_only_target, head_state, load_params, randomize_,
                             target_config)
-from interop_testing import reference_model
+from tests.interop_testing import reference_model
 from megatron_dflash import state_dict_adapter
 
 

@@ -13,10 +13,11 @@ import pytest
 import torch
 from dflash.model import _crop_to, _make_cache
 
-from dflash_testing import build_draft, head_only_target, head_state, randomize_, target_config
-from dflash_testing import dflash_config as resolved_config
-from interop_testing import (REPO, VOCAB, draft_config, reference_model, target_dir, tool,
-                             write_reference_dir)
+from tests.dflash_testing import (build_draft, head_only_target, head_state, randomize_,
+                                  target_config)
+from tests.dflash_testing import dflash_config as resolved_config
+from tests.interop_testing import (REPO, VOCAB, draft_config, reference_model, target_dir, tool,
+                                   write_reference_dir)
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.evaluate import (Generation, SpeculativeDecoder, build_decoder, evaluate,

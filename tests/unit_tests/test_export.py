@@ -6,15 +6,17 @@ import stat
 
 import pytest
 import torch
+from transformers import AutoTokenizer
 from dflash.model import DFlashDraftModel as ReferenceDraft
 from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from safetensors.torch import save_file
 
-from dflash_testing import (build_draft, draft_inputs, head_only_target, head_state, params,
+from tests.dflash_testing import (build_draft, draft_inputs, head_only_target, head_state, params,
                             randomize_, target_config)
-from dflash_testing import dflash_config as resolved_config
-from interop_testing import (HIDDEN, TARGET_FIELDS, draft_config, draft_extra,
+from tests.dflash_testing import dflash_config as resolved_config
+from tests.regenerate_testing import chat_tokenizer_dir
+from tests.interop_testing import (HIDDEN, TARGET_FIELDS, draft_config, draft_extra,
                              reference_block_logits, reference_model, reference_tensors,
                              same_bytes, target_dir, tool, write_reference_dir)
 from megatron_dflash import state_dict_adapter
@@ -106,15 +108,15 @@ def test_export_matches_our_draft_in_reference_code(utils, tmp_path):
 def test_export_dtype_and_tokenizer(utils, tmp_path, reference_dir):
     utils.initialize_model_parallel(1)
     import_reference(reference_dir, str(tmp_path / "ckpt"))
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer.json").write_text("{}")
-    (tok / "tokenizer_config.json").write_text("{}")
-    (tok / "model.safetensors").write_text("not a tokenizer file")
+    tok = chat_tokenizer_dir(tmp_path / "tok")
+    (tmp_path / "tok" / "model.safetensors").write_text("not a tokenizer file")
     out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"), dtype="fp16",
-                            tokenizer_dir=str(tok))
-    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors", "tokenizer.json",
-                                       "tokenizer_config.json"]
+                            tokenizer_dir=tok)
+    files = set(os.listdir(out))
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= files
+    saved = AutoTokenizer.from_pretrained(out)  # the tokenizer as save_pretrained writes it
+    assert saved.get_vocab() == AutoTokenizer.from_pretrained(tok).get_vocab()
+    assert saved.chat_template == AutoTokenizer.from_pretrained(tok).chat_template
     fp32, fp16 = reference_tensors(reference_dir), reference_tensors(out)
     assert all(fp16[k].dtype == torch.float16 and torch.equal(fp16[k], fp32[k].half())
                for k in fp32)
@@ -126,19 +128,18 @@ def test_export_is_readable_by_others(utils, tmp_path, reference_dir):
     safetensors writes through (0600) or the tokenizer files' own modes."""
     utils.initialize_model_parallel(1)
     import_reference(reference_dir, str(tmp_path / "ckpt"))
-    tok = tmp_path / "tok"
-    tok.mkdir()
-    (tok / "tokenizer.json").write_text("{}")
-    os.chmod(tok / "tokenizer.json", 0o600)
+    tok = chat_tokenizer_dir(tmp_path / "tok")
+    os.chmod(tmp_path / "tok" / "tokenizer.json", 0o600)
     umask = os.umask(0o077)
     try:
         out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"),
-                                tokenizer_dir=str(tok))
+                                tokenizer_dir=tok)
     finally:
         os.umask(umask)
     assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
     modes = {f: stat.S_IMODE(os.stat(os.path.join(out, f)).st_mode) for f in os.listdir(out)}
-    assert modes == {"config.json": 0o644, "model.safetensors": 0o644, "tokenizer.json": 0o644}
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(modes)
+    assert set(modes.values()) == {0o644}, modes
     assert not _leftovers(tmp_path)
 
 

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from dflash_testing import load_script
+from tests.dflash_testing import load_script
 
 gpu_check = load_script("tools/gpu_check.py")
 

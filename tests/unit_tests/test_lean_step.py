@@ -7,24 +7,18 @@ from torch._dynamo.utils import counters
 from torch.nn.attention.flex_attention import create_block_mask
 from torch.utils.flop_counter import FlopCounterMode
 from torch.utils._python_dispatch import TorchDispatchMode
-from megatron.core.transformer.spec_utils import build_module
 
-from dflash_testing import pattern_dataset, randomize_, tiny_target_dir
-from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.data.dataset import build_dataset, collate
 from megatron_dflash.head_loss import vocab_head_loss
 from megatron_dflash.loss import per_token_loss
-from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.sparse_attention import build_flex_block_mask
-from megatron_dflash.targets import (FeatureCapture, build_target, load_hf_config, load_hf_weights,
-                                    target_forward, target_transformer_config)
-from megatron_dflash.training.arguments import parse_args
-from megatron_dflash.training.loop import MicroBatches
-from megatron_dflash.training.module import DFlashTrainingModule
+from megatron_dflash.targets import FeatureCapture, target_forward
+from megatron_dflash.training.microbatches import MicroBatches
 from megatron_dflash.training.prefetch import Prefetcher
-from megatron_dflash.training.step import anchor_generator, loss_func, prepare_microbatch, to_device
-
-TAPS, MASK = [0, 2], 255
+from megatron_dflash.training.pretrain import parse_plan
+from megatron_dflash.training.step import loss_func, prepare_microbatch, to_device
+from tests.dflash_testing import pattern_dataset, tiny_target_dir
+from tests.step_testing import MASK, TAPS, step_modules, step_tokens
 
 
 @pytest.fixture(scope="module")
@@ -89,34 +83,6 @@ def test_chunked_head_loss_never_holds_more_than_a_chunk_of_logits(utils):
         vocab_head_loss(rows, c["weight"], c["labels"], c["weights"], distill_weight=0.5)
 
 
-def _modules(target_dir, last_layer=None, seed=3, attention="dense"):
-    """(training module, draft) over the tiny target, built whole or up to `last_layer`."""
-    hf = load_hf_config(target_dir)
-    tcfg = target_transformer_config(hf)
-    target = build_target(hf, tcfg, last_layer=last_layer)
-    load_hf_weights(target, target_dir)
-    cfg = _cfg(tcfg, hf)
-    draft = build_module(get_dflash_model_spec(1, "local", attention),
-                         config=draft_transformer_config(cfg, tcfg),
-                         dflash_config=cfg)
-    randomize_(draft, seed=seed)
-    return DFlashTrainingModule(target, draft), cfg
-
-
-def _cfg(tcfg, hf, num_anchors=4):
-    return DFlashConfig(block_size=8, num_draft_layers=1, target_layer_ids=TAPS,
-                        mask_token_id=MASK, num_anchors=num_anchors).resolve(
-        tcfg, vocab_size=hf.vocab_size, target_rope_theta=hf.rope_parameters["rope_theta"])
-
-
-def _tokens(seq_len=48, seed=0, batch=2):
-    g = torch.Generator().manual_seed(seed)
-    tokens = torch.randint(0, MASK, (batch, seq_len), generator=g)
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    loss_mask[:, 12:] = True
-    return tokens, loss_mask
-
-
 def _loss_and_grads(module, mb, alpha):
     module.draft.zero_grad()
     output = module(mb["tokens"], mb["position_ids"], mb["block_input_ids"], mb["attention_mask"],
@@ -131,10 +97,10 @@ def test_truncated_target_gives_the_same_features_and_loss(utils, target_dir):
     """Without distillation the target stops at the deepest tap: no later layer, no final norm,
     no LM head run — and the same features, loss and draft gradients as the whole target."""
     utils.initialize_model_parallel(1)
-    full, cfg = _modules(target_dir)
-    lean, _ = _modules(target_dir, last_layer=max(TAPS))
+    full, cfg = step_modules(target_dir)
+    lean, _ = step_modules(target_dir, last_layer=max(TAPS))
     assert len(lean.target.decoder.layers) == 3 and lean.target.decoder.final_layernorm is None
-    tokens, loss_mask = _tokens()
+    tokens, loss_mask = step_tokens()
     positions = torch.arange(48).expand(2, 48)
     features = [target_forward(m.target, tokens, positions, FeatureCapture(m.target, TAPS))[1]
                 for m in (full, lean)]
@@ -164,8 +130,8 @@ def test_padding_sequence_and_anchors_changes_nothing(utils, target_dir, attenti
     """Padding S (to a bucket) and N (to --num-anchors and the block multiple) with unkept blocks
     leaves the loss, the draft gradients and the metrics as they were (distillation on)."""
     utils.initialize_model_parallel(1)
-    module, cfg = _modules(target_dir, seed=5, attention=attention)
-    tokens, loss_mask = _tokens(seq_len=40)
+    module, cfg = step_modules(target_dir, seed=5, attention=attention)
+    tokens, loss_mask = step_tokens(seq_len=40)
     samples = [{"tokens": t, "loss_mask": m} for t, m in zip(tokens, loss_mask)]
     results = []
     for buckets, multiple in ((None, 1), ([24, 64], 64)):  # 40 -> 64 tokens; 4 -> 8 blocks
@@ -184,10 +150,13 @@ def test_padding_sequence_and_anchors_changes_nothing(utils, target_dir, attenti
     assert torch.equal(report["total"], padded_report["total"])
 
 
-def _args(target_dir, data, *extra):
-    return parse_args(["--target", target_dir, "--mask-token-id", str(MASK), "--train-data", *data,
+def _plan(target_dir, data, *extra):
+    """The run's plan and its training data (blocks of 8, taps `TAPS`, 4 anchors)."""
+    plan = parse_plan(["--target", target_dir, "--mask-token-id", str(MASK), "--train-data", *data,
                        "--seq-length", "48", "--block-size", "8", "--num-anchors", "4",
-                       "--micro-batch-size", "2", "--global-batch-size", "2", *extra])
+                       "--target-layer-ids", *map(str, TAPS), "--micro-batch-size", "2",
+                       "--global-batch-size", "2", *extra])
+    return plan, build_dataset(plan.data.train, None, 48)[0]
 
 
 @pytest.fixture(scope="module")
@@ -200,10 +169,8 @@ def mixed_data(tmp_path_factory):
 @pytest.mark.parametrize("buckets,lengths", [(1, {48}), (3, {16, 32, 48})])
 def test_microbatches_have_one_shape_per_bucket(utils, target_dir, mixed_data, buckets, lengths):
     utils.initialize_model_parallel(1)
-    args = _args(target_dir, mixed_data, "--seq-length-buckets", str(buckets))
-    train, _ = build_dataset(args.train_data, None, args.seq_length)
-    cfg = _cfg(target_transformer_config(load_hf_config(target_dir)), load_hf_config(target_dir))
-    batches = MicroBatches(train, args, cfg, 0, 0)
+    plan, train = _plan(target_dir, mixed_data, "--seq-length-buckets", str(buckets))
+    batches = MicroBatches(train, plan, 0, 0)
     shapes = {}
     for _ in range(9):
         mb = batches.next()
@@ -221,11 +188,9 @@ def test_flex_block_mask_is_traced_once_across_microbatches(utils, target_dir, m
     data are tensors, and the shapes are fixed (dynamo's counters; the eager backend, since
     inductor cannot compile FlexAttention's CPU kernels here — the guards are the same)."""
     utils.initialize_model_parallel(1)
-    args = _args(target_dir, mixed_data, "--attention", "sparse")
-    train, _ = build_dataset(args.train_data, None, args.seq_length)
-    hf = load_hf_config(target_dir)
-    cfg = _cfg(target_transformer_config(hf), hf, num_anchors=12)  # 20-token samples hold 8
-    batches = MicroBatches(train, args, cfg, 0, 0)
+    plan, train = _plan(target_dir, mixed_data, "--attention", "sparse",
+                        "--num-anchors", "12")  # 20-token samples hold 8
+    batches = MicroBatches(train, plan, 0, 0)
     torch._dynamo.reset()
     counters.clear()
     create = torch.compile(create_block_mask, backend="eager")
@@ -242,11 +207,9 @@ def test_prefetched_microbatches_are_the_same_and_on_the_device(utils, target_di
     """Prepared ahead in a thread: the same micro-batches, in order, each with the data position
     after it, handed out on the device asked for; a producer error reaches the consumer."""
     utils.initialize_model_parallel(1)
-    args = _args(target_dir, mixed_data, "--attention", "sparse")
-    train, _ = build_dataset(args.train_data, None, args.seq_length)
-    cfg = _cfg(target_transformer_config(load_hf_config(target_dir)), load_hf_config(target_dir))
-    expected = MicroBatches(train, args, cfg, 0, 0)
-    with MicroBatches(train, args, cfg, 0, 0).prefetcher(torch.device("cpu"), depth=3) as ahead:
+    plan, train = _plan(target_dir, mixed_data, "--attention", "sparse")
+    expected = MicroBatches(train, plan, 0, 0)
+    with MicroBatches(train, plan, 0, 0).prefetcher(torch.device("cpu"), depth=3) as ahead:
         for i in range(5):
             mb, position = ahead.next()
             want = expected.next()

@@ -1,9 +1,11 @@
-"""Regeneration with the frozen megatron target (megatron_dflash/regenerate.py,
-tools/regenerate_data.py): batched greedy decoding equals HF `transformers` greedy `generate`
-token for token (prompts of different lengths, a stop token, the length limit), the taps
-captured while generating equal a full forward's hidden states, sampling is reproducible per
-conversation, all turns vs the last one, a killed run resumes with every id exactly once and the
-uninterrupted run's output and features, and bad input is reported with file:line."""
+"""Regeneration with the frozen megatron target (megatron_dflash/regeneration,
+megatron_dflash/generation, tools/regenerate_data.py): batched greedy decoding equals HF
+`transformers` greedy `generate` token for token (prompts of different lengths, a stop token, the
+length limit), the taps captured while generating equal a full forward's hidden states, sampling
+is reproducible per conversation, all turns vs the last one, a killed run resumes with every id
+exactly once and the uninterrupted run's output and features, a resume with other settings is
+refused with one line naming the flag, stop tokens come from the target's GenerationConfig, and
+bad input is reported with file:line."""
 import json
 import os
 import re
@@ -12,70 +14,25 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import Utils
-from dflash_testing import load_script, tiny_target_dir
-from megatron_dflash import regenerate as regen
+from tests.conftest import Utils
+from tests.dflash_testing import load_script
+from tests.regenerate_testing import (CHATML, STOP, TAPS, VOCAB, chat_target_dir,
+                                      conversations_jsonl)
+from megatron_dflash import regeneration as regen
 from megatron_dflash.data.conversations import MALFORMED, DataReport
 from megatron_dflash.feature_cache import FeatureCacheDataset, read_manifest
+from megatron_dflash.generation import stop_token_ids
+from megatron_dflash.log import setup_logging
+from megatron_dflash.regeneration import output as regen_output
 from megatron_dflash.targets import build_target, load_hf_config, load_hf_weights
 from megatron_dflash.targets import target_transformer_config
-
-VOCAB, TAPS = 256, [0, 2]
-SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "system", "user", "assistant"]
-STOP = 2  # <|im_end|>: the tokenizer's eos and generation_config.json's eos_token_id
-CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}"
-          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
-
-
-def chat_tokenizer_dir(path, vocab=VOCAB) -> str:
-    """A fast word-level tokenizer with a ChatML template saved into `path` (every id is one
-    whitespace-separated word: ChatML markers, roles, then w0, w1, ...)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    words = SPECIAL + [f"w{i}" for i in range(vocab - len(SPECIAL))]
-    model = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)},
-                                       unk_token="<|endoftext|>"))
-    model.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    model.add_special_tokens(SPECIAL[:3])  # split out before the words: "w7<|im_end|>"
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|im_end|>",
-                                        pad_token="<|endoftext|>", unk_token="<|endoftext|>")
-    tokenizer.chat_template = CHATML
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-def chat_target_dir(path, seed=0) -> str:
-    """The tiny random Llama target with the chat tokenizer beside it."""
-    tiny_target_dir(path, vocab=VOCAB, seed=seed)
-    return chat_tokenizer_dir(path)
-
-
-def conversations_jsonl(path, count=7, seed=0) -> str:
-    """`count` conversations of random words: one or two assistant turns, some ending with a
-    user turn, alternating OpenAI and ShareGPT forms, ids from the `id` field."""
-    g = torch.Generator().manual_seed(seed)
-
-    def words(n):
-        return " ".join(f"w{int(i)}" for i in torch.randint(0, 200, (n,), generator=g))
-
-    with open(path, "w") as f:
-        for i in range(count):
-            turns = [("user", words(3 + i % 5)), ("assistant", words(4))]
-            turns += [("user", words(2))] + ([("assistant", words(3))] if i % 3 else [])
-            record = ({"id": f"c{i}", "messages": [{"role": r, "content": c} for r, c in turns]}
-                      if i % 2 else
-                      {"id": f"c{i}", "conversations": [{"from": {"user": "human"}.get(r, "gpt"),
-                                                         "value": c} for r, c in turns]})
-            f.write(json.dumps(record) + "\n")
-    return str(path)
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """(target dir, megatron target at TP=1, HF model, tokenizer)."""
     path = chat_target_dir(tmp_path_factory.mktemp("regen") / "target", seed=3)
+    setup_logging()  # the progress and skipped-conversation lines, on stdout
     Utils.initialize_model_parallel(1)
     hf_config = load_hf_config(path)
     target = build_target(hf_config, target_transformer_config(hf_config))
@@ -244,6 +201,30 @@ class _Killed(Exception):
     pass
 
 
+def _record_generated(monkeypatch) -> list[str]:
+    """The ids that regenerate_to_file hands to generation from now on."""
+    generated, regenerate = [], regen.regenerate
+    monkeypatch.setattr(regen_output, "regenerate", lambda g, p, todo, **kw: (
+        generated.extend(c.id for c in todo) or regenerate(g, p, todo, **kw)))
+    return generated
+
+
+def _die_after(monkeypatch, n: int) -> list[str]:
+    """PartWriter.write dies in the middle of the n-th line (a kill); returns the ids tried."""
+    write, calls = regen.PartWriter.write, []
+
+    def dying_write(self, record):
+        calls.append(record["id"])
+        if len(calls) == n:
+            self.file.write(json.dumps(record)[:20])
+            self.file.flush()
+            raise _Killed()
+        write(self, record)
+
+    monkeypatch.setattr(regen.PartWriter, "write", dying_write)
+    return calls
+
+
 def test_kill_and_restart_gives_every_id_once_and_the_same_output(setup, tmp_path, monkeypatch,
                                                                   capsys):
     """The tool, killed after 3 conversations (the third's line torn mid-write), restarted:
@@ -261,26 +242,14 @@ def test_kill_and_restart_gives_every_id_once_and_the_same_output(setup, tmp_pat
         return _tool_args(path, inputs, tmp_path / f"{name}.jsonl", *extra)
 
     assert tool.main(args("whole")) == 0
-    write, calls = regen.PartWriter.write, []
-
-    def dying_write(self, record):
-        calls.append(record["id"])
-        if len(calls) == 3:  # a kill in the middle of the third line
-            self.file.write(json.dumps(record)[:20])
-            self.file.flush()
-            raise _Killed()
-        write(self, record)
-
-    monkeypatch.setattr(regen.PartWriter, "write", dying_write)
+    write = regen.PartWriter.write
+    calls = _die_after(monkeypatch, 3)  # a kill in the middle of the third line
     with pytest.raises(_Killed):
         tool.main(args("resumed"))
     monkeypatch.setattr(regen.PartWriter, "write", write)
     assert not os.path.exists(tmp_path / "resumed.jsonl")
     capsys.readouterr()
-    generated = []
-    regenerate = regen.regenerate
-    monkeypatch.setattr(regen, "regenerate", lambda g, p, todo, **kw: (
-        generated.extend(c.id for c in todo) or regenerate(g, p, todo, **kw)))
+    generated = _record_generated(monkeypatch)
     assert tool.main(args("resumed")) == 0
     out = capsys.readouterr().out
     assert "in.jsonl:8: malformed JSON" in out and "7 conversations written" in out
@@ -329,3 +298,87 @@ def test_progress_is_reported_when_a_batch_ends(setup, tmp_path, capsys):
     assert tool.main(_tool_args(setup[0], inputs, tmp_path / "out.jsonl")) == 0
     out = capsys.readouterr().out
     assert [int(n) for n in re.findall(r"conversations: (\d+)/5 ", out)] == [2, 4, 5, 5], out
+
+
+def test_resume_with_other_settings_is_refused_before_generating(setup, tmp_path, monkeypatch,
+                                                                 capsys):
+    """Killed after 3 conversations (written with --max-new-tokens 6), restarted with
+    --max-new-tokens 4, then --temperature 0.5, then both: each is refused with one line naming
+    the flag(s), before anything is generated or written; restarted with the same flags, it
+    completes and equals an uninterrupted run (greedy: --seed changes nothing and is accepted)."""
+    tool = load_script("tools/regenerate_data.py")
+    path, inputs = setup[0], conversations_jsonl(tmp_path / "in.jsonl", count=7)
+    out = tmp_path / "resumed.jsonl"
+    assert tool.main(_tool_args(path, inputs, tmp_path / "whole.jsonl")) == 0
+    write = regen.PartWriter.write
+    _die_after(monkeypatch, 4)
+    with pytest.raises(_Killed):
+        tool.main(_tool_args(path, inputs, out))
+    monkeypatch.setattr(regen.PartWriter, "write", write)
+    parts = regen.parts_dir(str(out))
+    part = (tmp_path / "resumed.jsonl.parts" / "part-00000.jsonl").read_text()
+    generated = _record_generated(monkeypatch)
+    capsys.readouterr()
+    refusals = [
+        (["--max-new-tokens", "4"], f"--max-new-tokens: the part files in {parts} were written "
+                                    f"with 6, this run asks for 4; use the same value or remove "
+                                    f"{parts} to start afresh"),
+        (["--temperature", "0.5"], f"--temperature: the part files in {parts} were written with "
+                                   f"0.0, this run asks for 0.5; use the same value"),
+        (["--max-new-tokens", "4", "--temperature", "0.5"],
+         f"--temperature, --max-new-tokens: the part files in {parts} were written with 0.0 "
+         f"and 6, this run asks for 0.5 and 4; use the same values or remove {parts}"),
+    ]
+    for extra, message in refusals:
+        argv = _tool_args(path, inputs, out) + extra
+        with pytest.raises(SystemExit) as e:
+            tool.main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert e.value.code == 2 and message in err[-1], err
+    assert generated == [] and not out.exists()
+    assert (tmp_path / "resumed.jsonl.parts" / "part-00000.jsonl").read_text() == part
+    assert tool.main(_tool_args(path, inputs, out, "--seed", "7")) == 0
+    assert len(generated) == 4  # 7 - the 3 whole lines the kill left
+    assert out.read_text() == (tmp_path / "whole.jsonl").read_text()
+
+
+def test_library_resume_names_fields_without_flags(setup, tmp_path):
+    """Through `regenerate_to_file` (no flag map): the field name is the name; the chat template
+    and the target (config.json hash) are settings too; settings recorded by a run killed
+    before its first conversation do not bind the next run."""
+    _, target, _, tokenizer = setup
+    conversations = _conversations(conversations_jsonl(tmp_path / "in.jsonl", count=2))
+    output = str(tmp_path / "out.jsonl")
+    generator = regen.BatchGenerator(target, [STOP])
+
+    def run(prompts=regen.ChatPrompts(tokenizer), max_new_tokens=3):
+        return regen.regenerate_to_file(generator, prompts, conversations, output, batch_size=2,
+                                        max_new_tokens=max_new_tokens, target=setup[0])
+
+    assert run(max_new_tokens=5) == 2  # records the settings, writes every conversation
+    other = AutoTokenizer.from_pretrained(setup[0])
+    other.chat_template = CHATML + " "
+    for kwargs, message in (({"max_new_tokens": 3}, "max_new_tokens: the part files in "),
+                            ({"max_new_tokens": 5, "prompts": regen.ChatPrompts(other)},
+                             "chat_template_sha256: the part files in ")):
+        with pytest.raises(regen.SettingsMismatch) as e:
+            run(**kwargs)
+        assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert run(max_new_tokens=5) == 2
+    os.remove(regen.part_path(output, 0))  # as if killed before the first part line
+    assert run(max_new_tokens=3) == 2
+
+
+def test_stop_token_ids_come_from_the_generation_config(tmp_path):
+    """generation_config.json's eos_token_id (int or list) when the file exists, else
+    config.json's; plus the tokenizer's eos when one is given."""
+    from types import SimpleNamespace
+
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 5}))
+    assert stop_token_ids(str(tmp_path)) == [5]
+    assert stop_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=9)) == [5, 9]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 3]}))
+    assert stop_token_ids(str(tmp_path)) == [3, 7]
+    assert stop_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=7)) == [3, 7]
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 4}))
+    assert stop_token_ids(str(tmp_path), SimpleNamespace(eos_token_id=None)) == [4]

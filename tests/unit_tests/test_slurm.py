@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dflash_testing import load_script
-from megatron_dflash.training.arguments import build_parser
+from tests.dflash_testing import load_script
+from megatron_dflash.run.flags import build_parser
 
 REPO = Path(__file__).resolve().parents[2]
 render_module = load_script("examples/slurm/render.py")

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from dflash_testing import (build_draft, dflash_config, head_only_target, load_params, params,
+from tests.dflash_testing import (build_draft, dflash_config, head_only_target, load_params, params,
                             randomize_, target_config)
 from megatron_dflash.anchors import block_input_ids, block_position_ids
 from megatron_dflash.config import draft_transformer_config
