@@ -28,6 +28,7 @@ from megatron.core.dist_checkpointing.core import CheckpointingException, maybe_
 from megatron.core.dist_checkpointing.mapping import ShardedObject
 from megatron.core.dist_checkpointing.strategies import filesystem_async
 from megatron.core.dist_checkpointing.utils import extract_nonpersistent, extract_sharded_base
+from megatron.core.utils import unwrap_model
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 
@@ -126,7 +127,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, extr
     if dist.get_rank() == 0:
         atomic.make_partial(partial)
     dist.barrier()
-    sd = _sharded_state_dict(_unwrap(model), optimizer, is_loading=False)
+    sd = _sharded_state_dict(unwrap_model(model), optimizer, is_loading=False)
     sd["scheduler"] = scheduler.state_dict()
     sd["extra"] = dict(extra, iteration=iteration)
     _save(sd, partial)
@@ -292,7 +293,7 @@ def load_weights(root: str, model, iteration: int | None = None) -> dict:
     path = iteration_dir(root, _resolve_iteration(root, iteration))
     check_readable(path)
     extra = _load_common(path)["extra"]
-    module = _unwrap(model)
+    module = unwrap_model(model)
     with _reading(path, "the draft's weights"):
         loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
     _load_trainable(module, loaded.get("model", {}), path)
@@ -316,7 +317,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | Non
     path = iteration_dir(root, _resolve_iteration(root, iteration))
     check_readable(path)
     common = _load_common(path)
-    module = _unwrap(model)
+    module = unwrap_model(model)
     _init_torch_adam_state(optimizer)
     sd = _sharded_state_dict(module, optimizer, is_loading=True)
     same_world = common["extra"].get("world_size") == dist.get_world_size()
@@ -378,9 +379,3 @@ def _load_trainable(module, state_dict, path: str = "") -> None:
     bad = sorted(set(result.missing_keys) & trainable) + sorted(result.unexpected_keys)
     if bad:
         raise CheckpointError(f"checkpoint {path or '?'} does not match the draft: {bad[:5]}")
-
-
-def _unwrap(model):
-    while hasattr(model, "module"):
-        model = model.module
-    return model

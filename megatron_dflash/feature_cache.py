@@ -52,7 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import Dataset
 
 from megatron_dflash import atomic
-from megatron_dflash.data.dataset import collate
+from megatron_dflash.data.dataset import collate, pad_to
 from megatron_dflash.targets.capture import FeatureCapture
 
 FORMAT_VERSION = 1
@@ -280,11 +280,7 @@ class FeatureCacheDataset(Dataset):
 def pad_features(samples: list[dict], length: int) -> torch.Tensor:
     """The samples' features right-padded with zeros to [b, length, K*H] (as `collate` pads
     tokens; padding is never attended to)."""
-    first = samples[0]["features"]
-    out = torch.zeros(len(samples), length, first.shape[-1], dtype=first.dtype)
-    for i, s in enumerate(samples):
-        out[i, :s["features"].shape[0]] = s["features"]
-    return out
+    return pad_to([s["features"] for s in samples], length, 0.0)
 
 
 def disk_use(manifest: dict, datasets: Sequence[Dataset], directory: str) -> tuple[int, str]:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.multi_token_prediction import _vocab_parallel_argmax
 from megatron.core.utils import get_pg_size
 
-from megatron_dflash.loss import _tp, per_token_loss
+from megatron_dflash.loss import per_token_loss, tp_group_or_default
 
 # Rows per chunk: its transient memory is about 20 bytes x rows x V/tp (logits, their fp32 working
 # copy and gradient, teacher distribution), ~1.5 GB at 512 rows and V = 152k on one rank.
@@ -87,4 +87,4 @@ def vocab_head_loss(rows: torch.Tensor, weight: torch.Tensor, labels: torch.Tens
     if chunk_rows < 1:
         raise ValueError(f"chunk_rows={chunk_rows} must be >= 1")
     return _ChunkedHeadLoss.apply(rows, weight, labels, weights.float(), teacher_rows,
-                                  distill_weight, chunk_rows, _tp(tp_group))
+                                  distill_weight, chunk_rows, tp_group_or_default(tp_group))

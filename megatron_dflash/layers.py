@@ -81,7 +81,7 @@ class DuplicatedLinear(_TEExtraState, torch.nn.Linear):
         return super().forward(x), None
 
 
-def _te():
+def te_modules():
     """Transformer Engine classes, imported only when the TE backend is asked for.
 
     megatron's TE wrappers import without TE (as placeholders that fail later), so its own
@@ -96,6 +96,6 @@ def _te():
     return TESpecProvider(), TENorm, TELinear
 
 
-def _check_backend(backend: str):
+def check_backend(backend: str):
     if backend not in BACKENDS:
         raise ValueError(f"backend={backend!r} must be one of {BACKENDS}")

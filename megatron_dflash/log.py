@@ -1,5 +1,6 @@
-"""One logger for every message the package prints, written on one rank with megatron's
-`log_single_rank`.
+"""One logger for every message the package prints, each written on one rank (megatron's
+`log_single_rank` rule: the rank of the default group, or RANK before the group exists; it is
+not imported, so that this module loads before megatron's import-time warnings are silenced).
 
 Messages are plain lines on stdout (what a user reads in a job log, as Megatron-LM's own), so the
 handler writes `%(message)s` to whatever `sys.stdout` is when the record is emitted (pytest's
@@ -9,10 +10,10 @@ the pipeline's last stage and so the loss.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 
 import torch.distributed as dist
-from megatron.core.utils import log_single_rank
 
 logger = logging.getLogger("megatron_dflash")
 
@@ -42,21 +43,28 @@ def setup_logging(level: int = logging.INFO) -> None:
     logger.propagate = False
 
 
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
+
+
 def last_rank() -> int:
-    return dist.get_world_size() - 1 if dist.is_initialized() else 0
+    return (dist.get_world_size() if dist.is_initialized()
+            else int(os.environ.get("WORLD_SIZE", "1"))) - 1
 
 
 def is_logging_rank() -> bool:
     """The rank that reports training (the last: it holds the loss)."""
-    return not dist.is_initialized() or dist.get_rank() == last_rank()
+    return rank() == last_rank()
 
 
 def log_rank0(message: str, level: int = logging.INFO) -> None:
-    log_single_rank(logger, level, message, rank=0)
+    if rank() == 0:
+        logger.log(level, message)
 
 
 def log_last_rank(message: str, level: int = logging.INFO) -> None:
-    log_single_rank(logger, level, message, rank=last_rank())
+    if is_logging_rank():
+        logger.log(level, message)
 
 
 def log_this_rank(message: str, level: int = logging.INFO) -> None:

@@ -28,7 +28,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayerSubmodul
 
 from megatron_dflash.attention import DFlashSelfAttention, DFlashTransformerLayer
 from megatron_dflash.layers import (DuplicatedLinear, LocalPreLinearRMSNorm, LocalRMSNorm,
-                                    _check_backend, _te)
+                                    check_backend, te_modules)
 from megatron_dflash.model import DFlashDraftModel, DFlashModelSubmodules
 from megatron_dflash.sparse_attention import DFlashSparseAttention
 
@@ -46,12 +46,12 @@ def _check_attention(attention: str):
 def get_dflash_layer_spec(backend: str = "local", attention: str = "dense") -> ModuleSpec:
     """One DFlash draft layer. `backend="te"` needs Transformer Engine (GPU); `attention="sparse"`
     needs the mask as a `DFlashBlockMask` (`dflash_block_mask`) instead of the dense tensor."""
-    _check_backend(backend)
+    check_backend(backend)
     _check_attention(attention)
     if backend == "local":
         provider, norm = LocalSpecProvider(), LocalRMSNorm
     else:
-        provider, norm, _ = _te()
+        provider, norm, _ = te_modules()
     fused_norm = provider.fuse_layernorm_and_linear()
     core_attention = provider.core_attention() if attention == "dense" else DFlashSparseAttention
     return ModuleSpec(
@@ -83,12 +83,12 @@ def get_dflash_layer_spec(backend: str = "local", attention: str = "dense") -> M
 def get_dflash_model_spec(num_layers: int, backend: str = "local",
                           attention: str = "dense") -> ModuleSpec:
     """The whole draft: fc + hidden_norm, `num_layers` DFlash layers and a final norm."""
-    _check_backend(backend)
+    check_backend(backend)
     _check_attention(attention)
     if backend == "local":
         norm, linear, fc_params = LocalRMSNorm, DuplicatedLinear, {}
     else:
-        _, norm, linear = _te()
+        _, norm, linear = te_modules()
         fc_params = {"parallel_mode": "duplicated", "skip_weight_param_allocation": False}
     layer = get_dflash_layer_spec(backend, attention)
     return ModuleSpec(

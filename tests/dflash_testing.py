@@ -69,7 +69,7 @@ def load_params(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> No
 
 def weighted_loss(logits: torch.Tensor, inputs: dict) -> torch.Tensor:
     """The DFlash CE objective (Σ w·CE / Σ w) of vocab-parallel draft logits."""
-    from megatron_dflash.loss import dflash_loss
+    from tests.loss_testing import dflash_loss
 
     loss_sum, weight_sum = dflash_loss(logits, inputs["labels"], inputs["weights"])
     return loss_sum / weight_sum
@@ -119,16 +119,93 @@ def tiny_moe_target_dir(path, seed=0, **kw) -> str:
     return str(path)
 
 
+def save_fused_experts(model, path) -> str:
+    """`model` as config.json + one safetensors file of its in-memory state dict: each MoE
+    layer's experts fused (`mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj`
+    [E, H, F]), as transformers 5 holds them, not one tensor per expert as `save_pretrained`."""
+    from safetensors.torch import save_file
+
+    Path(path).mkdir(parents=True, exist_ok=True)
+    model.config.save_pretrained(path)
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if model.config.tie_word_embeddings:
+        del state["lm_head.weight"]
+    save_file(state, Path(path) / "model.safetensors", metadata={"format": "pt"})
+    return str(path)
+
+
+DEEPSEEK_YARN = dict(rope_type="yarn", rope_theta=1000.0, factor=8.0,
+                     original_max_position_embeddings=8, mscale=1.0, mscale_all_dim=0.8,
+                     beta_fast=32, beta_slow=1)
+
+
+def tiny_deepseek_config(**kw):
+    """A small HF DeepSeek-V3 config: MLA (q/kv LoRA ranks 32/16, nope/rope/v head dims 16/8/16)
+    with YaRN (positions past its original 8); layer 0 dense (FFN 96), layers 1-2 MoE: 8 routed
+    experts in 4 groups, top-4 within the best 2 groups, 2 shared experts (per-expert FFN 16);
+    one multi-token-prediction layer."""
+    from transformers import DeepseekV3Config
+
+    return DeepseekV3Config(**dict(
+        architectures=["DeepseekV3ForCausalLM"], vocab_size=VOCAB, hidden_size=HIDDEN,
+        intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
+        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
+        topk_group=2, num_experts_per_tok=4, n_shared_experts=2, routed_scaling_factor=2.5,
+        norm_topk_prob=True, first_k_dense_replace=1, num_nextn_predict_layers=1,
+        max_position_embeddings=64, rope_parameters=dict(DEEPSEEK_YARN), rms_norm_eps=1e-6,
+        initializer_range=0.1) | kw)
+
+
+def tiny_deepseek_model(seed=0, **kw):
+    """A random HF model of `tiny_deepseek_config(**kw)`, norms and score-correction biases
+    perturbed away from their initial 1 and 0 (the same on every rank)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_deepseek_config(**kw),
+                                             dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.2 * torch.randn_like(p))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn_like(b))
+    return model
+
+
+def save_deepseek_checkpoint(model, path) -> str:
+    """`model` as config.json + safetensors, plus an MTP layer's tensors (model.layers.{L}.*,
+    a copy of layer 1 and an `eh_proj`) as DeepSeek checkpoints hold them."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(path)
+    file = f"{path}/model.safetensors"
+    state = load_file(file)
+    mtp = model.config.num_hidden_layers
+    state |= {k.replace("model.layers.1.", f"model.layers.{mtp}."): v.clone()
+              for k, v in state.items() if k.startswith("model.layers.1.")}
+    hidden = model.config.hidden_size
+    state[f"model.layers.{mtp}.eh_proj.weight"] = torch.randn(hidden, 2 * hidden)
+    save_file(state, file, metadata={"format": "pt"})
+    return str(path)
+
+
+def tiny_deepseek_dir(path, seed=0, **kw) -> str:
+    return save_deepseek_checkpoint(tiny_deepseek_model(seed, **kw), path)
+
+
 def record_checkpoint_reads(monkeypatch) -> list:
     """Every HF checkpoint `hf_import` opens from now on (in order), to count what it reads."""
     from megatron_dflash.targets import hf_import
 
     opened = []
 
-    class Recorded(hf_import._Checkpoint):
+    class Recorded(hf_import.HFCheckpoint):
         def __init__(self, source):
             super().__init__(source)
             opened.append(self)
 
-    monkeypatch.setattr(hf_import, "_Checkpoint", Recorded)
+    monkeypatch.setattr(hf_import, "HFCheckpoint", Recorded)
     return opened

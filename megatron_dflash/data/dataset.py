@@ -17,6 +17,8 @@ from typing import Iterable, Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch.nn.utils.rnn import pad_sequence
 from megatron.core.datasets.indexed_dataset import (DType, IndexedDataset, IndexedDatasetBuilder,
                                                     get_bin_path, get_idx_path)
 from torch.utils.data import ConcatDataset, Dataset, Subset
@@ -241,14 +243,16 @@ def collate(samples: list[dict], pad_id: int, pad_to_multiple_of: int = 1,
             raise ValueError(f"a {length}-token sample exceeds the longest bucket {max(buckets)}")
         length = min(fits)
     length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
-    tokens = torch.full((len(samples), length), pad_id, dtype=torch.long)
-    loss_mask = torch.zeros((len(samples), length), dtype=torch.bool)
-    for i, s in enumerate(samples):
-        n = len(s["tokens"])
-        tokens[i, :n] = s["tokens"]
-        loss_mask[i, :n] = s["loss_mask"]
+    tokens = pad_to([s["tokens"].long() for s in samples], length, pad_id)
+    loss_mask = pad_to([s["loss_mask"].bool() for s in samples], length, False)
     return {"tokens": tokens, "loss_mask": loss_mask,
             "lengths": torch.tensor([len(s["tokens"]) for s in samples])}
+
+
+def pad_to(sequences: list[torch.Tensor], length: int, value) -> torch.Tensor:
+    """[b, length, ...]: `sequences` (each [n_i, ...], n_i <= length) right-padded with `value`."""
+    out = pad_sequence(sequences, batch_first=True, padding_value=value)
+    return F.pad(out, (0, 0) * (out.dim() - 2) + (0, length - out.shape[1]), value=value)
 
 
 def split_indices(n: int, held_out_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -22,7 +22,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.models.gpt import GPTModel
 from megatron.core.utils import get_pg_rank, get_pg_size
 
-from megatron_dflash.targets.hf_import import _Checkpoint
+from megatron_dflash.targets import HFCheckpoint
 
 
 class _ZeroGradToReceived(torch.autograd.Function):
@@ -72,7 +72,7 @@ def word_embedding_replica(target: GPTModel, hf_path: str) -> LanguageModelEmbed
         embedding.word_embeddings.weight = target.output_layer.weight
     else:
         tp = target.pg_collection.tp
-        with _Checkpoint(hf_path) as checkpoint, torch.no_grad():
+        with HFCheckpoint(hf_path) as checkpoint, torch.no_grad():
             embedding.word_embeddings.weight.copy_(checkpoint.get_shard(
                 "model.embed_tokens.weight", 0, get_pg_rank(tp), get_pg_size(tp)))
     return embedding.requires_grad_(False).eval()

@@ -17,7 +17,7 @@ import sys
 import time
 import warnings
 
-import torch.distributed as dist
+from megatron_dflash.log import is_logging_rank, logger
 
 # Dependency warnings that say nothing about this run, each with why it is harmless here.
 KNOWN_HARMLESS = (
@@ -63,10 +63,6 @@ def silence_known_warnings() -> None:
             handler.addFilter(drop)
 
 
-def is_logging_rank() -> bool:
-    return dist.get_rank() == dist.get_world_size() - 1
-
-
 class Progress:
     """Progress lines (or a bar), and the metrics JSONL, of one run (last rank only)."""
 
@@ -95,7 +91,7 @@ class Progress:
         if self._bar is not None:
             self._bar.write(message)
         else:
-            print(message, flush=True)
+            logger.info(message)
 
     def iteration(self, iteration: int, metrics: dict, tokens: int, seconds: float) -> None:
         """Record one iteration: metrics file always; a line every `log_interval`."""

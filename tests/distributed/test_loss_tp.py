@@ -5,7 +5,7 @@ import torch.distributed as dist
 
 from megatron_dflash.anchors import (block_labels, block_loss_mask, block_loss_weights,
                                      block_positions)
-from megatron_dflash.loss import accuracy_counts, dflash_loss
+from tests.loss_testing import accuracy_counts, dflash_loss
 
 SEQ, B, V = 16, 4, 12
 

@@ -31,13 +31,13 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from conftest import Utils
-from dflash_testing import pattern_dataset, record_checkpoint_reads, tiny_moe_target_dir
+from tests.conftest import Utils
+from tests.dflash_testing import (pattern_dataset, record_checkpoint_reads, tiny_deepseek_dir,
+                                  tiny_moe_target_dir)
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
-from test_pipeline import STEPS, flags, started_references, trajectory
-from unit_tests.test_deepseek_import import tiny_deepseek_dir
+from tests.pipeline_testing import STEPS, flags, started_references, trajectory
 
 VOCAB, HIDDEN, BATCH, TOL = 256, 64, 2, 1e-5
 # Layers 0, 1 and 3 MoE, 2 dense: at PP2 both stages end with an MoE layer.

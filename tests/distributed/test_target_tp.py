@@ -1,5 +1,7 @@
 """Imported target under TP=2 (with and without sequence parallelism) and PP=2: logits and captured
-features equal the TP=1 import. Run with `torchrun --nproc-per-node 2 -m pytest`."""
+features equal the TP=1 import; a Qwen3-MoE checkpoint with fused experts under expert
+parallelism reads only each rank's slices. Run with `torchrun --nproc-per-node 2 -m pytest` (and
+4 for the expert-parallel layouts)."""
 import math
 
 import pytest
@@ -7,11 +9,13 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.dot_product_attention import DotProductAttention
-from dflash_testing import record_checkpoint_reads, tiny_target_dir
+from tests.dflash_testing import (record_checkpoint_reads, save_fused_experts, tiny_moe_config,
+                                  tiny_moe_model, tiny_target_dir)
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from megatron_dflash.targets import hf_import
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.sdpa_attention import SDPACoreAttention
 from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
 
@@ -142,8 +146,8 @@ def test_tp2_sdpa_equals_local_attention(kind, utils, monkeypatch):
     hf = hf_model(kind)
     utils.initialize_model_parallel(2, 1)
     results = []
-    for core_attention in (hf_import.SDPACoreAttention, DotProductAttention):
-        monkeypatch.setattr(hf_import, "SDPACoreAttention", core_attention)
+    for core_attention in (SDPACoreAttention, DotProductAttention):
+        monkeypatch.setattr(hf_import.target_family(hf.config), "core_attention", core_attention)
         model = import_target(hf, tensor_parallel_size=2)
         assert type(model.decoder.layers[0].self_attention.core_attention) is core_attention
         with FeatureCapture(model, TAPS) as capture:
@@ -151,3 +155,40 @@ def test_tp2_sdpa_equals_local_attention(kind, utils, monkeypatch):
     (logits, features), (ref_logits, ref_features) = results
     assert (logits - ref_logits).abs().max() <= TOL
     assert (features - ref_features).abs().max() <= TOL
+
+
+@pytest.mark.world(4)
+@pytest.mark.parametrize("layout", [dict(tp=2, ep=2), dict(tp=1, ep=2, etp=2)],
+                         ids=["tp2ep2", "ep2etp2"])
+def test_fused_experts_on_disk_read_only_the_ranks_slices(layout, utils, tmp_path, monkeypatch):
+    """A Qwen3-MoE checkpoint storing transformers 5's fused experts: under expert parallelism
+    each rank reads exactly the elements it holds (its experts' slices of the fused tensors),
+    and the logits equal the one-process import of the same model saved one tensor per expert."""
+    paths = [None, None]
+    if dist.get_rank() == 0:
+        hf = tiny_moe_model(tiny_moe_config())
+        hf.save_pretrained(tmp_path / "per_expert")
+        paths = [str(tmp_path / "per_expert"), save_fused_experts(hf, tmp_path / "fused")]
+    dist.broadcast_object_list(paths, src=0)
+    per_expert, fused = paths
+    ids = tokens()[0]
+
+    utils.initialize_model_parallel(1, 1)
+    hf = load_hf_config(per_expert)
+    model = build_target(hf, target_transformer_config(hf))
+    load_hf_weights(model, per_expert)
+    with torch.no_grad():
+        ref_logits = model(ids, None, None)
+
+    utils.initialize_model_parallel(layout["tp"], 1, ep=layout["ep"], etp=layout.get("etp"))
+    hf = load_hf_config(fused)
+    model = build_target(hf, target_transformer_config(
+        hf, tensor_parallel_size=layout["tp"], expert_model_parallel_size=layout["ep"],
+        expert_tensor_parallel_size=layout.get("etp")))
+    opened = record_checkpoint_reads(monkeypatch)
+    load_hf_weights(model, fused)
+    assert opened[-1].elements_read == sum(p.numel() for p in model.parameters())
+    with torch.no_grad():
+        logits = model(ids, None, None)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    assert (gather(logits, -1, tp_group) - ref_logits).abs().max() <= TOL

@@ -15,82 +15,29 @@ from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
-from safetensors.torch import load_file, save_file
 
-from dflash_testing import build_draft, record_checkpoint_reads
+from tests.dflash_testing import (DEEPSEEK_YARN, build_draft, record_checkpoint_reads,
+                                  save_deepseek_checkpoint, tiny_deepseek_config,
+                                  tiny_deepseek_model)
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.evaluate import SpeculativeDecoder
 from megatron_dflash.synthetic import randomize_
 from megatron_dflash.targets import hf_import
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
+from megatron_dflash.targets.families import deepseek_v3
 from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
-                                              target_transformer_config)
+                                              target_family, target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 256, 64, 3, 16, 2
 TOL = 1e-5
-YARN = dict(rope_type="yarn", rope_theta=1000.0, factor=8.0, original_max_position_embeddings=8,
-            mscale=1.0, mscale_all_dim=0.8, beta_fast=32, beta_slow=1)
-
-
-def tiny_deepseek_config(**kw):
-    """A small HF DeepSeek-V3 config: MLA (q/kv LoRA ranks 32/16, nope/rope/v head dims 16/8/16)
-    with YaRN (positions past its original 8); layer 0 dense (FFN 96), layers 1-2 MoE: 8 routed
-    experts in 4 groups, top-4 within the best 2 groups, 2 shared experts (per-expert FFN 16);
-    one multi-token-prediction layer."""
-    from transformers import DeepseekV3Config
-
-    return DeepseekV3Config(**dict(
-        architectures=["DeepseekV3ForCausalLM"], vocab_size=VOCAB, hidden_size=HIDDEN,
-        intermediate_size=96, moe_intermediate_size=16, num_hidden_layers=LAYERS,
-        num_attention_heads=4, num_key_value_heads=4, q_lora_rank=32, kv_lora_rank=16,
-        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_routed_experts=8, n_group=4,
-        topk_group=2, num_experts_per_tok=4, n_shared_experts=2, routed_scaling_factor=2.5,
-        norm_topk_prob=True, first_k_dense_replace=1, num_nextn_predict_layers=1,
-        max_position_embeddings=64, rope_parameters=dict(YARN), rms_norm_eps=1e-6,
-        initializer_range=0.1) | kw)
-
-
-def tiny_deepseek_model(seed=0, **kw):
-    """A random HF model of `tiny_deepseek_config(**kw)`, norms and score-correction biases
-    perturbed away from their initial 1 and 0 (the same on every rank)."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(tiny_deepseek_config(**kw),
-                                             dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn_like(b))
-    return model
-
-
-def save_checkpoint(model, path) -> str:
-    """`model` as config.json + safetensors, plus an MTP layer's tensors (model.layers.{L}.*,
-    a copy of layer 1 and an `eh_proj`) as DeepSeek checkpoints hold them."""
-    model.save_pretrained(path)
-    file = f"{path}/model.safetensors"
-    state = load_file(file)
-    mtp = model.config.num_hidden_layers
-    state |= {k.replace("model.layers.1.", f"model.layers.{mtp}."): v.clone()
-              for k, v in state.items() if k.startswith("model.layers.1.")}
-    state[f"model.layers.{mtp}.eh_proj.weight"] = torch.randn(HIDDEN, 2 * HIDDEN)
-    save_file(state, file, metadata={"format": "pt"})
-    return str(path)
-
-
-def tiny_deepseek_dir(path, seed=0, **kw) -> str:
-    return save_checkpoint(tiny_deepseek_model(seed, **kw), path)
+YARN = DEEPSEEK_YARN
 
 
 @pytest.fixture(scope="module")
 def target(tmp_path_factory):
     """(checkpoint dir, HF model) of the default tiny DeepSeek-V3."""
     model = tiny_deepseek_model()
-    return save_checkpoint(model, tmp_path_factory.mktemp("deepseek")), model
+    return save_deepseek_checkpoint(model, tmp_path_factory.mktemp("deepseek")), model
 
 
 def tokens(seed=1):
@@ -136,7 +83,7 @@ def test_import_matches_hf_and_skips_mtp(target, utils, monkeypatch, capsys):
     assert out.count("skipping 1 multi-token-prediction layer(s) (num_nextn_predict_layers=1, "
                      "model.layers.3): not part of the target") == 1, out
     assert any(k.startswith("model.layers.3.") for k in opened[-1].shapes)
-    tensors = hf_import._loaded_tensors(model)
+    tensors = hf_import.loaded_tensors(model)
     assert opened[-1].elements_read == sum(t.numel() for t in tensors.values())
 
     layers = model.decoder.layers
@@ -164,7 +111,7 @@ def test_variants_match_hf(variant, source, utils, tmp_path):
     utils.initialize_model_parallel(1, 1)
     model = tiny_deepseek_model(seed=2, **variant)
     if source == "safetensors":
-        target = import_target(save_checkpoint(model, tmp_path))
+        target = import_target(save_deepseek_checkpoint(model, tmp_path))
     else:
         state = model.state_dict()
         assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
@@ -256,6 +203,60 @@ def test_greedy_decoding_with_the_kv_cache_equals_full_forwards(target, utils):
     assert SpeculativeDecoder(model, draft).generate(prompt, new).tokens == baseline.tokens
 
 
+# --- group-limited routing: every (n_group, topk_group, top-k) equals HF or is refused --------
+
+GROUP_EXPERTS = 12
+GROUP_GRID = [(groups, topk_group, top_k) for groups in (1, 2, 3, 4, 6, 12)
+              for topk_group in sorted({1, 2, 3, groups, groups + 1}) for top_k in range(1, 8)]
+
+
+def refused_group_field(groups, topk_group, top_k):
+    """What the import must refuse, by the field it names; None where megatron's router equals
+    transformers'. transformers keeps the topk_group groups whose 2 best (corrected) scores sum
+    highest (groups of one expert fail there), megatron those whose top_k // topk_group best do;
+    keeping every group is plain top-k; top-k must fit in the kept groups."""
+    size = GROUP_EXPERTS // groups
+    if size < 2:
+        return f"n_group={groups} (n_routed_experts={GROUP_EXPERTS}"
+    if topk_group > groups:
+        return f"topk_group={topk_group} (n_group={groups})"
+    if topk_group < groups and (top_k // topk_group != 2 or top_k > topk_group * size):
+        return f"num_experts_per_tok={top_k} with topk_group={topk_group} ("
+    return None
+
+
+@pytest.mark.parametrize("groups,topk_group,top_k", GROUP_GRID)
+def test_group_limited_routing_equals_hf_or_is_refused(groups, topk_group, top_k, utils,
+                                                      tmp_path):
+    """topk_group = 1 keeps one group (a restriction, not none); each expressible combination
+    gives HF's logits, each other one fails in load_hf_config with one line naming the field."""
+    kw = dict(n_routed_experts=GROUP_EXPERTS, n_group=groups, topk_group=topk_group,
+              num_experts_per_tok=top_k, norm_topk_prob=top_k > 1, num_hidden_layers=1,
+              first_k_dense_replace=0, num_nextn_predict_layers=0, n_shared_experts=1,
+              rope_parameters=dict(rope_type="default", rope_theta=1000.0))
+    field = refused_group_field(groups, topk_group, top_k)
+    if field is not None:
+        tiny_deepseek_config(**kw).save_pretrained(tmp_path)  # no tensors: never read
+        with pytest.raises(ValueError, match="not supported by the DeepSeek-V3 import") as error:
+            load_hf_config(tmp_path)
+        message = str(error.value)
+        assert field in message and "\n" not in message, message
+        assert message.startswith(f"{tmp_path / 'config.json'}: ")
+        return
+    utils.initialize_model_parallel(1, 1)
+    hf_model = tiny_deepseek_model(seed=7, **kw)
+    config = target_transformer_config(hf_model.config)
+    grouped = topk_group < groups
+    assert (config.moe_router_num_groups, config.moe_router_group_topk) == (
+        (groups, topk_group) if grouped else (None, None))
+    model = build_target(hf_model.config, config)
+    load_hf_weights(model, hf_model.state_dict())
+    ids = tokens()[0]
+    with torch.no_grad():
+        logits, ref = model(ids, None, attention_mask=None), hf_model(input_ids=ids).logits
+    assert (logits - ref).abs().max() <= TOL
+
+
 # --- errors: one clear error naming the config field, before any tensor is read ----------------
 
 @pytest.mark.parametrize("changes,message", [
@@ -298,10 +299,10 @@ def test_local_backend_needs_divisible_latent_widths(target):
     config = target_transformer_config(load_hf_config(target[0]))
     with pytest.raises(ValueError, match=r"q_lora_rank=32 is not divisible by the tensor-parallel "
                                          r"size 3"):
-        hf_import.deepseek_v3.check_tensor_parallel(config, 3)
+        deepseek_v3.check_tensor_parallel(config, 3)
     with pytest.raises(ValueError, match=r"kv_lora_rank \+ qk_rope_head_dim=24 is not divisible "
                                          r"by the tensor-parallel size 16"):
-        hf_import.deepseek_v3.check_tensor_parallel(config, 16)
+        deepseek_v3.check_tensor_parallel(config, 16)
 
 
 def test_transformer_engine_names(target, monkeypatch):
@@ -318,7 +319,8 @@ def test_transformer_engine_names(target, monkeypatch):
     monkeypatch.setattr(te_ext, "HAVE_TE", True)
     monkeypatch.setattr(gpt_specs, "TESpecProvider", TESpecProvider)
     monkeypatch.setattr(gpt_specs, "TENorm", TENorm)
-    config = target_transformer_config(load_hf_config(target[0]))
+    hf = load_hf_config(target[0])
+    config = target_transformer_config(hf)
     dense, sparse = gpt_specs.get_gpt_decoder_layer_specs(config, use_transformer_engine=True)[:2]
     attention = dense.submodules.self_attention.submodules
     assert dense.submodules.input_layernorm is not IdentityOp
@@ -329,7 +331,7 @@ def test_transformer_engine_names(target, monkeypatch):
     assert dense.submodules.pre_mlp_layernorm is IdentityOp
     assert sparse.submodules.pre_mlp_layernorm is not IdentityOp
 
-    rows = {name: (hf, kind) for name, hf, kind in hf_import._mapping(
+    rows = {name: (hf, kind) for name, hf, kind in target_family(hf).weight_rows(
         config, [0, 1], embedding=False, final_norm=False, output=False, tied=False,
         fused_norms=True)}
     layer0, layer1 = "decoder.layers.0.", "decoder.layers.1."

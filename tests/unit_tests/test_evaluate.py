@@ -22,7 +22,7 @@ from megatron_dflash import state_dict_adapter
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.evaluate import (Generation, SpeculativeDecoder, build_decoder, evaluate,
                                       plot_position_acceptance, position_acceptance, tau)
-from megatron_dflash.loss import dflash_loss
+from tests.loss_testing import dflash_loss
 from megatron_dflash.model import target_head
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.step import prepare_microbatch

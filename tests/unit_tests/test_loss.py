@@ -6,8 +6,9 @@ import torch
 
 from megatron_dflash.anchors import (block_labels, block_loss_mask, block_loss_weights,
                                      block_positions)
-from megatron_dflash.loss import (accuracy_counts, cross_entropy_per_token, dflash_loss,
-                                  block_acceptance_lengths, distillation_per_token)
+from megatron_dflash.loss import block_acceptance_lengths
+from tests.loss_testing import (accuracy_counts, cross_entropy_per_token, dflash_loss,
+                                distillation_per_token)
 
 SEQ, B, V = 10, 4, 11
 
@@ -128,7 +129,7 @@ def test_accuracy_and_acceptance_length_on_a_known_case(utils):
 
 
 def test_target_greedy_labels_are_the_targets_next_token_argmax(utils):
-    from megatron_dflash.loss import target_greedy_labels
+    from tests.loss_testing import target_greedy_labels
     utils.initialize_model_parallel(1)
     g = torch.Generator().manual_seed(0)
     target_logits = torch.randn(12, 2, 50, generator=g)  # [S, b, V]

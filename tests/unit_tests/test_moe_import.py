@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from dflash_testing import tiny_moe_config, tiny_moe_model, tiny_moe_target_dir
+from tests.dflash_testing import (save_fused_experts, tiny_moe_config, tiny_moe_model,
+                                  tiny_moe_target_dir)
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from safetensors.torch import load_file, save_file
@@ -14,9 +15,10 @@ from safetensors.torch import load_file, save_file
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.targets import moe
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
-from megatron_dflash.targets.hf_import import (_mapping, build_target, load_hf_config,
-                                              load_hf_weights, target_transformer_config)
-from megatron_dflash.training.arguments import parse_args
+from megatron_dflash.targets.hf_checkpoint import HFCheckpoint
+from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
+                                              loaded_tensors, target_family,
+                                              target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 256, 64, 4, 16, 2
 TOL = 1e-5
@@ -60,7 +62,7 @@ def test_import_matches_hf(variant, source, utils, tmp_path):
         state = hf.state_dict()
         assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)  # fused in memory
         model = import_target(state, hf.config)
-    pattern = moe.moe_layer_pattern(hf.config)
+    pattern = target_family(hf.config).moe_layer_pattern(hf.config)
     assert [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers] == \
         [bool(p) for p in pattern] and 0 in pattern and 1 in pattern
     assert all(isinstance(layer.mlp, MLP) for layer, p in zip(model.decoder.layers, pattern)
@@ -81,6 +83,58 @@ def test_import_matches_hf(variant, source, utils, tmp_path):
     for i in taps[:-1]:  # after MoE and dense layers alike
         assert (feats[i] - ref.hidden_states[i + 1]).abs().max() <= TOL, i
     assert (feats[-1] - last["h"]).abs().max() <= TOL
+
+
+@pytest.fixture
+def per_expert_and_fused(tmp_path):
+    """(HF model, its checkpoint with one tensor per expert, the same with experts fused)."""
+    hf = tiny_moe_model(tiny_moe_config())
+    hf.save_pretrained(tmp_path / "per_expert")
+    fused = save_fused_experts(hf, tmp_path / "fused")
+    keys = load_file(f"{fused}/model.safetensors").keys()
+    assert "model.layers.3.mlp.experts.gate_up_proj" in keys
+    assert not any(".mlp.experts.0." in k for k in keys)
+    return hf, str(tmp_path / "per_expert"), fused
+
+
+def test_fused_experts_on_disk_load_like_per_expert(per_expert_and_fused, utils):
+    """transformers 5's fused experts stored in the safetensors load to the very tensors of the
+    per-expert checkpoint, and give HF's logits."""
+    utils.initialize_model_parallel(1, 1)
+    hf, per_expert, fused = per_expert_and_fused
+    loaded = [loaded_tensors(import_target(path)) for path in (per_expert, fused)]
+    assert loaded[0].keys() == loaded[1].keys()
+    assert all(torch.equal(loaded[0][k], loaded[1][k]) for k in loaded[0])
+    ids, pos = tokens()
+    with FeatureCapture(model := import_target(fused), [0]) as capture:
+        logits, _ = target_forward(model, ids, pos, capture)
+    with torch.no_grad():
+        assert (logits - hf(input_ids=ids).logits).abs().max() <= TOL
+
+
+@pytest.mark.parametrize("ep_rank,etp_rank", [(0, 1), (1, 0)])
+def test_fused_experts_read_only_the_ranks_slices(per_expert_and_fused, ep_rank, etp_rank):
+    """An expert-parallel rank reads only its experts' slices of the fused tensors, an
+    expert-TP rank only its rows / columns of them: the elements of its per-expert reads."""
+    _, per_expert, fused = per_expert_and_fused
+    hf = load_hf_config(fused)
+    config = target_transformer_config(hf, expert_model_parallel_size=2,
+                                       expert_tensor_parallel_size=2)
+    family = target_family(hf)
+    rows = [row for row in family.weight_rows(config, [0, 3], embedding=False, final_norm=False,
+                                              output=False, tied=False,
+                                              expert_parallel=(ep_rank, 2))
+            if row[2].startswith("expert_")]
+    convert = family.converters(config, tp=(0, 1), expert_tp=(etp_rank, 2))
+    with HFCheckpoint(per_expert) as one, HFCheckpoint(fused) as other:
+        other.add_views(family.tensor_views(other.shapes))
+        held = 0
+        for _, names, kind in rows:
+            value = convert[kind](one, *names)
+            assert torch.equal(value, convert[kind](other, *names))
+            held += value.numel()
+        assert one.elements_read == other.elements_read == held
+    assert held == 2 * 4 * 3 * 32 * 64 // 2  # 2 layers x 4 experts x (gate, up, down) / ETP
 
 
 def test_moe_transformer_config(tmp_path):
@@ -108,17 +162,30 @@ def test_moe_transformer_config(tmp_path):
     assert draft.ffn_hidden_size == 96 and draft.moe_layer_freq == 1
 
 
+def test_is_moe_and_num_experts():
+    """What the training flags and the SLURM renderer ask: MoE iff the family has MoE layers."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    assert moe.is_moe(tiny_moe_config()) and moe.num_experts(tiny_moe_config()) == 8
+    all_dense = tiny_moe_config(dense_layers=range(LAYERS))
+    assert not moe.is_moe(all_dense) and moe.num_experts(all_dense) is None
+    assert moe.num_experts(LlamaConfig(architectures=["LlamaForCausalLM"])) is None
+    assert moe.num_experts(MixtralConfig(architectures=["MixtralForCausalLM"])) is None
+
+
 def test_each_expert_parallel_rank_maps_only_its_experts(tmp_path):
     hf = load_hf_config(tiny_moe_target_dir(tmp_path))
     config = target_transformer_config(hf, expert_model_parallel_size=2)
+    family = target_family(hf)
     for rank, experts in ((0, range(0, 4)), (1, range(4, 8))):
-        rows = _mapping(config, [3], embedding=False, final_norm=False, output=False, tied=False,
-                        expert_parallel=(rank, 2))
+        rows = family.weight_rows(config, [3], embedding=False, final_norm=False, output=False,
+                                  tied=False, expert_parallel=(rank, 2))
         names = [n for _, hf_names, _ in rows for n in hf_names if ".experts." in n]
         assert sorted({int(n.split(".")[5]) for n in names}) == list(experts)
         local = [name for name, _, _ in rows if ".local_experts." in name]
         assert sorted({int(n.split(".")[6]) for n in local}) == [0, 1, 2, 3]
-    dense = _mapping(config, [2], embedding=False, final_norm=False, output=False, tied=False)
+    dense = family.weight_rows(config, [2], embedding=False, final_norm=False, output=False,
+                               tied=False)
     assert "decoder.layers.0.mlp.linear_fc1.weight" in [name for name, _, _ in dense]
 
 
@@ -179,9 +246,17 @@ def test_grouped_gemm_needs_transformer_engine(moe_dir, utils):
         build_target(hf, target_transformer_config(hf, moe_grouped_gemm=True))
 
 
+def parse_plan(argv, **kw):
+    """The main job's plan, imported only by the flag tests (the import tests need no training
+    code)."""
+    from megatron_dflash.training.pretrain import parse_plan as parse
+
+    return parse(argv, **kw)
+
+
 @pytest.fixture
 def dense_dir(tmp_path):
-    from dflash_testing import tiny_target_dir
+    from tests.dflash_testing import tiny_target_dir
 
     return tiny_target_dir(tmp_path / "dense")
 
@@ -207,7 +282,7 @@ def dense_dir(tmp_path):
 def test_bad_expert_flags_fail_before_any_work(moe_dir, extra, world, message, capsys):
     argv = ["--target", moe_dir, "--mask-token-id", "255", "--global-batch-size", "12"] + extra
     with pytest.raises(SystemExit):
-        parse_args(argv, world_size=world)
+        parse_plan(argv, world_size=world)
     err = capsys.readouterr().err
     assert message in err, err
     assert "Traceback" not in err
@@ -219,33 +294,33 @@ def test_bad_expert_flags_fail_before_any_work(moe_dir, extra, world, message, c
 ])
 def test_expert_flags_refused_for_a_dense_target(dense_dir, extra, message, capsys):
     with pytest.raises(SystemExit):
-        parse_args(["--target", dense_dir, "--mask-token-id", "255", "--global-batch-size", "2"]
+        parse_plan(["--target", dense_dir, "--mask-token-id", "255", "--global-batch-size", "2"]
                    + extra, world_size=2)
     err = capsys.readouterr().err
     assert message in err and "is dense (no experts); it needs an MoE target" in err, err
 
 
 def test_good_expert_flags_pass(moe_dir):
-    args = parse_args(["--target", moe_dir, "--mask-token-id", "255", "--global-batch-size", "4",
+    args = parse_plan(["--target", moe_dir, "--mask-token-id", "255", "--global-batch-size", "4",
                        "--expert-model-parallel-size", "2", "--tensor-model-parallel-size", "2",
                        "--moe-token-dispatcher-type", "alltoall", "--seq-length-buckets", "3"],
                       world_size=4)
-    assert args.data_parallel_size == 2 and args.expert_model_parallel_size == 2
+    assert args.data_parallel_size == 2 and args.run.parallel.expert_model_parallel_size == 2
 
 
 def test_training_chunk_keeps_the_target_in_eval(moe_dir, tmp_path, utils):
     """`model.train()` (after every held-out evaluation) trains the draft only: megatron's MoE
     layer in training mode would refuse TP without sequence parallelism (and run aux losses)."""
-    from dflash_testing import pattern_dataset
+    from tests.dflash_testing import pattern_dataset
 
-    from megatron_dflash.training import loop
+    from megatron_dflash.training.builders import build_training_chunk
 
     data = pattern_dataset(tmp_path / "data", 4, 32)
-    args = parse_args(["--target", moe_dir, "--mask-token-id", "255", "--train-data", data,
+    args = parse_plan(["--target", moe_dir, "--mask-token-id", "255", "--train-data", data,
                        "--global-batch-size", "1", "--seq-length", "32", "--block-size", "8",
                        "--num-anchors", "4", "--num-draft-layers", "1", "--distill-weight", "0.5"])
     utils.initialize_model_parallel(1, 1)
-    model, cfg, _ = loop.build_models(args, torch.device("cpu"))
+    model, cfg = build_training_chunk(args, torch.device("cpu")), args.dflash
     model.eval()
     model.train()
     module = model.module

@@ -10,7 +10,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 
-from dflash_testing import target_config, tiny_target_dir
+from tests.dflash_testing import target_config, tiny_target_dir
 from megatron_dflash.targets import hf_import
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.targets.sdpa_attention import SDPACoreAttention
@@ -94,8 +94,8 @@ def test_refuses_what_it_does_not_support(unsupported, message, utils):
 def import_target(path, core_attention, monkeypatch, **parallel):
     """The HF checkpoint at `path` as a local-backend target whose core attention is
     `core_attention`."""
-    monkeypatch.setattr(hf_import, "SDPACoreAttention", core_attention)
     hf = hf_import.load_hf_config(path)
+    monkeypatch.setattr(hf_import.target_family(hf), "core_attention", core_attention)
     model = hf_import.build_target(hf, hf_import.target_transformer_config(hf, **parallel))
     hf_import.load_hf_weights(model, path)
     assert all(type(layer.self_attention.core_attention) is core_attention

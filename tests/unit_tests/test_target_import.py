@@ -9,9 +9,11 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 
 from megatron_dflash import weights
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
-from megatron_dflash.targets.hf_import import (_Checkpoint, _converters, build_target,
-                                              load_hf_config, load_hf_weights,
-                                              target_transformer_config)
+from megatron_dflash.targets.families import by_architecture
+from megatron_dflash.targets.family import tp_converters
+from megatron_dflash.targets.hf_checkpoint import HFCheckpoint
+from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
+                                              target_family, target_transformer_config)
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH = 128, 64, 4, 16, 2
 TOL = 1e-5
@@ -209,14 +211,26 @@ def test_sliced_reads_match_full_read_then_shard(heads, groups, tp, source, tmp_
                    ("fc1", ("gate", "up")), ("qkv", ("q", "k", "v")),
                    ("qkv", ("q.bias", "k.bias", "v.bias"))]
     for rank in range(tp):
-        convert = _converters(groups, rank, tp)
+        convert = tp_converters(groups, rank, tp)
         for kind, names in conversions:
-            with _Checkpoint(tmp_path if source == "safetensors" else state) as checkpoint:
+            with HFCheckpoint(tmp_path if source == "safetensors" else state) as checkpoint:
                 value = convert[kind](checkpoint, *names)
                 expected = full_read_then_shard(kind, [state[n] for n in names], groups, rank, tp)
                 assert value.dtype == expected.dtype and torch.equal(value, expected), (kind, rank)
                 group_reads = tp // groups if kind == "qkv" and groups < tp else 1
                 assert checkpoint.elements_read == expected.numel() * group_reads, (kind, rank)
+
+
+# --- families: found by discovery ----------------------------------------------------------------
+
+def test_every_family_module_is_discovered():
+    """Each module of targets/families exports FAMILY; one family per architecture (dense
+    Llama, Qwen2 and Qwen3 share the Llama-shaped one)."""
+    table = by_architecture()
+    assert sorted(table) == ["DeepseekV3ForCausalLM", "LlamaForCausalLM", "Qwen2ForCausalLM",
+                             "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"]
+    assert table["Qwen2ForCausalLM"] is table["LlamaForCausalLM"] is table["Qwen3ForCausalLM"]
+    assert target_family(hf_config("qwen3")) is table["Qwen3ForCausalLM"]
 
 
 # --- errors: one clear error per bad checkpoint, before any model is built ----------------------
@@ -299,6 +313,37 @@ def test_unsupported_rope_scaling(checkpoint):
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=64))
     with pytest.raises(ValueError, match=r"rope_scaling=.*'yarn'.* is not supported"):
         load_hf_config(checkpoint)
+
+
+LLAMA31 = dict(rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
+               high_freq_factor=4.0, original_max_position_embeddings=8192)
+
+
+@pytest.mark.parametrize("kind,changes,field", [
+    ("llama", dict(hidden_act="gelu"), "hidden_act='gelu'"),
+    ("llama", dict(mlp_bias=True), "mlp_bias=True"),
+    ("qwen3", dict(attention_bias=True), "attention_bias=True"),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=8,
+                   layer_types=["full_attention"] * 2 + ["sliding_attention"] * 2),
+     "use_sliding_window=True, layer_types=['full_attention', 'full_attention', 'sliding"),
+    ("llama", dict(quantization_config=dict(quant_method="fp8")),
+     "quantization_config (quant_method='fp8')"),
+    # transformers rotates only the first half of each head; megatron's llama3 RoPE all of it.
+    ("llama", dict(rope_parameters=dict(LLAMA31, partial_rotary_factor=0.5)),
+     "'partial_rotary_factor': 0.5"),
+    ("llama", dict(rope_parameters=dict(LLAMA31, original_max_position_embeddings=4096)),
+     "'original_max_position_embeddings': 4096"),
+    ("qwen2", dict(rope_parameters=dict(rope_type="dynamic", rope_theta=1e6, factor=2.0)),
+     "'rope_type': 'dynamic'"),
+])
+def test_unsupported_config_fails_in_one_line_naming_the_field(kind, changes, field, tmp_path):
+    hf_config(kind).save_pretrained(tmp_path)  # no tensors: never read
+    edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError) as error:
+        load_hf_config(tmp_path)
+    message = str(error.value)
+    assert message.startswith(f"{tmp_path / 'config.json'}: ") and "\n" not in message
+    assert field in message and "not supported" in message, message
 
 
 def test_vocab_not_divisible_by_tp():
