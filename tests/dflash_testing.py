@@ -6,18 +6,11 @@ from pathlib import Path
 
 import torch
 from megatron.core.models.gpt import GPTModel
-from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
-from megatron.core.transformer.spec_utils import build_module
-from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_dflash.anchors import (block_input_ids, block_loss_mask, block_loss_weights,
-                                     block_labels, block_position_ids, sample_anchors)
+from megatron_dflash import specs
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
-from megatron_dflash.layers import LocalRMSNorm
-from megatron_dflash.masks import dflash_attention_mask
 from megatron_dflash.model import target_head
-from megatron_dflash.specs import get_dflash_model_spec
 from megatron_dflash.synthetic import (HIDDEN, ROPE_THETA, VOCAB, dflash_config,  # noqa: F401
                                        draft_inputs, head_only_target, pattern_dataset,
                                        randomize_, target_config, tiny_target_dir)
@@ -47,8 +40,7 @@ def load_head_shard(target: GPTModel, full: dict[str, torch.Tensor], rank: int, 
 
 def build_draft(tcfg: TransformerConfig, cfg: DFlashConfig, target: GPTModel, backend="local",
                 attention="dense"):
-    draft = build_module(get_dflash_model_spec(cfg.num_draft_layers, backend, attention),
-                         config=draft_transformer_config(cfg, tcfg), dflash_config=cfg)
+    draft = specs.build_draft(cfg, draft_transformer_config(cfg, tcfg), backend, attention)
     draft.borrow_target_head(*target_head(target))
     return draft
 

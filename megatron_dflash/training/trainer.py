@@ -78,6 +78,12 @@ class Trainer:
             log_last_rank(f"resumed from {load} at iteration {self.iteration} "
                           f"({self.consumed} samples consumed)")
 
+    @property
+    def prefetch_depth(self) -> int:
+        """Micro-batches prepared ahead: a whole step and the next step's first, so a step never
+        waits for preparation."""
+        return self.plan.num_microbatches + 1
+
     # --- steps ---------------------------------------------------------------------------
 
     def run_step(self, microbatches: list[dict], forward_only: bool):
@@ -127,9 +133,7 @@ class Trainer:
         # SIGTERM / SIGUSR1 (SLURM pre-emption, time limit): finish the iteration, save, leave.
         signal = ExitSignalHandler() if run.checkpoint.exit_signal_handler else None
         skipped_total, skipped_in_row = 0, 0
-        # Prepared one step and a micro-batch ahead: the next step's first micro-batch is ready
-        # when this step ends.
-        ahead = batches.prefetcher(self.device, depth=self.plan.num_microbatches + 1)
+        ahead = batches.prefetcher(self.device, depth=self.prefetch_depth)
         with signal or contextlib.nullcontext(), ahead as prefetched:
             while self.iteration < run.training.train_iters:
                 t = time.time()

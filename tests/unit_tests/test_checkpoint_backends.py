@@ -27,7 +27,6 @@ from megatron_dflash.attention import DFlashSelfAttention, DFlashTransformerLaye
 from megatron_dflash.config import draft_transformer_config
 from megatron_dflash.sparse_attention import DFlashSparseAttention
 from megatron_dflash.specs import build_draft, get_dflash_model_spec
-from megatron_dflash.training.pretrain import parse_plan
 from tests.training_testing import train
 
 # What each module of the TE draft puts in megatron's sharded state dict (no biases: the draft has

@@ -1,4 +1,4 @@
-"""FP8 flags (training/arguments.py) -> TransformerConfig fields (fp8.py) and block padding
+"""FP8 flags (run/flags.py, run/checks.py) -> TransformerConfig fields (fp8.py) and block padding
 (anchors.py); Transformer Engine stays optional."""
 import argparse
 import dataclasses
