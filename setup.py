@@ -21,6 +21,9 @@ setup(
     extras_require={
         # Transformer Engine: GPU-only; installed from wheels on the GPU machine.
         "te": ["transformer-engine[pytorch]==2.20.2"],
+        # flash-linear-attention: the GPU (Triton) kernels of megatron's GatedDeltaNet, for
+        # Qwen3-Next/3.5 targets; on a CPU the package runs transformers' torch path instead.
+        "gdn": ["flash-linear-attention==0.6.0"],
         "test": ["pytest", "pytest-xdist", "chitchat-dataset==0.9.0"],
     },
 )

@@ -181,7 +181,7 @@ class CheckpointError(ValueError):
 
 # DFlashConfig fields a resumed or fine-tuned run may change: they shape the loss and which blocks
 # are sampled, not the draft the saved weights belong to.
-MAY_CHANGE = ("loss_gamma", "num_anchors")
+MAY_CHANGE = ("loss_gamma", "num_anchors", "selector_loss_weight")
 
 
 def check_readable(path: str) -> None:

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dflash import rope
+
 # Loss decay gamma of the paper (App. A.1) for the block sizes it trained.
 _PAPER_GAMMA = ((8, 4.0), (10, 5.0), (16, 7.0))
 
@@ -68,6 +70,9 @@ class DFlashConfig:
     `ffn_hidden_size` = HF `intermediate_size`, also for MoE targets: never the per-expert one)."""
     rope_theta: float | None = None
     """Draft RoPE base (default: target's)."""
+    rope_scaling: dict | None = None
+    """Draft RoPE scaling as HF declares it, without rope_theta (`rope`: `{"rope_type":
+    "default"}` is none); default: the target's, so both rotate the same positions alike."""
     norm_eps: float | None = None
     """RMSNorm epsilon of every draft norm (default: target's)."""
     hidden_size: int | None = None
@@ -76,9 +81,32 @@ class DFlashConfig:
     """Decay of the per-position loss weight exp(-(k-1)/gamma); default by block size (7/5/4 for 16/10/8)."""
     num_anchors: int = 512
     """Anchors (blocks) sampled per sequence per step."""
+    draft_variant: str = "dflash"
+    """`dflash`, or `dflash2`: the same layers with a grouped dynamic causal convolution around
+    each attention and MLP, plus a candidate selector that re-ranks the top-K tokens per slot."""
+    conv_kernel_size: int | None = None
+    """DFlash2: taps of each convolution (the token and its predecessors in its block), at most
+    block_size; default 2."""
+    conv_group_size: int | None = None
+    """DFlash2: channels sharing one dynamic tap; divides hidden_size; default 16."""
+    selector_rank: int | None = None
+    """DFlash2: rank r of the selector's [V, r] codebooks; default 256."""
+    selector_top_k: int | None = None
+    """DFlash2: candidates K the selector re-ranks per slot, in [1, vocab_size]; default 16."""
+    selector_loss_weight: float = 1.0
+    """DFlash2: weight α of the selector's K-way cross-entropy in the loss (0: it does not learn)."""
+    output_multiplier: float = 1.0
+    """Scale of the draft's logits, before the softcap (reference `output_multiplier`)."""
+    final_logit_softcapping: float | None = None
+    """c·tanh(logits / c) of the scaled logits (reference `final_logit_softcapping`; None: off)."""
+    input_embedding_scale: float = 1.0
+    """Scale of the block tokens' target embedding (reference `input_embedding_scale`)."""
+    vocab_size: int | None = None
+    """DFlash2: rows of the selector's codebooks, the target's vocabulary (its default)."""
 
     def resolve(self, target_config: TransformerConfig, *, vocab_size: int,
-                target_rope_theta: float) -> "DFlashConfig":
+                target_rope_theta: float,
+                target_rope_scaling: dict | None = None) -> "DFlashConfig":
         """Return a copy with every default filled from the target, after validating all fields."""
         t = target_config
         r = dataclasses.replace(
@@ -91,6 +119,7 @@ class DFlashConfig:
             head_dim=_default(self.head_dim, t.kv_channels),
             ffn_hidden_size=_default(self.ffn_hidden_size, t.ffn_hidden_size),
             rope_theta=_default(self.rope_theta, target_rope_theta),
+            rope_scaling=dict(_default(self.rope_scaling, target_rope_scaling or rope.NONE)),
             norm_eps=_default(self.norm_eps, t.layernorm_epsilon),
             hidden_size=_default(self.hidden_size, t.hidden_size),
         )
@@ -132,11 +161,16 @@ class DFlashConfig:
         for name in ("rope_theta", "norm_eps"):
             if not _is_number(getattr(r, name)) or getattr(r, name) <= 0:
                 raise ValueError(f"{name}={getattr(r, name)!r} must be a number > 0")
+        scaling_problems = rope.problems(r.rope_scaling)
+        if scaling_problems:
+            raise ValueError(f"rope_scaling={r.rope_scaling}: {', '.join(scaling_problems)} not "
+                             f"supported ({rope.SUPPORTED})")
         if r.loss_gamma is None:
             r.loss_gamma = default_loss_gamma(r.block_size)
         elif not _is_number(r.loss_gamma) or r.loss_gamma <= 0:
             raise ValueError(f"loss_gamma={r.loss_gamma!r} must be a number > 0")
         _check_int(r, "num_anchors", lo=1)
+        _check_variant(r, vocab_size)
         return r
 
 
@@ -181,9 +215,20 @@ def draft_transformer_config(dflash: DFlashConfig, target_config: TransformerCon
         account_for_embedding_in_pipeline_split=False,
         account_for_loss_in_pipeline_split=False,
         calculate_per_token_loss=False,
+        # The target's own attention and MLP variants, which the Qwen3-style draft has not.
+        window_size=None,
+        window_attn_skip_freq=None,
+        softmax_type="vanilla",
+        glu_linear_offset=0.0,
+        activation_func_clamp_value=None,
+        attention_output_gate=False,
+        layernorm_zero_centered_gamma=False,
+        experimental_attention_variant=None,
+        linear_attention_freq=None,
         **_DENSE_FIELDS,
+        **rope.config_fields(dflash.rope_scaling),
     )
-    return TransformerConfig(**inherited | draft | overrides)
+    return rope.config_class(dflash.rope_scaling)(**inherited | draft | overrides)
 
 
 # The draft is dense whatever the target is: every mixture-of-experts field of an MoE target
@@ -192,6 +237,52 @@ _DENSE_FIELDS = {f.name: f.default for f in dataclasses.fields(TransformerConfig
                  if (f.name.startswith("moe_") or f.name in (
                      "num_moe_experts", "expert_model_parallel_size",
                      "expert_tensor_parallel_size")) and f.default is not dataclasses.MISSING}
+
+
+VARIANTS = ("dflash", "dflash2")
+# The DFlash2 fields and their defaults (the published drafts': spec §1).
+DFLASH2_DEFAULTS = {"conv_kernel_size": 2, "conv_group_size": 16, "selector_rank": 256,
+                    "selector_top_k": 16}
+
+
+def _check_variant(r: DFlashConfig, vocab_size: int) -> None:
+    """Fill and check the variant's fields and the logit/embedding scales (in place)."""
+    if r.draft_variant not in VARIANTS:
+        raise ValueError(f"draft_variant={r.draft_variant!r} must be one of {VARIANTS}")
+    if r.draft_variant == "dflash":
+        for name in DFLASH2_DEFAULTS:
+            if getattr(r, name) is not None:
+                raise ValueError(f"{name}={getattr(r, name)!r} is a DFlash2 setting: it needs "
+                                 "draft_variant='dflash2'")
+    else:
+        r.vocab_size = _default(r.vocab_size, vocab_size)
+        if r.vocab_size != vocab_size:
+            raise ValueError(f"vocab_size={r.vocab_size} (the selector's codebooks) must equal "
+                             f"the target's vocabulary {vocab_size}")
+        for name, default in DFLASH2_DEFAULTS.items():
+            setattr(r, name, _default(getattr(r, name), default))
+        _check_int(r, "conv_kernel_size", lo=1)
+        if r.conv_kernel_size > r.block_size:
+            raise ValueError(f"conv_kernel_size={r.conv_kernel_size} must be <= block_size="
+                             f"{r.block_size} (a convolution sees only its own block)")
+        _check_int(r, "conv_group_size", lo=1)
+        if r.hidden_size % r.conv_group_size:
+            raise ValueError(f"conv_group_size={r.conv_group_size} must divide the hidden size "
+                             f"{r.hidden_size}")
+        _check_int(r, "selector_rank", lo=1)
+        _check_int(r, "selector_top_k", lo=1)
+        if r.selector_top_k > r.vocab_size:
+            raise ValueError(f"selector_top_k={r.selector_top_k} must be <= the vocabulary "
+                             f"{r.vocab_size}")
+    if not _is_number(r.selector_loss_weight) or r.selector_loss_weight < 0:
+        raise ValueError(f"selector_loss_weight={r.selector_loss_weight!r} must be a number >= 0")
+    for name in ("output_multiplier", "input_embedding_scale"):
+        if not _is_number(getattr(r, name)) or getattr(r, name) <= 0:
+            raise ValueError(f"{name}={getattr(r, name)!r} must be a number > 0")
+    cap = r.final_logit_softcapping
+    if cap is not None and (not _is_number(cap) or cap <= 0):
+        raise ValueError(f"final_logit_softcapping={cap!r} must be a number > 0 (omit it for "
+                         "no softcapping)")
 
 
 def _default(value, fallback):

@@ -14,9 +14,16 @@ patch answers one concrete failure of megatron-core on CPU:
     which the MoE alltoall dispatcher runs over the expert-TP group: gloo takes equal pieces
     only, so gather padded pieces, and reduce whole then keep the rank's piece (the same sums);
   * CudaToCpuMode: hard-coded device="cuda" in schedules, optimizer, clip_grads, dist_checkpointing,
-    and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the string).
+    and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the string);
+  * the gated delta net (Qwen3-Next/3.5 linear-attention layers): megatron's GatedDeltaNet calls
+    flash-linear-attention's Triton kernels (GPU only; it refuses to build without them): they
+    become transformers' pure-torch Qwen3-Next fallbacks, exact in fp32 (`_patch_gated_delta_net`);
+  * methods megatron wraps in torch.compile (`jit_fuser`) on the paths these targets take (GDN
+    helpers, the attention output gate, gpt-oss's quick_gelu) run eagerly: inductor would
+    compile C++ for every new shape, tens of seconds each on a CPU.
 """
 import contextlib
+import functools
 
 import torch
 
@@ -150,6 +157,79 @@ def _patch_uneven_collectives():
     mappings._reduce_scatter_along_first_dim = _reduce_scatter_along_first_dim
 
 
+@functools.cache
+def _hf_gated_delta_net():
+    """transformers' pure-torch Qwen3-Next functions (`__wrapped__`: with fla installed the
+    decorator would route them to its GPU kernels). Imported on first use."""
+    from transformers.models.qwen3_next import modeling_qwen3_next as hf
+
+    return (hf.causal_conv1d_fn.__wrapped__, hf.torch_chunk_gated_delta_rule.__wrapped__,
+            hf.l2norm)
+
+
+def _refuse(kernel: str, **given) -> None:
+    """megatron's training forward passes none of these (its inference path is unimplemented)."""
+    names = [name for name, value in given.items() if value is not None and value is not False]
+    if names:
+        raise NotImplementedError(f"the CPU {kernel} takes no {', '.join(names)}")
+
+
+def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None,
+                  output_final_state=False, cu_seqlens=None, **kwargs):
+    """fla's `causal_conv1d` (x [b, s, d], weight [d, w]) -> (y [b, s, d], None)."""
+    _refuse("causal conv", initial_state=initial_state, output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens)
+    conv, _, _ = _hf_gated_delta_net()
+    return conv(x.transpose(1, 2), weight, bias, activation=activation).transpose(1, 2), None
+
+
+def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
+                           output_final_state=False, use_qk_l2norm_in_kernel=False,
+                           cu_seqlens=None, **kwargs):
+    """fla's `chunk_gated_delta_rule` ([b, s, heads, d] layout, fp32 inside, scale dk^-1/2)."""
+    _refuse("gated delta rule", cu_seqlens=cu_seqlens,
+            scale=None if scale in (None, k.shape[-1] ** -0.5) else scale)
+    _, rule, _ = _hf_gated_delta_net()
+    return rule(q, k, v, g=g, beta=beta, initial_state=initial_state,
+                output_final_state=output_final_state,
+                use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)
+
+
+def l2norm(x, eps: float = 1e-6, output_dtype=None):
+    """fla's `l2norm` over the last dim, computed in fp32 as its kernel does."""
+    _, _, norm = _hf_gated_delta_net()
+    return norm(x.float(), dim=-1, eps=eps).to(output_dtype or x.dtype)
+
+
+def _patch_gated_delta_net():
+    from megatron.core.ssm.gated_delta_net import common, gdn
+
+    common.HAVE_FLA = True
+    common.l2norm = l2norm
+    gdn.causal_conv1d = causal_conv1d
+    gdn.chunk_gated_delta_rule = chunk_gated_delta_rule
+
+
+def _run_compiled_methods_eagerly():
+    from megatron.core.ssm.gated_delta_net import GatedDeltaNet
+    from megatron.core.transformer.attention import Attention
+
+    for cls, names in ((GatedDeltaNet, ("_apply_gated_norm", "_prepare_input_for_gated_delta_rule",
+                                   "_compute_g_and_beta")),
+                       (Attention, ("_apply_output_gate",))):
+        for name in names:
+            setattr(cls, name, getattr(cls, name).__wrapped__)
+    # gpt-oss's expert activation: megatron checks it by identity, so the compiled object stays
+    # and dynamo skips its code and what it calls.
+    from megatron.core.fusions.fused_bias_geglu import quick_gelu
+
+    from torch._dynamo.eval_frame import set_code_exec_strategy
+    from torch._dynamo.types import FrameAction, FrameExecStrategy
+
+    set_code_exec_strategy(quick_gelu.__wrapped__.__code__,
+                           FrameExecStrategy(FrameAction.SKIP, FrameAction.SKIP))
+
+
 def apply():
     global _applied
     if _applied or torch.cuda.is_available():
@@ -164,5 +244,7 @@ def apply():
     _install_cpu_rng_tracker()
     _patch_moe_split_sizes()
     _patch_uneven_collectives()
+    _patch_gated_delta_net()
+    _run_compiled_methods_eagerly()
     CudaToCpuMode().__enter__()  # active for the life of the process
     _applied = True

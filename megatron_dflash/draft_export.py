@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from megatron_dflash import atomic, state_dict_adapter
 from megatron_dflash.draft_reader import read_checkpoint, target_description
-from megatron_dflash.reference_format import (ARCHITECTURE, CONFIG_FILE, DTYPES, WEIGHTS_FILE,
+from megatron_dflash.reference_format import (ARCHITECTURES, CONFIG_FILE, DTYPES, WEIGHTS_FILE,
                                               reference_config, target_fields)
 
 
@@ -66,7 +66,8 @@ def is_export(path: str) -> bool:
             config = json.load(f)
     except (OSError, ValueError):
         return False
-    return (isinstance(config, dict) and config.get("architectures") == [ARCHITECTURE]
+    return (isinstance(config, dict)
+            and config.get("architectures") in [[a] for a in ARCHITECTURES.values()]
             and os.path.isfile(os.path.join(path, WEIGHTS_FILE)))
 
 

@@ -27,9 +27,9 @@ from megatron_dflash import state_dict_adapter
 from megatron_dflash.distributed import distributed
 from megatron_dflash.checkpoint import DRAFT_PREFIX, TRACKER, iteration_dir, latest_iteration
 from megatron_dflash.config import DFlashConfig
-from megatron_dflash.reference_format import (CONFIG_FILE, WEIGHTS_FILE, check_shapes,
-                                              config_from_reference, reference_shapes,
-                                              resolve_for_target, target_fields)
+from megatron_dflash.reference_format import (CONFIG_FILE, WEIGHTS_FILE, canonical_name,
+                                              check_shapes, config_from_reference,
+                                              reference_shapes, resolve_for_target, target_fields)
 
 _TE_FUSED_NORM = ("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight")
 
@@ -55,9 +55,13 @@ def read_reference(ref_dir: str) -> tuple[dict, DFlashConfig, dict[str, torch.Te
                                   where=str(config_file))[0]
     try:
         with safe_open(weights, framework="pt") as f:
-            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            names = {canonical_name(k): k for k in f.keys()}
+            if len(names) < len(f.keys()):
+                raise ValueError(f"{weights}: a selector codebook is stored twice (with and "
+                                 "without `.weight`)")
+            shapes = {k: tuple(f.get_slice(name).get_shape()) for k, name in names.items()}
             check_shapes(shapes, reference_shapes(resolved), str(weights))
-            tensors = {k: f.get_tensor(k) for k in shapes}
+            tensors = {k: f.get_tensor(name) for k, name in names.items()}
     except (SafetensorError, OSError) as e:
         raise ValueError(f"{weights}: not a readable safetensors file ({e})") from None
     return hf, cfg, tensors

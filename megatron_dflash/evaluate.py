@@ -6,7 +6,9 @@ draft one block `[bonus, MASK x (B-1)]` at positions start..start+B-1 from the c
 new since the last step, verify the block with one causal target forward, accept the longest
 matching prefix plus the target's bonus token. Every emitted token is the target's argmax, so
 the output equals target-only greedy decoding; `block_size=1` is that baseline, run through the
-same loop (as the reference benchmark does).
+same loop (as the reference benchmark does). A DFlash draft proposes each slot's argmax; a DFlash2
+draft its candidate selector's greedy path over each slot's top-K, from the anchor (the
+reference's `DFlash2DraftModel.propose` at T=0): `DFlashDraftModel.propose`.
 
 KV caches. The target runs on `generation.engine.TargetEngine` (megatron's
 `StaticInferenceContext`, the forward regeneration uses too): a verify at offset `start` writes
@@ -148,9 +150,9 @@ class SpeculativeDecoder:
             if size > 1:
                 positions = torch.arange(start - features.shape[0], start + size,
                                          device=self.device)
-                logits = self.draft(block[None], features, None, positions[None],
-                                    kv_cache=draft_cache)
-                block[1:] = self.engine.gather(logits)[1:, 0].argmax(-1)
+                hidden = self.draft(block[None], features, None, positions[None],
+                                    return_hidden=True, kv_cache=draft_cache)
+                block[1:] = self.draft.propose(hidden[1:], block[:1])
             posterior, features = self._verify(cache, block, start, capture=size > 1)
             accepted = int((block[1:] == posterior[:-1]).cumprod(0).sum())
             output[start:start + accepted + 1] = block[:accepted + 1]

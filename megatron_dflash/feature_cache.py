@@ -86,7 +86,8 @@ def cache_manifest(target_dir: str, target_layer_ids: Sequence[int], seq_length:
     config_path = os.path.join(target_dir, "config.json")
     with open(config_path, "rb") as f:
         raw = f.read()
-    hidden = json.loads(raw)["hidden_size"]
+    config = json.loads(raw)
+    hidden = (config.get("text_config") or config)["hidden_size"]  # a VLM: its text model's
     dtype = _dtype_name(dtype)
     ids = [int(i) for i in target_layer_ids]
     return {"format_version": FORMAT_VERSION, "target": os.path.abspath(target_dir),

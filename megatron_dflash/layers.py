@@ -13,6 +13,7 @@ it is a `LocalPreLinearRMSNorm` (weight only), whose weight the layer spec's key
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 BACKENDS = ("local", "te")
 
@@ -43,12 +44,26 @@ class LocalPreLinearRMSNorm(torch.nn.RMSNorm):
     megatron's `WrappedTorchNorm` refuses SP when apex is absent. What SP needs from a norm is only
     that its weight is tagged `sequence_parallel`, so `finalize_model_grads` sums its gradient
     over the TP group (each rank saw a different sequence shard) — what apex's norm does too.
+
+    Zero-centred (`config.layernorm_zero_centered_gamma`, TE's `zero_centered_gamma`; a spec's
+    `zero_centered_gamma` param overrides the config): the output is scaled by 1 + weight, as
+    Qwen3-Next/3.5 norms are, in fp32 as transformers computes it. Folding the 1 into a bf16
+    weight instead would round it (w near 0 holds more digits than 1 + w).
     """
 
-    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5,
+                 zero_centered_gamma: bool | None = None, **kwargs):
         super().__init__(hidden_size, eps=eps)
+        self.zero_centered_gamma = bool(config.layernorm_zero_centered_gamma
+                                        if zero_centered_gamma is None else zero_centered_gamma)
         for p in self.parameters():
             p.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x):
+        if not self.zero_centered_gamma:
+            return super().forward(x)
+        normed = F.rms_norm(x.float(), self.normalized_shape, eps=self.eps)
+        return (normed * (1.0 + self.weight.float())).type_as(x)
 
 
 class LocalRMSNorm(_TEExtraState, LocalPreLinearRMSNorm):

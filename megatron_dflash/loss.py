@@ -24,6 +24,8 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.transformer.multi_token_prediction import _vocab_parallel_argmax
+from megatron.core.utils import get_pg_size
 
 
 def tp_group_or_default(tp_group):
@@ -90,6 +92,24 @@ def per_token_loss(logits: torch.Tensor, labels: torch.Tensor,
         per_token = per_token + distill_weight * vocab_parallel_soft_cross_entropy(
             logits, teacher_logits, tp_group)
     return per_token
+
+
+def vocab_parallel_argmax(logits: torch.Tensor, tp_group=None) -> torch.Tensor:
+    """Global argmax ids of vocab-parallel logits [..., V/tp] (megatron's, which gathers one
+    value and id per row and rank, never the vocabulary)."""
+    tp_group = tp_group_or_default(tp_group)
+    return _vocab_parallel_argmax(logits, tp_group, get_pg_size(tp_group))
+
+
+def unary_logits(logits: torch.Tensor, multiplier: float = 1.0,
+                 softcap: float | None = None) -> torch.Tensor:
+    """The draft's logits as the reference proposes from them (`compute_logits`): scaled by
+    `output_multiplier`, then softcapped c·tanh(x / c); elementwise, so vocab-parallel slices
+    transform alone. Identity (the tensor itself) at the defaults."""
+    if multiplier == 1.0 and softcap is None:
+        return logits
+    logits = logits.float() * multiplier
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
 
 
 def block_acceptance_lengths(correct: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,10 @@
     x       = target_embedding([anchor token, MASK, ..., MASK] per block)   frozen, vocab-parallel
     x       = TransformerBlock of DFlash layers (K/V = [context ; x]), final norm
     logits  = target_output_layer(x)                                        frozen, vocab-parallel
+    tokens  = argmax(logits), or DFlash2's `candidate_selector` path        `propose`
+
+A DFlash2 draft's layers also convolve each block (conv.py) and its selector (selector.py) is a
+submodule here, trained by the loss (`head_loss`) and walked by `propose` at inference.
 
 The target's embedding and output layer are *borrowed* (`borrow_target_head`): they are not
 registered as submodules, so they are never trained, never in the draft's optimizer and never in
@@ -18,15 +22,16 @@ from itertools import chain
 from typing import Callable
 
 import torch
-from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.module import MegatronModule
-from megatron.core.transformer.spec_utils import build_module
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
 from megatron.core.transformer.transformer_block import TransformerBlock, TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.config import DFlashConfig
+from megatron_dflash.loss import unary_logits, vocab_parallel_argmax
+from megatron_dflash.rope import draft_rotary_embedding
 
 
 @dataclass
@@ -36,6 +41,8 @@ class DFlashModelSubmodules:
     fc: type
     hidden_norm: type
     decoder: TransformerBlockSubmodules
+    selector: ModuleSpec | None = None
+    """DFlash2's `CandidateSelector` (selector.py); None for DFlash."""
 
 
 class DFlashDraftModel(MegatronModule):
@@ -67,10 +74,13 @@ class DFlashDraftModel(MegatronModule):
             p.sequence_parallel = config.sequence_parallel
         self.decoder = TransformerBlock(config=config, spec=submodules.decoder, pre_process=True,
                                         post_process=True, pg_collection=pg_collection)
-        self.rotary_pos_emb = RotaryEmbedding(
-            kv_channels=config.kv_channels, rotary_percent=1.0, rotary_interleaved=False,
+        self.rotary_pos_emb = draft_rotary_embedding(
+            dflash_config.rope_scaling, kv_channels=config.kv_channels,
             rotary_base=dflash_config.rope_theta,
             use_cpu_initialization=config.use_cpu_initialization)
+        self.candidate_selector = (None if submodules.selector is None else build_module(
+            submodules.selector, config=config, dflash_config=dflash_config,
+            tp_group=self.tp_group))
         self._head: tuple[Callable, Callable] | None = None
 
     def borrow_target_head(self, embed: Callable[[torch.Tensor], torch.Tensor],
@@ -109,8 +119,10 @@ class DFlashDraftModel(MegatronModule):
         """
         if self._head is None:
             raise RuntimeError("call borrow_target_head(...) before the first forward")
-        embed, output = self._head
+        embed, _ = self._head
         hidden = embed(block_input_ids)
+        if self.dflash_config.input_embedding_scale != 1.0:
+            hidden = hidden * self.dflash_config.input_embedding_scale
         context = self.hidden_norm(self.fc(features)[0])
         num_block = block_input_ids.shape[1]
         with contextlib.ExitStack() as stack:
@@ -123,7 +135,25 @@ class DFlashDraftModel(MegatronModule):
             hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask,
                                   context=context,
                                   rotary_pos_emb=self._rotary(position_ids, num_context))
-        return hidden if return_hidden else output(hidden)
+        return hidden if return_hidden else self.logits(hidden)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocab-parallel logits [s, b, V/tp] of final-norm hidden states, as the reference
+        proposes from them (output multiplier and softcap: `loss.unary_logits`)."""
+        cfg = self.dflash_config
+        return unary_logits(self._head[1](hidden), cfg.output_multiplier,
+                            cfg.final_logit_softcapping)
+
+    @torch.no_grad()
+    def propose(self, hidden: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
+        """Draft tokens [n] for block slots 1..n from their final-norm hidden states [n, 1, H]
+        (batch of one) after the block's `anchor` token [1]: the argmax of each slot (DFlash),
+        or the selector's greedy path over each slot's top-K (DFlash2). The same on every TP
+        rank; the vocabulary is never gathered."""
+        logits = self.logits(hidden)[:, 0]
+        if self.candidate_selector is None:
+            return vocab_parallel_argmax(logits, self.tp_group)
+        return self.candidate_selector.walk(hidden[:, 0], logits, anchor)
 
 
 def target_head(gpt_model) -> tuple[Callable, Callable]:

@@ -3,9 +3,11 @@
 The format (spec §8) is `config.json` + one `model.safetensors` holding the draft's un-prefixed
 tensors (`layers.{i}.self_attn.q_proj.weight`, ..., `fc.weight`, `hidden_norm.weight`,
 `norm.weight`), with no embedding and no LM head: the draft borrows the target's. It loads
-unchanged into `dflash.model.DFlashDraftModel.from_pretrained`, vLLM and SGLang. No `auto_map` is
-written because no modeling file (`dflash.py`, z-lab code) is shipped: HF `AutoModel` with
-`trust_remote_code` cannot load the directory, every other consumer can.
+unchanged into `dflash.model.DFlashDraftModel.from_pretrained`, vLLM and SGLang. A DFlash2 draft
+(`architectures: ["DFlash2DraftModel"]`, `DFlash2DraftModel.from_pretrained`) adds each layer's
+two convolutions and the candidate selector, its sizes in `dflash_config` (spec §5-6). No
+`auto_map` is written because no modeling file (`dflash.py`, z-lab code) is shipped: HF
+`AutoModel` with `trust_remote_code` cannot load the directory, every other consumer can.
 
     reference_config(cfg, target, dtype)        DFlashConfig -> config.json dict
     config_from_reference(hf, where)             config.json dict -> DFlashConfig (unresolved)
@@ -16,27 +18,32 @@ A bad config is one `ValueError` naming the file or field.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dflash import rope
 from megatron_dflash.config import DFlashConfig, build_target_layer_ids
 from megatron_dflash.targets.hf_import import load_hf_config, target_transformer_config
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 ARCHITECTURE = "DFlashDraftModel"
+# `architectures` of each draft variant (vLLM and SGLang load both).
+ARCHITECTURES = {"dflash": ARCHITECTURE, "dflash2": "DFlash2DraftModel"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 # Never written: vLLM reads eagle_aux_hidden_state_layer_ids without DFlash's +1 offset (spec §3.2);
 # auto_map would point at a dflash.py that is not shipped.
 _NEVER_EXPORTED = ("eagle_aux_hidden_state_layer_ids", "auto_map")
 # Reference-config keys of variants the megatron draft does not implement (spec §4.4, [ZLpypi]).
-_UNSUPPORTED_DFLASH_KEYS = {"use_swa": False, "causal": False, "input_embedding_scale": 1.0,
-                            "output_multiplier": 1.0, "final_logit_softcapping": None}
+_UNSUPPORTED_DFLASH_KEYS = {"use_swa": False, "causal": False}
+# The draft's logit and embedding scales (both variants; written to dflash_config for DFlash2 or
+# when not the default) and DFlash2's keys, all in dflash_config (dflash2_and_swa_spec.md §5).
+_SCALES = {"output_multiplier": 1.0, "final_logit_softcapping": None, "input_embedding_scale": 1.0}
+_DFLASH2_KEYS = ("conv_kernel_size", "conv_group_size", "selector_rank", "selector_top_k")
+_CODEBOOKS = ("candidate_selector.predecessor_codebook", "candidate_selector.successor_codebook")
 
 
 def reference_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
@@ -54,7 +61,24 @@ def reference_shapes(cfg: DFlashConfig) -> dict[str, tuple[int, ...]]:
             p + "self_attn.q_norm.weight": (hd,), p + "self_attn.k_norm.weight": (hd,),
             p + "mlp.gate_proj.weight": (ffn, h), p + "mlp.up_proj.weight": (ffn, h),
             p + "mlp.down_proj.weight": (h, ffn)})
+        if cfg.draft_variant == "dflash2":
+            taps = 2 * cfg.conv_kernel_size * (h // cfg.conv_group_size)
+            for conv in ("attention_conv", "mlp_conv"):
+                shapes.update({f"{p}{conv}.base_kernel": (2, cfg.conv_kernel_size, h),
+                               f"{p}{conv}.kernel_projection.weight": (taps, h)})
+    if cfg.draft_variant == "dflash2":
+        r = cfg.selector_rank
+        shapes.update({"candidate_selector.hidden_projection.weight": (r, h),
+                       **{name: (cfg.vocab_size, r) for name in _CODEBOOKS}})
     return shapes
+
+
+def canonical_name(name: str) -> str:
+    """A tensor's name in the format. The selector's codebooks are stored without `.weight`
+    (spec §6: what vLLM, SGLang, SpecForge and the MLX reference read); the reference's own
+    `save_pretrained` of a model it did not load from such a file writes them with it."""
+    stem = name.removesuffix(".weight")
+    return stem if stem in _CODEBOOKS else name
 
 
 def reference_config(cfg: DFlashConfig, target: dict, dtype: torch.dtype,
@@ -70,18 +94,23 @@ def reference_config(cfg: DFlashConfig, target: dict, dtype: torch.dtype,
     out = {k: v for k, v in (base or {}).items() if k not in _NEVER_EXPORTED}
     dflash = dict(out.get("dflash_config") or {})
     dflash.update(mask_token_id=cfg.mask_token_id, target_layer_ids=list(cfg.target_layer_ids))
-    if "block_size" in dflash:
+    dflash2 = cfg.draft_variant == "dflash2"
+    if "block_size" in dflash or dflash2:
         dflash["block_size"] = cfg.block_size
+    for key, default in _SCALES.items():
+        if dflash2 or key in dflash or getattr(cfg, key) != default:
+            dflash[key] = getattr(cfg, key)
+    if dflash2:
+        dflash.update({key: getattr(cfg, key) for key in _DFLASH2_KEYS})
     n = cfg.num_draft_layers
     out.update(
-        architectures=[ARCHITECTURE], model_type="qwen3", block_size=cfg.block_size,
+        architectures=[ARCHITECTURES[cfg.draft_variant]], model_type="qwen3",
+        block_size=cfg.block_size,
         dflash_config=dflash, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=n, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
         rms_norm_eps=cfg.norm_eps, attention_bias=False, attention_dropout=0.0,
-        # rope_theta/rope_scaling for transformers 4, vLLM and SGLang; rope_parameters for 5.
-        rope_theta=cfg.rope_theta, rope_scaling=None,
-        rope_parameters={"rope_theta": cfg.rope_theta, "rope_type": "default"},
+        **rope.reference_fields(cfg.rope_scaling, cfg.rope_theta),
         layer_types=["full_attention"] * n, sliding_window=None, use_sliding_window=False,
         tie_word_embeddings=False, dtype=_DTYPE_NAMES[dtype], **target)
     if "torch_dtype" in out:
@@ -92,7 +121,7 @@ def reference_config(cfg: DFlashConfig, target: dict, dtype: torch.dtype,
 def target_fields(hf_config: dict, where: str) -> dict:
     """What the reference config records about the target, from the target's config.json or
     from a reference draft config (which names the target's layer count `num_target_layers`)."""
-    is_draft = hf_config.get("architectures") == [ARCHITECTURE]
+    is_draft = _variant(hf_config) is not None
     layers_key = "num_target_layers" if is_draft else "num_hidden_layers"
     out = {"num_target_layers": hf_config.get(layers_key), "vocab_size": hf_config.get("vocab_size"),
            "max_position_embeddings": hf_config.get("max_position_embeddings"),
@@ -109,8 +138,10 @@ def config_from_reference(hf: dict, where: str) -> DFlashConfig:
     megatron draft does not implement. Values in `dflash_config` win over top-level ones, as in
     the reference loader."""
     problems = []
-    if hf.get("architectures") != [ARCHITECTURE]:
-        problems.append(f"architectures={hf.get('architectures')!r} (expected [{ARCHITECTURE!r}])")
+    variant = _variant(hf)
+    if variant is None:
+        expected = " or ".join(f"[{a!r}]" for a in ARCHITECTURES.values())
+        problems.append(f"architectures={hf.get('architectures')!r} (expected {expected})")
     if hf.get("model_type") != "qwen3":
         problems.append(f"model_type={hf.get('model_type')!r} (expected 'qwen3')")
     for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
@@ -124,11 +155,8 @@ def config_from_reference(hf: dict, where: str) -> DFlashConfig:
         raise ValueError(f"{where}: dflash_config={dflash!r} must be an object")
     problems += [f"dflash_config.{k}={dflash[k]!r}" for k, ok in _UNSUPPORTED_DFLASH_KEYS.items()
                  if dflash.get(k, ok) != ok]
-    rope = hf.get("rope_parameters") or {"rope_theta": hf.get("rope_theta"),
-                                         "rope_type": (hf.get("rope_scaling") or {}).get(
-                                             "rope_type", "default")}
-    if rope.get("rope_type", "default") != "default":
-        problems.append(f"rope scaling {rope}")
+    rope_theta, rope_scaling = rope.from_reference(hf)
+    problems += rope.problems(rope_scaling)
     if problems:
         raise ValueError(f"{where}: not supported by the megatron draft: {', '.join(problems)}")
     for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size"):
@@ -142,13 +170,27 @@ def config_from_reference(hf: dict, where: str) -> DFlashConfig:
     layer_ids = value("target_layer_ids")
     if layer_ids is None:
         layer_ids = build_target_layer_ids(target_fields(hf, where)["num_target_layers"], num_layers)
-    return DFlashConfig(
+    dflash2 = {}
+    if variant == "dflash2":
+        missing = [key for key in _DFLASH2_KEYS if value(key) is None]
+        if missing:
+            raise ValueError(f"{where}: a DFlash2 draft needs dflash_config.{missing[0]} "
+                             f"({', '.join(missing)} missing)")
+        dflash2 = {key: value(key) for key in _DFLASH2_KEYS}
+        dflash2.update(draft_variant="dflash2", vocab_size=hf.get("vocab_size"))
+    softcap = value("final_logit_softcapping")
+    scales = dict(output_multiplier=value("output_multiplier", 1.0),
+                  input_embedding_scale=value("input_embedding_scale", 1.0),
+                  # the reference turns a cap <= 0 off
+                  final_logit_softcapping=(None if isinstance(softcap, (int, float))
+                                           and softcap <= 0 else softcap))
+    return DFlashConfig(**dflash2, **scales,
         block_size=value("block_size", 16), num_draft_layers=num_layers,
         target_layer_ids=list(layer_ids) if isinstance(layer_ids, (list, tuple)) else layer_ids,
         mask_token_id=value("mask_token_id"), num_attention_heads=hf["num_attention_heads"],
         num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
         head_dim=hf.get("head_dim") or hf["hidden_size"] // hf["num_attention_heads"],
-        ffn_hidden_size=hf["intermediate_size"], rope_theta=rope.get("rope_theta"),
+        ffn_hidden_size=hf["intermediate_size"], rope_theta=rope_theta, rope_scaling=rope_scaling,
         norm_eps=hf.get("rms_norm_eps"), hidden_size=hf["hidden_size"])
 
 
@@ -190,7 +232,7 @@ def resolve_for_target(cfg: DFlashConfig, num_target_layers: int, vocab_size: in
                              f"target at {target_dir} has {hf.num_hidden_layers} layers")
         tcfg = target_transformer_config(hf, tensor_parallel_size=tensor_parallel_size)
         vocab = hf.vocab_size
-        target_json = json.loads((Path(target_dir) / CONFIG_FILE).read_text())
+        target_json = hf.to_dict()  # the text model's (a VLM wrapper's `text_config`)
     try:
         resolved = cfg.resolve(tcfg, vocab_size=vocab, target_rope_theta=cfg.rope_theta)
     except ValueError as e:
@@ -213,6 +255,11 @@ def check_shapes(found: dict, expected: dict, where: str) -> None:
         if tuple(found[name]) != tuple(shape):
             raise ValueError(f"{where}: tensor {name!r} has shape {list(found[name])}, the "
                              f"config implies {list(shape)}")
+
+
+def _variant(hf: dict) -> str | None:
+    """The draft variant a config.json's `architectures` names (None: not a DFlash draft)."""
+    return next((v for v, a in ARCHITECTURES.items() if hf.get("architectures") == [a]), None)
 
 
 def _is_int(v) -> bool:

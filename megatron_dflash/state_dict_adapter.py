@@ -2,9 +2,13 @@
 
 Reference names (z-lab `DFlashDraftModel`, no prefix): `layers.{i}.self_attn.{q,k,v,o}_proj`,
 `self_attn.{q,k}_norm`, `mlp.{gate,up,down}_proj`, `{input,post_attention}_layernorm`, `norm`,
-`fc`, `hidden_norm` (all `.weight`). Megatron fuses q/k/v into `linear_qkv` (per query group) and
-gate/up into `linear_fc1`; `megatron_dflash.weights` holds those layouts. "Full" below means the
-tensor-parallel size 1 megatron state dict; `shard`/`gather` move between it and TP ranks.
+`fc`, `hidden_norm` (all `.weight`); DFlash2 adds `layers.{i}.{attention,mlp}_conv.base_kernel`,
+`...kernel_projection.weight` and `candidate_selector.hidden_projection.weight`, and the
+codebooks `candidate_selector.{predecessor,successor}_codebook` without `.weight` (spec §6).
+Megatron fuses q/k/v into `linear_qkv` (per query group) and gate/up into `linear_fc1`;
+`megatron_dflash.weights` holds those layouts. "Full" below means the tensor-parallel size 1
+megatron state dict; `shard`/`gather` move between it and TP ranks (the codebooks split over the
+vocabulary like the embedding).
 """
 from __future__ import annotations
 
@@ -28,12 +32,30 @@ _LAYER_MAP = {
 _TOP_MAP = {"fc.weight": "fc.weight", "hidden_norm.weight": "hidden_norm.weight",
             "decoder.final_layernorm.weight": "norm.weight"}
 _QKV, _FC1 = "self_attention.linear_qkv.weight", "mlp.linear_fc1.weight"
+# DFlash2: the same names in both formats, but for the codebooks' missing `.weight` in the file.
+_CONV = tuple(f"{conv}.{name}" for conv in ("attention_conv", "mlp_conv")
+              for name in ("base_kernel", "kernel_projection.weight"))
+_SELECTOR = {f"candidate_selector.{name}.weight": f"candidate_selector.{name}"
+             for name in ("predecessor_codebook", "successor_codebook")}
+_SELECTOR["candidate_selector.hidden_projection.weight"] = \
+    "candidate_selector.hidden_projection.weight"
+
+
+def _dflash2_names(cfg: DFlashConfig) -> dict[str, str]:
+    """megatron -> reference names of a DFlash2 draft's convolutions and selector (none for
+    DFlash)."""
+    if cfg.draft_variant != "dflash2":
+        return {}
+    names = dict(_SELECTOR)
+    for i in range(cfg.num_draft_layers):
+        names.update({f"decoder.layers.{i}.{n}": f"layers.{i}.{n}" for n in _CONV})
+    return names
 
 
 def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str, torch.Tensor]:
     """Reference HF tensors -> the full megatron draft state dict. Raises KeyError naming a
     missing reference tensor."""
-    out = {m: hf[h] for m, h in _TOP_MAP.items()}
+    out = {m: hf[h] for m, h in (_TOP_MAP | _dflash2_names(cfg)).items()}
     for i in range(cfg.num_draft_layers):
         pre, hpre = f"decoder.layers.{i}.", f"layers.{i}."
         for m, h in _LAYER_MAP.items():
@@ -46,7 +68,7 @@ def hf_to_megatron(hf: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str, 
 
 def megatron_to_hf(full: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str, torch.Tensor]:
     """The full megatron draft state dict -> reference HF tensors (inverse of `hf_to_megatron`)."""
-    out = {h: full[m] for m, h in _TOP_MAP.items()}
+    out = {h: full[m] for m, h in (_TOP_MAP | _dflash2_names(cfg)).items()}
     for i in range(cfg.num_draft_layers):
         pre, hpre = f"decoder.layers.{i}.", f"layers.{i}."
         for m, h in _LAYER_MAP.items():
@@ -59,7 +81,10 @@ def megatron_to_hf(full: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str
 
 
 def _kind(name: str) -> str:
-    """How a draft tensor is split over TP: qkv, fc1, columns, rows or replicated."""
+    """How a draft tensor is split over TP: qkv, fc1, columns (the vocabulary-parallel
+    codebooks), rows or replicated."""
+    if name in _SELECTOR and "codebook" in name:
+        return "columns"
     m = _LAYER.match(name)
     suffix = m.group(2) if m else name
     if suffix == _QKV:
@@ -78,7 +103,8 @@ def shard(full: dict[str, torch.Tensor], cfg: DFlashConfig, rank: int, size: int
         kind = _kind(name)
         out[name] = (W.shard_qkv(t, cfg.num_key_value_heads, rank, size) if kind == "qkv" else
                      W.shard_fc1(t, rank, size) if kind == "fc1" else
-                     W.shard_rows(t, rank, size) if kind == "rows" else t)
+                     W.shard_rows(t, rank, size) if kind == "rows" else
+                     W.shard_columns(t, rank, size) if kind == "columns" else t)
     return out
 
 
@@ -89,5 +115,6 @@ def gather(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         parts = [s[name] for s in shards]
         kind = _kind(name)
         out[name] = (W.gather_qkv(parts) if kind == "qkv" else W.gather_fc1(parts) if kind == "fc1"
-                     else W.gather_rows(parts) if kind == "rows" else parts[0])
+                     else W.gather_rows(parts) if kind == "rows"
+                     else W.gather_columns(parts) if kind == "columns" else parts[0])
     return out

@@ -14,22 +14,23 @@ from megatron_dflash.training.module import DFlashTrainingModule
 TAPS, MASK = [0, 2], 255
 
 
-def step_modules(target_dir, last_layer=None, seed=3, attention="dense"):
-    """(training module, DFlash config) over the tiny target, built whole or up to `last_layer`."""
+def step_modules(target_dir, last_layer=None, seed=3, attention="dense", **draft):
+    """(training module, DFlash config) over the tiny target, built whole or up to `last_layer`;
+    `draft`: DFlashConfig fields (e.g. a DFlash2 variant)."""
     hf = load_hf_config(target_dir)
     tcfg = target_transformer_config(hf)
     target = build_target(hf, tcfg, last_layer=last_layer)
     load_hf_weights(target, target_dir)
-    cfg = step_config(tcfg, hf)
+    cfg = step_config(tcfg, hf, **draft)
     draft = build_draft(cfg, draft_transformer_config(cfg, tcfg), "local", attention)
     randomize_(draft, seed=seed)
     return DFlashTrainingModule(target, draft), cfg
 
 
-def step_config(tcfg, hf, num_anchors=4) -> DFlashConfig:
+def step_config(tcfg, hf, num_anchors=4, **draft) -> DFlashConfig:
     """Blocks of 8, one draft layer, taps `TAPS`, resolved against the target."""
     return DFlashConfig(block_size=8, num_draft_layers=1, target_layer_ids=TAPS,
-                        mask_token_id=MASK, num_anchors=num_anchors).resolve(
+                        mask_token_id=MASK, num_anchors=num_anchors, **draft).resolve(
         tcfg, vocab_size=hf.vocab_size, target_rope_theta=hf.rope_parameters["rope_theta"])
 
 

@@ -9,7 +9,8 @@ cache/smollm2-135m-instruct). Prompts: JSONL lines {"prompt": str}, {"messages":
 {"turns": [str, ...]} (first turn) or {"input_ids": [...]}; text goes through the target
 tokenizer's chat template. Reports τ (mean acceptance length), the per-position acceptance rate,
 tokens/s and the speedup over target-only decoding measured in the same run, and whether every
-output equals target-only greedy decoding (exit status 2 if one does not). Runs in fp32, on CPU
+output equals target-only greedy decoding (exit status 2 if one does not). A DFlash2 draft
+proposes its candidate selector's greedy path over each slot's top-K. Runs in fp32, on CPU
 or GPU as is: without CUDA it applies megatron-core's CPU adaptations (`megatron_dflash.cpu`).
 """
 from __future__ import annotations
@@ -124,8 +125,10 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as e:
             print(f"evaluate_dflash: error: {e}", file=sys.stderr)
             return 1
+        variant = decoder.draft.dflash_config.draft_variant
         log_rank0(f"requests: {report.num_requests}  block size: {report.block_size}  "
-                  f"stop tokens: {stops}")
+                  f"stop tokens: {stops}  draft: {variant}"
+                  + (" (proposals: the candidate selector's path)" if variant == "dflash2" else ""))
         log_rank0(f"tau (mean acceptance length): {report.tau:.3f}")
         log_rank0("acceptance rate by position: "
                   + " ".join(f"{r:.2f}" for r in report.position_acceptance))

@@ -4,7 +4,8 @@
       [--dtype fp32|bf16|fp16] [--tokenizer-dir TARGET_DIR]
 
 OUT_DIR gets config.json + model.safetensors (and the tokenizer files when asked), loadable by
-`dflash.model.DFlashDraftModel.from_pretrained`, vLLM and SGLang. Runs in one process. A bad
+`dflash.model.DFlashDraftModel.from_pretrained` (a DFlash2 draft: `DFlash2DraftModel`), vLLM and
+SGLang. Runs in one process. A bad
 checkpoint or argument is one error message and exit status 1, with nothing written.
 """
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
   draft_backends  one draft's logits and gradients with each backend/attention/dtype against the
                   local dense fp32 draft: local sparse (FlexAttention, with its backward),
-                  local bf16, TE bf16 dense (arbitrary mask), TE bf16 sparse
+                  local bf16, TE bf16 dense (arbitrary mask), TE bf16 sparse; for a DFlash
+                  and a DFlash2 draft (its convolutions; the selector runs in the loss)
   fp8_training    the training job itself (`parse_plan` + `pretrain` from command-line flags,
                   as examples/pretrain_dflash.py runs it) on a tiny learnable task, bf16 and,
                   per FP8 recipe, FP8 for the draft and the target together and for the frozen
@@ -51,13 +52,21 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def _te_name(name: str) -> str:
-    """The TE draft's name of a local draft parameter: TE fuses the pre-MLP norm into fc1."""
+    """The TE draft's name of a local draft parameter: TE fuses the pre-MLP norm into fc1 (not
+    in a DFlash2 layer, whose convolution sits between them)."""
     return name.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
 
 
 def check_draft_backends(device, report) -> None:
+    for variant in ("dflash", "dflash2"):
+        _check_draft_backends(device, report, variant)
+
+
+def _check_draft_backends(device, report, variant: str) -> None:
     tcfg = target_config()
-    cfg = dflash_config(tcfg, head_dim=32, num_anchors=8)  # 8 blocks of 16: Q = 128
+    dflash2 = {} if variant == "dflash" else dict(draft_variant="dflash2", selector_rank=8)
+    suffix = "" if variant == "dflash" else " dflash2"
+    cfg = dflash_config(tcfg, head_dim=32, num_anchors=8, **dflash2)  # 8 blocks of 16: Q = 128
     inputs = {k: v.to(device) for k, v in draft_inputs(cfg, batch=2, seq_len=96, seed=1).items()}
     masks = {"dense": inputs["attention_mask"],
              "sparse": dflash_block_mask(inputs["anchors"], inputs["keep"], 96, cfg.block_size)}
@@ -72,8 +81,9 @@ def check_draft_backends(device, report) -> None:
                                         use_cpu_initialization=device.type == "cpu")
         draft = build_draft(cfg, dcfg, backend, attention).to(device)
         draft.borrow_target_head(*target_head(heads[dtype]))
-        rename = _te_name if backend == "te" else str
-        named = dict(draft.named_parameters())
+        rename = _te_name if backend == "te" and variant == "dflash" else str
+        # the logits' parameters (DFlash2's selector only enters the loss)
+        named = {n: p for n, p in draft.named_parameters() if "candidate_selector" not in n}
         names = sorted(named if weights is None else weights)  # the local backend's names
         if sorted(map(rename, names)) != sorted(named):
             raise AssertionError(f"parameters differ from the local draft's: {sorted(named)}")
@@ -92,12 +102,12 @@ def check_draft_backends(device, report) -> None:
             {n: p.grad.float() for n, p in params.items()}
 
     ref_logits, weights, ref_grads = run("local", "dense", torch.float32, None)
-    report({"check": "draft local dense float32", "ok": True, "detail": "reference"})
+    report({"check": f"draft local dense float32{suffix}", "ok": True, "detail": "reference"})
     for backend, attention, dtype in (("local", "sparse", torch.float32),
                                       ("local", "dense", torch.bfloat16),
                                       ("te", "dense", torch.bfloat16),
                                       ("te", "sparse", torch.bfloat16)):
-        name = f"draft {backend} {attention} {str(dtype)[6:]}"
+        name = f"draft {backend} {attention} {str(dtype)[6:]}{suffix}"
         if backend == "te" and TE_REASON:
             report({"check": name, "ok": None, "detail": f"skipped: {TE_REASON}"})
             continue

@@ -1,5 +1,5 @@
-"""Import a reference-format DFlash draft (config.json + model.safetensors) as a megatron draft
-checkpoint, to fine-tune or continue training.
+"""Import a reference-format DFlash or DFlash2 draft (config.json + model.safetensors) as a
+megatron draft checkpoint, to fine-tune or continue training.
 
   [torchrun --nproc-per-node TP] python tools/import_hf.py --draft DRAFT_DIR \\
       --checkpoint NEW_CKPT_ROOT [--target TARGET_HF_DIR]

@@ -128,10 +128,10 @@ def _check_target(config: Path, pp: int, ep: int) -> None:
     except (OSError, ValueError) as e:
         raise ValueError(f"--target: {config} is not a readable HF config "
                          f"({' '.join(str(e).split())})") from None
-    if hf.num_hidden_layers % pp:
+    layers = hf.get_text_config().num_hidden_layers  # a VLM wrapper's: its text model's
+    if layers % pp:
         raise ValueError(f"--pipeline-model-parallel-size={pp} must divide the target's "
-                         f"{hf.num_hidden_layers} layers ({config}): every stage holds the same "
-                         "number")
+                         f"{layers} layers ({config}): every stage holds the same number")
     experts = moe.num_experts(hf)
     if experts is None and ep > 1:
         raise ValueError(f"--expert-model-parallel-size={ep}: the target ({config}) is dense (no "

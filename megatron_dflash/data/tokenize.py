@@ -70,12 +70,13 @@ class TurnLayout:
     `header` opens every assistant turn: the generation prompt, or the longest start of it that
     every turn renders (Qwen3's generation prompt under enable_thinking=False ends with an empty
     think block that only the last turn renders); `prompt_rest` is the remainder, not supervised
-    where a turn renders it (inference puts it in the prompt). `end` closes a turn: whitespace
-    the template puts after the content, then a special token (`<|im_end|>`, `<|eot_id|>`, ...).
+    where a turn renders it (inference puts it in the prompt). `ends` close a turn: whitespace
+    the template puts after the content, then a special token (`<|im_end|>`, `<|eot_id|>`, ...;
+    gpt-oss's harmony closes the last turn with `<|return|>`, earlier ones with `<|end|>`).
     """
     header: str
     prompt_rest: str
-    end: str
+    ends: tuple[str, ...]
 
     @classmethod
     def probe(cls, render, special_tokens: list[str], name: str) -> "TurnLayout":
@@ -107,10 +108,7 @@ class TurnLayout:
                         "turn, which the loss supervises, cannot be found")
                 ends.add(gap + token)
             cursor = at + len(message["content"])
-        if len(ends) != 1:
-            raise ChatTemplateError(f"{name}: chat template closes assistant turns differently "
-                                    f"({sorted(ends)}), so their ends cannot be found")
-        return cls(prompt[:header], prompt[header:], ends.pop())
+        return cls(prompt[:header], prompt[header:], tuple(sorted(ends)))
 
     def span(self, text: str, content: str, cursor: int) -> tuple[int, int] | None:
         """[start, end) in `text` of the assistant turn of `content`, the first at or after
@@ -122,21 +120,21 @@ class TurnLayout:
         """
         answer = content.rpartition(REASONING_END)[2]
         candidates = dict.fromkeys((content, content.strip(), answer, answer.strip()))
-        marker = self.end.strip()
+        markers = [end.strip() for end in self.ends]
         opening = text.find(self.header, cursor) if self.header else cursor
         while opening >= 0:
             body = opening + len(self.header)
             if self.prompt_rest and text.startswith(self.prompt_rest, body):
                 body += len(self.prompt_rest)
-            for c in candidates:
-                at = text.find(c + self.end, body)
+            for c, end in ((c, end) for c in candidates for end in self.ends):
+                at = text.find(c + end, body)
                 if at < 0:
                     continue
                 if not self.header:  # nothing marks the turn's start: supervise the content
-                    return at, at + len(c + self.end)
+                    return at, at + len(c + end)
                 gap = text[body:at]
-                if marker not in gap and self.header not in gap:
-                    return body, at + len(c + self.end)
+                if not any(m in gap for m in markers) and self.header not in gap:
+                    return body, at + len(c + end)
             opening = text.find(self.header, opening + 1) if self.header else -1
         return None
 
@@ -203,7 +201,8 @@ class HFChatTokenizer(ChatTokenizer):
             if span is None:
                 raise SampleError(TEMPLATE, f"assistant message {i} (of {len(messages)}) is not "
                                             "in the rendered conversation between the template's "
-                                            f"assistant header and {layout.end.strip()}")
+                                            "assistant header and "
+                                            f"{' or '.join(e.strip() for e in layout.ends)}")
             spans += span
             cursor = span[1]
         enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

@@ -27,6 +27,13 @@ draft tokens. So the cache is megatron's `StaticInferenceContext`, driven here:
 * logits are gathered over the tensor-parallel group; unless every position is asked for, only the
   last position reaches the LM head (a pre-hook on the output layer): a prefill then produces one
   row of logits per prompt, not [b, s, V].
+
+Hybrid targets (Qwen3-Next/3.5: megatron's GatedDeltaNet layers) decode without a cache: megatron-
+core 0.19.2's GatedDeltaNet raises on any inference context (its recurrent and conv states have no
+place there), so the "cache" is the token history and every forward recomputes each row's whole
+sequence, then returns its last positions. Rows run without their left padding (the recurrent
+layers have no mask to hide it), one forward per distinct padding. Exact — a row's outputs are
+those of its tokens alone — and quadratic in the length: said once when such an engine is built.
 """
 from __future__ import annotations
 
@@ -35,10 +42,16 @@ from typing import Sequence
 
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
+from megatron.core.ssm.gated_delta_net import GatedDeltaNet
 from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_parallel_region
 from torch.nn.utils.rnn import pad_sequence
 
+from megatron_dflash.log import logger
 from megatron_dflash.targets.capture import FeatureCapture
+
+NO_CACHE_NOTICE = ("the target has gated-delta-net layers, which megatron-core 0.19.2 runs with no "
+                   "inference state: decoding without a KV cache (each step recomputes the whole "
+                   "sequence)")
 
 
 class TargetEngine:
@@ -56,10 +69,16 @@ class TargetEngine:
         self.device = next(target.parameters()).device
         self.tp_group = target.pg_collection.tp
         self.capture = FeatureCapture(target, layer_ids) if layer_ids is not None else None
+        self.recompute = any(isinstance(layer.self_attention, GatedDeltaNet)
+                             for layer in target.decoder.layers)
+        if self.recompute:
+            logger.info(NO_CACHE_NOTICE)
 
-    @staticmethod
-    def new_cache(batch_size: int, max_length: int) -> StaticInferenceContext:
-        """A KV cache for `batch_size` rows of at most `max_length` positions."""
+    def new_cache(self, batch_size: int, max_length: int) -> StaticInferenceContext | torch.Tensor:
+        """A KV cache for `batch_size` rows of at most `max_length` positions (a hybrid target:
+        their token history)."""
+        if self.recompute:
+            return torch.zeros(batch_size, max_length, dtype=torch.long, device=self.device)
         return StaticInferenceContext(batch_size, max_length)
 
     def gather(self, logits: torch.Tensor) -> torch.Tensor:
@@ -79,6 +98,8 @@ class TargetEngine:
         """
         if capture and self.capture is None:
             raise ValueError("capture=True needs layer_ids")
+        if self.recompute:
+            return self._recompute(cache, tokens, offset, padding, all_positions, capture)
         s = tokens.shape[1]
         query = torch.arange(offset, offset + s, device=self.device)
         mask = (torch.arange(offset + s, device=self.device)[None, :] > query[:, None])[None, None]
@@ -95,6 +116,37 @@ class TargetEngine:
             if head is not None:
                 head.remove()
         return self.gather(logits), (self.capture.features() if capture else None)
+
+    def _recompute(self, history: torch.Tensor, tokens: torch.Tensor, offset: int,
+                   padding: torch.Tensor | None, all_positions: bool, capture: bool):
+        """`forward` without a cache (module docstring): `history` [b, max_length] holds every
+        row's tokens; rows sharing a padding run together, each from its first real token."""
+        b, s = tokens.shape
+        end = offset + s
+        history[:, offset:end] = tokens
+        starts = (padding[:, :end].sum(1) if padding is not None
+                  else torch.zeros(b, dtype=torch.long, device=self.device))
+        logits = taps = None
+        for start in starts.unique().tolist():
+            rows = (starts == start).nonzero().flatten()
+            keep = min(s if all_positions else 1, end - start)
+            head = self.target.output_layer.register_forward_pre_hook(
+                lambda module, args, keep=keep: (args[0][-keep:],) + tuple(args[1:]))
+            try:
+                with self.capture if capture else contextlib.nullcontext():
+                    out = self.gather(self.target(history[rows, start:end], None,
+                                                  attention_mask=None))
+            finally:
+                head.remove()
+            if logits is None:
+                logits = out.new_zeros(b, s if all_positions else 1, out.shape[-1])
+            logits[rows, logits.shape[1] - keep:] = out
+            if capture:
+                features = self.capture.features()[-min(s, end - start):]
+                if taps is None:
+                    taps = features.new_zeros(s, b, features.shape[-1])
+                taps[s - features.shape[0]:, rows] = features
+        return logits, taps
 
 
 def _last_position(module, args):

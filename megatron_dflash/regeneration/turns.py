@@ -25,6 +25,11 @@ from megatron_dflash.generation.batch import BatchGenerator, Generated, Sampling
 from megatron_dflash.regeneration.conversations import Conversation
 
 
+HARMONY_ANALYSIS = "<|channel|>analysis<|message|>"
+HARMONY_FINAL = "<|channel|>final<|message|>"
+HARMONY_END = "<|end|>"
+
+
 class ChatPrompts:
     """Token ids of each turn's prompt, built from a HF tokenizer's chat template."""
 
@@ -54,6 +59,18 @@ class ChatPrompts:
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
+
+    @staticmethod
+    def message(text: str) -> dict:
+        """The assistant message of a generated answer: the text, or — in gpt-oss's harmony
+        format, whose template takes the analysis channel as `thinking` and the final channel as
+        `content` and refuses channel markers in either — its channels."""
+        if HARMONY_FINAL not in text:
+            return {"role": "assistant", "content": text}
+        analysis, _, final = text.rpartition(HARMONY_FINAL)
+        thinking = analysis.partition(HARMONY_ANALYSIS)[2].partition(HARMONY_END)[0]
+        return {"role": "assistant", "content": final,
+                **({"thinking": thinking} if thinking else {})}
 
 
 @dataclass
@@ -112,7 +129,7 @@ def _accept(state: _State, generated: Generated, prompts: ChatPrompts, stops) ->
     stopped = bool(generated.tokens) and generated.tokens[-1] in stops
     body = generated.tokens[:-1] if stopped else generated.tokens
     content = prompts.decode(body)
-    state.messages[index] = {"role": "assistant", "content": content}
+    state.messages[index] = prompts.message(content)
     state.tokens += generated.tokens
     state.loss_mask += [1] * len(generated.tokens)
     state.head += content

@@ -76,6 +76,21 @@ class DFlashArgs:
     draft_num_query_groups: int | None = None
     draft_kv_channels: int | None = None
     draft_ffn_hidden_size: int | None = None
+    draft_variant: str = "dflash"
+    """dflash, or dflash2 (convolutions around each sublayer and a candidate selector)."""
+    conv_kernel_size: int | None = None
+    """DFlash2 (default 2)."""
+    conv_group_size: int | None = None
+    """DFlash2 (default 16)."""
+    selector_rank: int | None = None
+    """DFlash2 (default 256)."""
+    selector_top_k: int | None = None
+    """DFlash2 (default 16)."""
+    selector_loss_weight: float = 1.0
+    """DFlash2: weight of the selector's cross-entropy in the loss."""
+    output_multiplier: float = 1.0
+    final_logit_softcapping: float | None = None
+    input_embedding_scale: float = 1.0
 
 
 @dataclass

@@ -29,12 +29,12 @@ def check_moe_target(run: RunConfig, hf_config, where: str) -> None:
     check(experts % ep == 0,
           f"--expert-model-parallel-size={ep} must divide the target's num_experts={experts} "
           f"({where}): every expert-parallel rank holds the same number of experts")
-    ffn = hf_config.moe_intermediate_size
+    ffn = moe.expert_ffn_hidden_size(hf_config)
     name = (f"--expert-tensor-parallel-size={etp}" if etp is not None else
             f"--expert-tensor-parallel-size (default --tensor-model-parallel-size="
             f"{p.tensor_model_parallel_size})")
     etp = p.tensor_model_parallel_size if etp is None else etp
-    check(ffn % etp == 0, f"{name} must divide the target's moe_intermediate_size={ffn} "
+    check(ffn % etp == 0, f"{name} must divide the target's per-expert FFN width {ffn} "
                           f"({where})")
     # An expert group (ETP x EP ranks) wider than the attention TP group spans data-parallel
     # ranks, whose micro-batches megatron's allgather dispatcher gathers as equal shapes.

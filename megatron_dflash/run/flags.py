@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
+from megatron_dflash.config import VARIANTS
 from megatron_dflash.fp8 import FP8_FORMATS, FP8_RECIPES
 from megatron_dflash.run.config import (CheckpointArgs, DataArgs, DFlashArgs, LoggingArgs,
                                         OptimizerArgs, ParallelArgs, PrecisionArgs, RunConfig,
@@ -110,6 +111,29 @@ def add_dflash_flags(p: argparse.ArgumentParser) -> None:
         ("--draft-num-query-groups", dict(type=int)),
         ("--draft-kv-channels", dict(type=int)),
         ("--draft-ffn-hidden-size", dict(type=int)),
+    ])
+    _group(p, "DFlash2 and the draft's logits", DFlashArgs, [
+        ("--draft-variant", dict(choices=VARIANTS, help=(
+            "dflash2: the DFlash layers with a two-tap grouped dynamic causal convolution around "
+            "each attention and MLP, and a low-rank candidate selector that re-ranks each slot's "
+            "top-K tokens along the block (architectures DFlash2DraftModel)"))),
+        ("--conv-kernel-size", dict(type=int, help="DFlash2: taps of each convolution, at most "
+                                                   "--block-size (default 2)")),
+        ("--conv-group-size", dict(type=int, help="DFlash2: channels sharing one dynamic tap; "
+                                                  "divides the hidden size (default 16)")),
+        ("--selector-rank", dict(type=int, help="DFlash2: rank of the selector's codebooks "
+                                                "(default 256)")),
+        ("--selector-top-k", dict(type=int, help="DFlash2: candidates the selector re-ranks per "
+                                                 "slot, at most the vocabulary (default 16)")),
+        ("--selector-loss-weight", dict(type=float, help=(
+            "DFlash2: weight of the selector's K-way cross-entropy (over the top-K candidates, "
+            "the gold token injected when missing) added to the DFlash loss"))),
+        ("--output-multiplier", dict(type=float, help="scale of the draft's logits (before the "
+                                                      "softcap, the loss and the proposal)")),
+        ("--final-logit-softcapping", dict(type=float, help="c: the draft's logits become "
+                                                            "c*tanh(logits/c) (default: off)")),
+        ("--input-embedding-scale", dict(type=float, help="scale of the block tokens' target "
+                                                          "embedding")),
     ])
 
 

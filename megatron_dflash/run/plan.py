@@ -19,7 +19,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
 from megatron_dflash import fusions
-from megatron_dflash.config import DFlashConfig, draft_transformer_config
+from megatron_dflash.config import DFLASH2_DEFAULTS, DFlashConfig, draft_transformer_config
 from megatron_dflash.fp8 import FP8Settings
 from megatron_dflash.log import log_rank0
 from megatron_dflash.run import data_checks
@@ -34,9 +34,15 @@ DFLASH_FLAGS = {
     "num_attention_heads": "--draft-num-attention-heads",
     "num_key_value_heads": "--draft-num-query-groups", "head_dim": "--draft-kv-channels",
     "ffn_hidden_size": "--draft-ffn-hidden-size", "loss_gamma": "--loss-gamma",
-    "num_anchors": "--num-anchors"}
+    "num_anchors": "--num-anchors", "draft_variant": "--draft-variant",
+    "conv_kernel_size": "--conv-kernel-size", "conv_group_size": "--conv-group-size",
+    "selector_rank": "--selector-rank", "selector_top_k": "--selector-top-k",
+    "selector_loss_weight": "--selector-loss-weight", "output_multiplier": "--output-multiplier",
+    "final_logit_softcapping": "--final-logit-softcapping",
+    "input_embedding_scale": "--input-embedding-scale"}
 TARGET_FIELDS = {"hidden_size": "the target's hidden_size",
-                 "rope_theta": "the target's rope_theta", "norm_eps": "the target's rms_norm_eps"}
+                 "rope_theta": "the target's rope_theta", "rope_scaling": "the target's rope scaling",
+                 "norm_eps": "the target's rms_norm_eps"}
 
 
 @dataclass
@@ -134,6 +140,13 @@ def resolve(run: RunConfig, world_size: int, hf_config: PretrainedConfig | None 
           f"--target={run.target.target}: not a directory")
     draft_fp8, target_fp8 = fp8_settings(run)
     target = resolve_target(run, hf_config, target_fp8)
+    from megatron_dflash.targets import target_family
+
+    limit = target_family(target.hf_config).sequence_limit(target.hf_config)
+    check(limit is None or run.data.seq_length <= limit,
+          f"--seq-length={run.data.seq_length}: the target ({target.path}/config.json) is "
+          f"imported exactly only up to {limit} tokens (index_topk: its sparse attention is "
+          "dense up to there)")
     data = data_checks.check_data_paths(run)
     d = run.dflash
     mask_token_id = d.mask_token_id
@@ -145,11 +158,18 @@ def resolve(run: RunConfig, world_size: int, hf_config: PretrainedConfig | None 
         num_attention_heads=d.draft_num_attention_heads,
         num_key_value_heads=d.draft_num_query_groups, head_dim=d.draft_kv_channels,
         ffn_hidden_size=d.draft_ffn_hidden_size, loss_gamma=d.loss_gamma,
-        num_anchors=d.num_anchors)
+        num_anchors=d.num_anchors, draft_variant=d.draft_variant,
+        conv_kernel_size=d.conv_kernel_size, conv_group_size=d.conv_group_size,
+        selector_rank=d.selector_rank, selector_top_k=d.selector_top_k,
+        selector_loss_weight=d.selector_loss_weight, output_multiplier=d.output_multiplier,
+        final_logit_softcapping=d.final_logit_softcapping,
+        input_embedding_scale=d.input_embedding_scale)
     rope_theta = (target.hf_config.rope_parameters or {}).get("rope_theta")
     try:
         cfg = cfg.resolve(target.config, vocab_size=target.hf_config.vocab_size,
-                          target_rope_theta=rope_theta)
+                          target_rope_theta=rope_theta,
+                          target_rope_scaling=target_family(target.hf_config).rope_scaling(
+                              target.hf_config))
     except ValueError as e:
         raise ValueError(_with_flags(one_line(e), run, target)) from None
     target.layer_ids = cfg.target_layer_ids
@@ -194,5 +214,6 @@ def _with_flags(msg: str, run: RunConfig, target: TargetPlan) -> str:
     if name_flag is None:
         return f"--target: {where}: {msg}"
     if getattr(run.dflash, name_flag[2:].replace("-", "_")) is None and field != "mask_token_id":
-        msg += f" (the target's value, from {where}; set {name_flag})"
+        msg += (f" (the DFlash2 default; set {name_flag})" if field in DFLASH2_DEFAULTS
+                else f" (the target's value, from {where}; set {name_flag})")
     return msg

@@ -2,7 +2,8 @@
 GPTModel (in the spirit of torchtitan's per-model `state_dict_adapter`).
 
 `TargetFamily` holds the Llama-shaped defaults — pre-norm RMSNorm layers, GQA with
-`kv_channels = head_dim`, SwiGLU, RoPE (plain or Llama-3.1 scaled), weights under `model.` —
+`kv_channels = head_dim`, SwiGLU, RoPE (plain, linear, Llama-3.1 or YaRN scaled: `rope`),
+weights under `model.` —
 and each family in `targets/families/` overrides what differs. The generic builder and loader
 (`hf_import`) only ask the family, so they hold no family branch.
 
@@ -13,15 +14,17 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import torch.nn.functional as F
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_block_spec
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from transformers import PretrainedConfig
+from transformers import AutoConfig, PretrainedConfig
 
+from megatron_dflash import rope
 from megatron_dflash.layers import LocalRMSNorm
-from megatron_dflash.targets.hf_checkpoint import CONFIG_FILE, HFCheckpoint, View
+from megatron_dflash.targets.hf_checkpoint import CONFIG_FILE, HFCheckpoint, View, hf_tensor
 from megatron_dflash.targets.sdpa_attention import SDPACoreAttention
 from megatron_dflash.weights import check_qkv_groups, merge_fc1, merge_qkv, shard_columns
 
@@ -29,6 +32,7 @@ Row = tuple[str, tuple[str, ...], str]
 
 COMMON_SCOPE = ("(the import covers silu MLPs, no attention/MLP biases, full attention in every "
                 "layer and unquantized weights: dequantize the checkpoint first)")
+ROPE_SCOPE = f"by megatron's rotary embeddings ({rope.SUPPORTED})"
 
 
 class TargetFamily:
@@ -42,32 +46,47 @@ class TargetFamily:
     te_fused_norms = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
                       "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
     core_attention = SDPACoreAttention  # the local backend's (megatron's is an unfused softmax)
+    # `common_problems` fields the family maps (and checks) itself.
+    supported_features: tuple[str, ...] = ()
 
     # --- config.json -> megatron ---------------------------------------------------------------
 
+    def read_config(self, path) -> PretrainedConfig:
+        """The checkpoint directory's config (transformers' `AutoConfig`)."""
+        return AutoConfig.from_pretrained(path)
+
+    def tied(self, hf: PretrainedConfig, shapes: dict[str, tuple[int, ...]]) -> bool:
+        """Whether the LM head is the embedding, given the checkpoint's tensors: what the config
+        says (a family whose config cannot be trusted on it asks the tensors)."""
+        return hf.tie_word_embeddings
+
     def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
-        """The text model's config: the config itself, or a VLM wrapper's text part."""
+        """The text model's config: the config itself, or a VLM wrapper's text part carrying
+        the wrapper's `architectures` and `name_or_path` (`load_hf_config` returns it, and it is
+        passed here again)."""
         return hf_config
 
     def refusals(self, hf: PretrainedConfig) -> list[tuple[list[str], str]]:
         """Groups of (features the import cannot reproduce, each naming its config field; what
         the import covers instead); `check` raises on the first non-empty group."""
-        return [(common_problems(hf), COMMON_SCOPE)]
+        return [(common_problems(hf, supported=self.supported_features), COMMON_SCOPE),
+                (self.rope_problems(hf), ROPE_SCOPE)]
 
     def check(self, hf: PretrainedConfig, where=CONFIG_FILE) -> None:
         """Raise one ValueError line naming every refused field of the first non-empty group,
-        `where` (config.json's path) first; then the position embedding's (`gpt_model_kwargs`)."""
+        `where` (config.json's path) first."""
         for problems, scope in self.refusals(hf):
             if problems:
                 raise ValueError(f"{where}: {', '.join(problems)} not supported {scope}")
-        self.gpt_model_kwargs(hf, where)
 
     def transformer_fields(self, hf: PretrainedConfig) -> dict:
-        """TransformerConfig fields of the model's shape (parallelism and dtype: `hf_import`)."""
+        """TransformerConfig fields of the model's shape (parallelism and dtype: `hf_import`),
+        YaRN's included when the config class holds them."""
+        yarn = self.transformer_config_class(hf) is rope.YarnTransformerConfig
         return dict(
             num_layers=hf.num_hidden_layers,
             hidden_size=hf.hidden_size,
-            ffn_hidden_size=hf.intermediate_size,
+            ffn_hidden_size=self.ffn_hidden_size(hf),
             num_attention_heads=hf.num_attention_heads,
             num_query_groups=hf.num_key_value_heads,
             kv_channels=getattr(hf, "head_dim", None) or hf.hidden_size // hf.num_attention_heads,
@@ -78,7 +97,11 @@ class TargetFamily:
             add_bias_linear=False,
             add_qkv_bias=False,
             qk_layernorm=False,
-        )
+        ) | (rope.config_fields(self.rope_scaling(hf)) if yarn else {})
+
+    def ffn_hidden_size(self, hf: PretrainedConfig) -> int:
+        """The dense MLP's width (HF `intermediate_size`), which the draft's FFN defaults to."""
+        return hf.intermediate_size
 
     def moe_fields(self, hf: PretrainedConfig, *, tensor_parallel_size: int,
                    expert_model_parallel_size: int, expert_tensor_parallel_size: int | None,
@@ -89,28 +112,43 @@ class TargetFamily:
                              "target is dense (no experts); expert parallelism needs an MoE target")
         return {}
 
+    def rotary_percent(self, hf: PretrainedConfig) -> float:
+        """The fraction of each head's dims RoPE rotates (megatron's `rotary_percent`): all;
+        a family whose attention rotates a part reads it from the config."""
+        return 1.0
+
+    def rope_scaling(self, hf: PretrainedConfig) -> dict:
+        """The RoPE scaling of the config (`rope.scaling_of`), which the draft takes too."""
+        return rope.scaling_of(hf.rope_parameters, hf.max_position_embeddings)
+
+    def rope_problems(self, hf: PretrainedConfig) -> list[str]:
+        """RoPE fields the import cannot reproduce: a partial rotary in a family that rotates
+        every dim, and what megatron's rotary modules lack (`rope.problems`)."""
+        partial = (hf.rope_parameters or {}).get("partial_rotary_factor", 1.0)
+        if self.rotary_percent(hf) == 1.0 and partial != 1.0:
+            return [f"partial_rotary_factor={partial} (this family rotates every head dim)"]
+        return rope.problems(self.rope_scaling(hf), self.rotary_percent(hf))
+
     def gpt_model_kwargs(self, hf: PretrainedConfig, where=CONFIG_FILE) -> dict:
-        """GPTModel's position-embedding arguments. megatron implements Llama-3.1 scaling
-        ("llama3") with only the factor configurable (low/high frequency factors 1/4, original
-        context 8192, every rotary dim), as HF does."""
-        rope = dict(hf.rope_parameters or {})
-        kind = rope.get("rope_type", "default")
-        kwargs = {"position_embedding_type": "rope", "rotary_base": rope["rope_theta"]}
-        if kind == "default":
-            return kwargs
-        llama31 = (rope.get("low_freq_factor"), rope.get("high_freq_factor"),
-                   rope.get("original_max_position_embeddings"),
-                   rope.get("partial_rotary_factor", 1.0)) == (1, 4, 8192, 1.0)
-        if kind == "llama3" and llama31:
-            return kwargs | {"rope_scaling": True, "rope_scaling_factor": rope["factor"]}
-        raise ValueError(f"{where}: rope_scaling={rope} is not supported; supported: none, or "
-                         "rope_type 'llama3' with low_freq_factor 1, high_freq_factor 4, "
-                         "original_max_position_embeddings 8192 and no partial_rotary_factor "
-                         "(Llama 3.1-3.3)")
+        """GPTModel's position-embedding arguments (`rope.gpt_model_kwargs`)."""
+        return rope.gpt_model_kwargs(self.rope_scaling(hf), hf.rope_parameters["rope_theta"],
+                                     self.rotary_percent(hf))
+
+    def transformer_config_class(self, hf: PretrainedConfig) -> type:
+        """`config_class`, with the YaRN fields when the target's RoPE is YaRN."""
+        return rope.config_class(self.rope_scaling(hf), self.config_class)
+
+    def sequence_limit(self, hf: PretrainedConfig) -> int | None:
+        """The longest sequence the import reproduces exactly (None: any)."""
+        return None
 
     def skip_notice(self, hf: PretrainedConfig) -> str | None:
         """What the checkpoint holds that is not part of the target (said once), if anything."""
         return None
+
+    def final_norm_weight(self, path: str) -> torch.Tensor:
+        """The target's final norm as a plain RMSNorm weight (a draft's final norm starts there)."""
+        return hf_tensor(path, f"{self.hf_prefix}norm.weight")
 
     # --- the megatron model --------------------------------------------------------------------
 
@@ -226,20 +264,33 @@ class TargetFamily:
         return {}
 
 
-def common_problems(hf: PretrainedConfig) -> list[str]:
-    """The fields of any family's config that the import does not cover, each named."""
-    problems = [f"hidden_act={hf.hidden_act!r}"] if hf.hidden_act != "silu" else []
+def common_problems(hf: PretrainedConfig,
+                    layer_types_supported: tuple[str, ...] = ("full_attention",), *,
+                    supported: tuple[str, ...] = ()) -> list[str]:
+    """The fields of any family's config that the import does not cover, each named
+    (`layer_types_supported`: the HF layer types the family maps; `supported`: fields the
+    family maps and checks itself)."""
+    problems = ([f"hidden_act={hf.hidden_act!r}"]
+                if hf.hidden_act != "silu" and "hidden_act" not in supported else [])
     problems += [f"{flag}=True" for flag in ("attention_bias", "mlp_bias", "use_sliding_window")
-                 if getattr(hf, flag, False)]
+                 if getattr(hf, flag, False) and flag not in supported]
     layer_types = getattr(hf, "layer_types", None) or []
-    if any(t != "full_attention" for t in layer_types):
+    if any(t not in layer_types_supported for t in layer_types) and "layer_types" not in supported:
         problems.append(f"layer_types={layer_types}")
-    quantization = getattr(hf, "quantization_config", None)
-    if quantization:  # e.g. DeepSeek-V3's FP8 block-scaled weights (`weight_scale_inv`)
-        method = (quantization.get("quant_method") if isinstance(quantization, dict)
-                  else getattr(quantization, "quant_method", None))
+    method = quant_method(hf)
+    if method and "quantization_config" not in supported:
+        # e.g. DeepSeek-V3's FP8 block-scaled weights (`weight_scale_inv`)
         problems.append(f"quantization_config (quant_method={method!r})")
     return problems
+
+
+def quant_method(hf: PretrainedConfig) -> str | None:
+    """The checkpoint's `quantization_config.quant_method` (None: unquantized)."""
+    quantization = getattr(hf, "quantization_config", None)
+    if not quantization:
+        return None
+    return str(quantization.get("quant_method") if isinstance(quantization, dict)
+               else getattr(quantization, "quant_method", None))
 
 
 def tp_converters(num_query_groups: int, rank: int, size: int) -> dict:

@@ -3,14 +3,17 @@
 Shapes come from the safetensors headers; a tensor's data is read only when asked for, and only
 the slice asked for (`get_shard`: one tensor-parallel slice), so each rank reads what it holds.
 A *view* names a basic-index slice of a stored tensor as a tensor of its own (e.g. one expert of
-transformers 5's fused `mlp.experts.gate_up_proj`); it is read slice by slice like any tensor.
+transformers 5's fused `mlp.experts.gate_up_proj`); it is read slice by slice like any tensor. A
+*decoded* view names a tensor the checkpoint stores in another form (transposed, quantized: gpt-oss's
+MXFP4 experts), read by decoding only the stored slices the asked slice needs.
 """
 from __future__ import annotations
 
 import contextlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -25,6 +28,17 @@ INDEX_FILE = "model.safetensors.index.json"
 View = tuple[str, tuple[int | slice, ...]]
 
 
+@dataclass(frozen=True)
+class Decoded:
+    """A decoded view: a tensor of `shape` stored as the tensors `stored`; `read(raw, index)`
+    returns its `index` (one slice per dim), reading stored slices through `raw(key, index)`
+    (a basic-index read, counted in `elements_read`)."""
+
+    shape: tuple[int, ...]
+    stored: tuple[str, ...]
+    read: Callable[[Callable, tuple[slice, ...]], torch.Tensor]
+
+
 class HFCheckpoint(contextlib.ExitStack):
     """Names, shapes and tensors of a safetensors checkpoint directory or an in-memory state dict.
 
@@ -36,6 +50,7 @@ class HFCheckpoint(contextlib.ExitStack):
         super().__init__()
         self._handles = {}
         self._views: dict[str, View] = {}
+        self._decoded: dict[str, Decoded] = {}
         self.elements_read = 0
         if isinstance(source, Mapping):
             self._state_dict = source
@@ -68,10 +83,21 @@ class HFCheckpoint(contextlib.ExitStack):
                     self.shapes[key] = tuple(f.get_slice(key).get_shape())
                     self.files[key] = shard
 
-    def add_views(self, views: Mapping[str, View]) -> None:
-        """Name slices of stored tensors (`View`); the stored tensors they slice leave `shapes`
-        (read through their views only, so nothing is counted twice)."""
-        for name, (key, index) in views.items():
+    def add_views(self, views: Mapping[str, View | Decoded]) -> None:
+        """Name slices of stored tensors (`View`) and decoded tensors (`Decoded`); the stored
+        tensors they read leave `shapes` (read through their views only, so nothing is counted
+        twice)."""
+        stored = set()
+        for name, view in views.items():
+            if isinstance(view, Decoded):
+                self.shapes[name] = tuple(view.shape)
+                if view.stored[0] in self.files:
+                    self.files[name] = self.files[view.stored[0]]
+                self._decoded[name] = view
+                stored |= set(view.stored)
+                continue
+            key, index = view
+            stored.add(key)
             shape = self._stored[key]
             self.shapes[name] = tuple(
                 len(range(*item.indices(size))) for item, size in zip(index, shape)
@@ -79,7 +105,7 @@ class HFCheckpoint(contextlib.ExitStack):
             if key in self.files:
                 self.files[name] = self.files[key]
             self._views[name] = (key, index)
-        for key, _ in views.values():
+        for key in stored:
             self.shapes.pop(key, None)
 
     def check(self, expected: Mapping[str, tuple[int, ...]]) -> None:
@@ -92,6 +118,8 @@ class HFCheckpoint(contextlib.ExitStack):
                                  f"{list(self.shapes[key])}, config.json implies {list(shape)}")
 
     def get(self, key: str) -> torch.Tensor:
+        if key in self._decoded:
+            return self._decoded[key].read(self._read, tuple(map(slice, self.shapes[key])))
         if key in self._views:
             return self._read(*self._views[key])
         if self._state_dict is not None:
@@ -103,7 +131,15 @@ class HFCheckpoint(contextlib.ExitStack):
 
     def get_shard(self, key: str, dim: int, rank: int, size: int) -> torch.Tensor:
         """Rank `rank`'s even slice of `key` along `dim`, reading only that slice."""
-        start, stop = shard_range(self.shapes[key], dim, rank, size)
+        return self.get_range(key, dim, *shard_range(self.shapes[key], dim, rank, size))
+
+    def get_range(self, key: str, dim: int, start: int, stop: int) -> torch.Tensor:
+        """`key[..., start:stop, ...]` along `dim`, reading only that range (e.g. one rank's
+        heads inside one part of a fused projection)."""
+        if key in self._decoded:
+            index = [slice(None)] * len(self.shapes[key])
+            index[dim] = slice(start, stop)
+            return self._decoded[key].read(self._read, tuple(index))
         stored, index = self._views.get(key, (key, ()))
         shape = self._stored[stored]
         index = [*index, *(slice(None),) * (len(shape) - len(index))]

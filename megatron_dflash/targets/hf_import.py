@@ -1,5 +1,5 @@
-"""Load a Hugging Face checkpoint of a supported family (`targets/families/`: Llama, Qwen2, Qwen3,
-Qwen3-MoE, DeepSeek-V3) into a frozen megatron-core `GPTModel`.
+"""Load a Hugging Face checkpoint of a supported family (one adapter per family in
+`targets/families/`) into a frozen megatron-core `GPTModel`.
 
     hf = load_hf_config(path)                       # validates config.json and every tensor header
     config = target_transformer_config(hf, tensor_parallel_size=tp, sequence_parallel=sp)
@@ -28,7 +28,7 @@ from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 from megatron.core.utils import get_pg_rank, get_pg_size
-from transformers import AutoConfig, PretrainedConfig
+from transformers import PretrainedConfig
 
 from megatron_dflash.layers import check_backend, te_modules
 from megatron_dflash.targets.families import family_for
@@ -46,27 +46,29 @@ def load_hf_config(path: str | Path) -> PretrainedConfig:
     its shards); every tensor the model needs is present with the shape config.json implies.
     Only headers are read. Raises FileNotFoundError or ValueError naming the file or tensor.
     What the checkpoint holds beyond the target (e.g. DeepSeek-V3's multi-token-prediction
-    layers) is skipped, said once.
+    layers) is skipped, said once. Returns the text model's config (`TargetFamily.text_config`:
+    a VLM wrapper's text part, keeping the wrapper's `architectures`), which the rest reads.
     """
     path = Path(path)
     config_file = path / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file}: not found; expected a Hugging Face checkpoint "
                                 "directory (config.json + safetensors)")
-    family_for(json.loads(config_file.read_text()).get("architectures"), config_file)
-    hf_config = AutoConfig.from_pretrained(path)
+    family = family_for(json.loads(config_file.read_text()).get("architectures"), config_file)
+    hf_config = family.read_config(path)
     config = target_transformer_config(hf_config)
     family = target_family(hf_config)
     text = family.text_config(hf_config)
     with HFCheckpoint(path) as checkpoint:
         checkpoint.add_views(family.tensor_views(checkpoint.shapes))
+        text.tie_word_embeddings = family.tied(text, checkpoint.shapes)
         rows = family.weight_rows(config, range(config.num_layers), embedding=True,
                                   final_norm=True, output=True, tied=text.tie_word_embeddings)
         checkpoint.check(family.hf_shapes(rows, config, text.vocab_size))
     notice = family.skip_notice(text)
     if notice:
         _say_once(f"{config_file}: {notice}")
-    return hf_config
+    return text
 
 
 def target_family(hf_config: PretrainedConfig) -> TargetFamily:
@@ -109,7 +111,7 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
         use_cpu_initialization=True,
         perform_initialization=False,
     )
-    return family.config_class(
+    return family.transformer_config_class(hf)(
         **fields,
         **family.moe_fields(hf, tensor_parallel_size=tensor_parallel_size,
                             expert_model_parallel_size=expert_model_parallel_size,
@@ -156,11 +158,15 @@ def build_target(hf_config: PretrainedConfig, config: TransformerConfig, backend
         offset = get_transformer_layer_offset(config, pp_rank=pp_rank)
         block = replace(block, layer_specs=block.layer_specs[:max(0, last_layer + 1 - offset)],
                         layer_norm=None)
-    model = GPTModel(config, block, vocab_size=hf.vocab_size,
-                     max_sequence_length=hf.max_position_embeddings,
-                     pre_process=pre_process, post_process=post_process,
-                     share_embeddings_and_output_weights=hf.tie_word_embeddings,
-                     pg_collection=pg_collection, **family.gpt_model_kwargs(hf))
+    # Torch modules inside megatron's layers (GatedDeltaNet's nn.Conv1d) initialise themselves
+    # from the global RNG, by an amount that depends on the TP size; the weights are loaded
+    # anyway, and the draft built next must draw the same numbers at every layout.
+    with torch.random.fork_rng():
+        model = GPTModel(config, block, vocab_size=hf.vocab_size,
+                         max_sequence_length=hf.max_position_embeddings,
+                         pre_process=pre_process, post_process=post_process,
+                         share_embeddings_and_output_weights=hf.tie_word_embeddings,
+                         pg_collection=pg_collection, **family.gpt_model_kwargs(hf))
     model.target_family = family
     return freeze(model)
 

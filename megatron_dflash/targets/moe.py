@@ -45,7 +45,14 @@ def num_experts(hf_config: PretrainedConfig) -> int | None:
     """The routed experts of each MoE layer; None for a dense target."""
     if not is_moe(hf_config):
         return None
-    return find_family(hf_config.architectures).text_config(hf_config).num_local_experts
+    family = find_family(hf_config.architectures)
+    return family.routed_experts(family.text_config(hf_config))
+
+
+def expert_ffn_hidden_size(hf_config: PretrainedConfig) -> int:
+    """Each routed expert's FFN width of an MoE target (`is_moe`)."""
+    family = find_family(hf_config.architectures)
+    return family.expert_ffn_hidden_size(family.text_config(hf_config))
 
 
 def is_moe_layer(config: TransformerConfig, layer_id: int) -> bool:
@@ -75,6 +82,15 @@ class MoEFamily(TargetFamily):
         """Per layer, 1 for an MoE layer and 0 for a dense one (megatron's `moe_layer_freq`)."""
         raise NotImplementedError
 
+    def routed_experts(self, hf: PretrainedConfig) -> int:
+        """The routed experts of each MoE layer (HF `num_local_experts`, an alias of Qwen3-MoE's
+        `num_experts`; a config without the alias names its own field)."""
+        return hf.num_local_experts
+
+    def expert_ffn_hidden_size(self, hf: PretrainedConfig) -> int:
+        """Each routed expert's FFN width (HF `moe_intermediate_size`)."""
+        return hf.moe_intermediate_size
+
     def router_fields(self, hf: PretrainedConfig) -> dict:
         """TransformerConfig router and shared-expert fields."""
         return dict(moe_router_score_function="softmax",
@@ -92,9 +108,9 @@ class MoEFamily(TargetFamily):
         problems = []
         if any(self.moe_layer_pattern(hf)):
             problems = self.router_problems(hf)
-            if not 1 <= hf.num_experts_per_tok <= hf.num_local_experts:
+            if not 1 <= hf.num_experts_per_tok <= self.routed_experts(hf):
                 problems.append(f"num_experts_per_tok={hf.num_experts_per_tok} (num_experts="
-                                f"{hf.num_local_experts})")
+                                f"{self.routed_experts(hf)})")
         return [*super().refusals(hf), (problems, MOE_SCOPE)]
 
     def moe_fields(self, hf: PretrainedConfig, *, tensor_parallel_size: int,
@@ -115,7 +131,7 @@ class MoEFamily(TargetFamily):
         if token_dispatcher not in TOKEN_DISPATCHERS:
             raise ValueError(f"token_dispatcher={token_dispatcher!r} must be one of "
                              f"{TOKEN_DISPATCHERS}")
-        experts, ffn = hf.num_local_experts, hf.moe_intermediate_size
+        experts, ffn = self.routed_experts(hf), self.expert_ffn_hidden_size(hf)
         if ep < 1 or experts % ep:
             raise ValueError(f"num_experts={experts} is not divisible by the expert-parallel size "
                              f"{ep}: every expert-parallel rank holds the same number of experts")

@@ -2,7 +2,10 @@
 
 megatron's local `DotProductAttention` scores every query against every key with an unfused
 matmul-softmax (and repeats K/V for GQA); SDPA runs a fused kernel (flash attention on CPU too)
-and broadcasts the K/V groups. Same contract and, in fp32, the same numerics.
+and broadcasts the K/V groups. Same contract and, in fp32, the same numerics. megatron's sliding
+window (`window_size`, on the layers `window_attn_skip_freq` picks) is a band mask, and attention
+sinks (`softmax_type`: a per-head logit in every softmax's denominator, gpt-oss's `sinks`) are one
+extra key with a zero value whose score is the sink: SDPA then divides by the same sum.
 """
 from __future__ import annotations
 
@@ -30,6 +33,9 @@ class SDPACoreAttention(MegatronModule):
     Scale: `softmax_scale`, else 1/sqrt(kv_channels); `apply_query_key_layer_scaling` divides
     the scores by the layer number and multiplies them back in the fp32 softmax, so it is left out.
     A fully masked query row gives zeros (DotProductAttention: the mean of the values).
+    Window: query i (bottom-right aligned) sees keys j with i - left <= j <= i + right, `window_size
+    = (left, right)`. Sinks: `softmax_offset` [heads of this TP rank], megatron's parameter
+    (`learnable`; `off-by-one` is a constant 0).
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
@@ -41,10 +47,17 @@ class SDPACoreAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = (softmax_scale if softmax_scale is not None
                               else 1.0 / math.sqrt(config.kv_channels))
-        _refuse({"context parallelism": config.context_parallel_size != 1,
-                 f"softmax_type={config.softmax_type!r}": config.softmax_type != "vanilla",
-                 "window attention": is_layer_window_attention(
-                     config.window_size, config.window_attn_skip_freq, max(1, layer_number))})
+        _refuse({"context parallelism": config.context_parallel_size != 1})
+        self.window = (config.window_size if is_layer_window_attention(
+            config.window_size, config.window_attn_skip_freq, max(1, layer_number)) else None)
+        heads = config.num_attention_heads // config.tensor_model_parallel_size
+        if config.softmax_type == "learnable":
+            self.softmax_offset = torch.nn.Parameter(torch.zeros(heads,
+                                                                 dtype=config.params_dtype))
+        elif config.softmax_type == "off-by-one":
+            self.register_buffer("softmax_offset", torch.zeros(heads, dtype=config.params_dtype))
+        else:
+            self.softmax_offset = None
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
@@ -58,14 +71,35 @@ class SDPACoreAttention(MegatronModule):
         mask, is_causal = None, False
         if attention_mask is not None:
             mask = ~attention_mask
-        elif self.causal and sq == sk:
+        elif self.causal and sq == sk and self.window is None and self.softmax_offset is None:
             is_causal = True
         elif self.causal:
             mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
+        if self.window is not None:
+            left, right = self.window
+            band = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(sk - sq - left)
+            band = band.tril(sk - sq + right) if right >= 0 else band
+            mask = band if mask is None else mask & band
+        if self.softmax_offset is not None:
+            q, k, v, mask = _with_sink(q, k, v, mask, self.softmax_offset)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,
                                              scale=self.softmax_scale,
                                              enable_gqa=num_heads != key.shape[2])
         return out.permute(2, 0, 1, 3).reshape(sq, b, num_heads * hn)
+
+
+def _with_sink(q, k, v, mask, sink):
+    """q, k and v with one more key (zero, with a zero value) per group, and the additive mask
+    that gives it the score `sink[h]` in head h (and -inf where `mask`, True = visible, hides)."""
+    b, heads, sq, _ = q.shape
+    k, v = (torch.cat([t, t.new_zeros(t.shape[0], t.shape[1], 1, t.shape[3])], dim=2)
+            for t in (k, v))
+    sk = k.shape[2] - 1
+    bias = q.new_zeros(b, heads, sq, sk)
+    if mask is not None:
+        bias = bias.masked_fill(~mask, float("-inf"))
+    column = sink.to(q.dtype).view(1, heads, 1, 1).expand(b, heads, sq, 1)
+    return q, k, v, torch.cat([bias, column], dim=-1)
 
 
 def _refuse(features: dict[str, bool]) -> None:

@@ -12,7 +12,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron_dflash.run.config import OptimizerArgs
 from megatron_dflash.run.plan import Plan, TargetPlan
 from megatron_dflash.specs import build_draft
-from megatron_dflash.targets import build_target, hf_tensor, load_hf_weights
+from megatron_dflash.targets import build_target, load_hf_weights
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.pipeline import word_embedding_replica
 
@@ -51,7 +51,7 @@ def build_training_chunk(plan: Plan, device: torch.device, load_target: bool = T
         if load_target:
             with torch.no_grad():
                 draft.decoder.final_layernorm.weight.copy_(
-                    hf_tensor(plan.target.path, "model.norm.weight"))
+                    target.target_family.final_norm_weight(plan.target.path))
         embedding = (None if target.pre_process
                      else word_embedding_replica(target, plan.target.path))
         module = DFlashTrainingModule(target, draft, embedding=embedding)

@@ -1,6 +1,8 @@
 """This data-parallel rank's micro-batches, prepared (anchors drawn) from the resumable sampler."""
 from __future__ import annotations
 
+import math
+
 import torch
 from megatron.core import parallel_state
 
@@ -24,7 +26,8 @@ class MicroBatches:
     Sequences are padded to the smallest of `--seq-length-buckets` fixed lengths that holds the
     micro-batch (one bucket: always `--seq-length`), each a multiple of what sequence
     parallelism and the target's and draft's FP8 GEMMs need, so compiled attention sees one shape
-    per bucket; the block tokens (N * block_size) are padded to what the draft's GEMMs need.
+    per bucket; the block tokens (N * block_size) are padded to what the draft's GEMMs need (and,
+    for DFlash2 under sequence parallelism, to whole blocks on every rank).
     """
 
     def __init__(self, dataset, plan: Plan, pad_id: int, consumed_samples: int,
@@ -37,6 +40,8 @@ class MicroBatches:
             run.data.seq_length, run.data.seq_length_buckets,
             sequence_multiple(tp, sp, plan.draft_fp8, plan.target.fp8))
         self.block_multiple = sequence_multiple(tp, sp, plan.draft_fp8)
+        if sp and plan.dflash.draft_variant == "dflash2":  # each SP shard: whole blocks (conv.py)
+            self.block_multiple = math.lcm(self.block_multiple, plan.dflash.block_size * tp)
         self.attention = plan.attention
         self.sampler = ResumableSampler(
             len(dataset), run.training.micro_batch_size, parallel_state.get_data_parallel_rank(),

@@ -62,8 +62,8 @@ def unpack(payload: torch.Tensor, num_taps: int) -> tuple[torch.Tensor, list[tor
 def word_embedding_replica(target: GPTModel, hf_path: str) -> LanguageModelEmbedding:
     """A frozen copy of the target's vocab-parallel word embedding for a last stage that has none
     (PP > 1): the draft embeds its block tokens with it. A tied target shares its output layer's
-    weight (the same tensor); an untied one reads its vocab slice of `model.embed_tokens.weight`
-    from `hf_path`."""
+    weight (the same tensor); an untied one reads its vocab slice of the family's
+    `embed_tokens.weight` from `hf_path`."""
     embedding = LanguageModelEmbedding(
         config=target.config, vocab_size=target.vocab_size,
         max_sequence_length=target.max_sequence_length,
@@ -74,5 +74,6 @@ def word_embedding_replica(target: GPTModel, hf_path: str) -> LanguageModelEmbed
         tp = target.pg_collection.tp
         with HFCheckpoint(hf_path) as checkpoint, torch.no_grad():
             embedding.word_embeddings.weight.copy_(checkpoint.get_shard(
-                "model.embed_tokens.weight", 0, get_pg_rank(tp), get_pg_size(tp)))
+                f"{target.target_family.hf_prefix}embed_tokens.weight", 0, get_pg_rank(tp),
+                get_pg_size(tp)))
     return embedding.requires_grad_(False).eval()

@@ -125,7 +125,10 @@ def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_ro
               scale: float, output):
     """megatron loss_func: (scaled Σ w·ℓ, report of summable [numerator, denominator] counts).
 
-    The draft's supervised rows go through the target's output layer in chunks (`head_loss`).
+    The draft's supervised rows go through the target's output layer in chunks (`head_loss`);
+    a DFlash2 draft's selector adds its cross-entropy there, and its choice is the draft token the
+    metrics count (teacher-forced: slot k's predecessor is the data's token a_j+k-1, which is what
+    decoding has chosen whenever slots 1..k-1 were accepted, so τ̂ is the selector path's).
     When distilling, the teacher is the target at the rows the loss reads, and accuracy (and so
     τ̂) is measured against the target's greedy tokens — what speculative decoding accepts — since
     the data were not written by the target. Nothing here reads device data on the host (no
@@ -139,10 +142,17 @@ def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_ro
         teacher = loss_rows(target_hidden, mb["teacher_index"], config.sequence_parallel, tp_group)
     index = mb["loss_index"]
     labels = mb["labels"].flatten().index_select(0, index)
+    draft = module.draft
+    cfg = draft.dflash_config
+    selector = {}
+    if draft.candidate_selector is not None:  # slot k's predecessor: the token at a+k-1
+        selector = dict(selector=draft.candidate_selector, selector_weight=cfg.selector_loss_weight,
+                        predecessors=mb["labels"].flatten().index_select(0, index - 1))
     loss_sum, predicted, teacher_predicted = vocab_head_loss(
         rows, module.output_weight(), labels, mb["weights"].flatten().index_select(0, index),
         teacher_rows=teacher, distill_weight=distill_weight, chunk_rows=chunk_rows,
-        tp_group=tp_group)
+        tp_group=tp_group, output_multiplier=cfg.output_multiplier,
+        softcap=cfg.final_logit_softcapping, **selector)
     reference = labels if teacher_predicted is None else teacher_predicted
     # Per block slot ([b*N, B]): whether the draft got it right (unsupervised slots: no). The
     # metrics then reduce over fixed shapes, never reading device data on the host.

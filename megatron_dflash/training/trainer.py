@@ -62,7 +62,8 @@ class Trainer:
         cfg, hf = plan.dflash, plan.target.hf_config
         log_last_rank(
             f"target {plan.target.path}: {hf.num_hidden_layers} layers, hidden {hf.hidden_size}"
-            f" | draft {cfg.num_draft_layers} layers, taps {cfg.target_layer_ids}, block "
+            f" | {cfg.draft_variant} draft {cfg.num_draft_layers} layers, taps "
+            f"{cfg.target_layer_ids}, block "
             f"{cfg.block_size}, mask id {cfg.mask_token_id}, gamma {cfg.loss_gamma:g}, distill "
             f"{plan.distill_weight:g} | {len(self.train_data)} training conversations | set-up "
             f"{time.time() - t0:.1f}s")

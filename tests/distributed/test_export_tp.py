@@ -11,6 +11,7 @@ import sys
 import pytest
 import torch
 import torch.distributed as dist
+from dflash.model import DFlash2DraftModel
 from dflash.model import DFlashDraftModel as ReferenceDraft
 from megatron.core import parallel_state
 
@@ -21,6 +22,7 @@ from tests.interop_testing import (REPO, draft_config, reference_block_logits, r
                              reference_tensors, same_bytes, shared_tmp_dir,
                              write_draft_checkpoint, write_reference_dir)
 from megatron_dflash import state_dict_adapter
+from tests.dflash2_testing import DFLASH2
 from megatron_dflash.draft_export import export_checkpoint
 from megatron_dflash.draft_import import import_reference, load_draft_weights
 from megatron_dflash.draft_reader import read_checkpoint
@@ -135,3 +137,31 @@ def test_pp2_training_checkpoint_exports_our_logits(utils, shared):
     head = head_state(head_target)
     theirs = reference_block_logits(ref.eval(), head["embedding"], head["output"], inputs)
     assert (theirs - ours).abs().max() < 1e-5
+
+
+@pytest.mark.world(2)
+def test_dflash2_tp2_checkpoint_exports_the_tp1_tensors(utils, shared):
+    """A DFlash2 draft saved at TP=2 (codebooks split over the vocabulary) exports exactly the
+    TP=1 draft's reference tensors, which the reference loads with strict keys."""
+    utils.initialize_model_parallel(1)
+    cfg1 = resolved_config(target_config(), block_size=8, **DFLASH2)
+    draft1 = build_draft(target_config(), cfg1, head_only_target())
+    randomize_(draft1, seed=25)
+    full = params(draft1)
+    expected = state_dict_adapter.megatron_to_hf(full, cfg1)
+
+    utils.initialize_model_parallel(2)
+    tcfg2 = target_config(tp=2)
+    cfg2 = resolved_config(tcfg2, block_size=8, **DFLASH2)
+    draft2 = build_draft(tcfg2, cfg2, head_only_target(tp=2))
+    load_draft_weights(draft2, full)
+    assert draft2.candidate_selector.successor_codebook.weight.shape == (128, 8)
+    root, out = os.path.join(shared, "ckpt"), os.path.join(shared, "out")
+    write_draft_checkpoint(root, draft2, cfg2)
+    export_checkpoint(root, out)
+    dist.barrier()
+    exported = reference_tensors(out)
+    assert sorted(exported) == sorted(expected)
+    assert all(same_bytes(exported[k], expected[k]) for k in expected)
+    _, info = DFlash2DraftModel.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]

@@ -11,9 +11,11 @@ composed with TP, SP, PP and DP: everything equals one process. Run with
 * Training: 20 DFlash steps give the single-process losses and grad norms (<= 1e-5) — the same
   `trajectory` driver as tests/distributed/test_pipeline.py — for Qwen3-MoE at six layouts and
   DeepSeek-V3 at PP2 x EP2.
-* DeepSeek-V3 (megatron's MLA, sigmoid group-limited router with expert bias, shared experts):
+* DeepSeek-V3 (megatron's MLA, sigmoid group-limited router with expert bias, shared experts),
+  GLM-4.5 (its router, q/k/v biases, q/k norms, half rotary) and gpt-oss (sinks, sliding windows,
+  biases, clamped GLU experts de-quantised from MXFP4 on their expert-parallel rank, YaRN):
   logits and taps at EP2, EP4, TP2 x EP2 with SP and PP2 x EP2 (both dispatchers) equal the
-  single-process import.
+  single-process import; 20 DFlash training steps of gpt-oss at PP2 x EP2 equal one process.
 
 gloo runs both dispatchers: allgather (all_gather_into_tensor / reduce_scatter_tensor over the
 expert TP x EP group, equal shapes) and alltoall (all_to_all_single with uneven splits over EP;
@@ -34,6 +36,8 @@ from megatron.core.transformer.moe.moe_layer import MoELayer
 from tests.conftest import Utils
 from tests.dflash_testing import (pattern_dataset, record_checkpoint_reads, tiny_deepseek_dir,
                                   tiny_moe_target_dir)
+from tests.families_testing import (glm4_moe_config, gpt_oss_config, perturbed_model,
+                                    save_mxfp4)
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.targets.hf_import import (build_target, load_hf_config, load_hf_weights,
                                               target_transformer_config)
@@ -62,6 +66,9 @@ def shared():
     if dist.get_rank() == 0:
         tiny_moe_target_dir(os.path.join(path[0], "target"))
         tiny_deepseek_dir(os.path.join(path[0], "deepseek"), num_hidden_layers=4)
+        perturbed_model(glm4_moe_config(num_hidden_layers=4, num_nextn_predict_layers=0)
+                        ).save_pretrained(os.path.join(path[0], "glm"))
+        save_mxfp4(perturbed_model(gpt_oss_config()), os.path.join(path[0], "gpt_oss"))
         for name, count, length in (("long", 24, 48), ("short", 24, 32)):
             pattern_dataset(os.path.join(path[0], name), count, length, seed=length)
     dist.barrier()
@@ -158,52 +165,68 @@ def _assert_layout_equals(model, spec, taps, tokens, ref_logits, ref_features):
     assert (features - expected).abs().max() <= TOL
 
 
-DEEPSEEK_TAPS = [0, 1, 3]  # after the dense layer 0 and the MoE layers 1 and 3 (each stage's last)
-DEEPSEEK_LAYOUTS = {  # world 4
+# After layer 0 and the MoE layers 1 and 3 (each stage's last); DeepSeek-V3's and GLM's layer 0
+# is dense, gpt-oss's every layer MoE (layer 0 sliding, 1 full).
+FAMILY_TAPS = [0, 1, 3]
+FAMILY_LAYOUTS = {  # world 4
     "ep2_allgather": dict(ep=2),  # x DP4 (expert DP 2)
     "ep4_alltoall": dict(ep=4),
     "tp2ep2_sp_alltoall": dict(tp=2, ep=2, sp=True),  # x DP2
     "pp2ep2_allgather": dict(pp=2, ep=2),  # x DP2
     "pp2ep2_alltoall": dict(pp=2, ep=2),
 }
+FAMILIES = ("deepseek", "glm", "gpt_oss")
 
 
 @pytest.fixture(scope="module")
-def deepseek(shared):
-    """(checkpoint, one-process (logits, features) per data-parallel rank, even and uneven
-    lengths) of the tiny DeepSeek-V3 in `shared`: four layers, dense then three MoE."""
-    path = os.path.join(shared, "deepseek")
+def family_references(shared):
+    """Per family: the one-process import's (logits, features) for every data-parallel rank's
+    tokens, even and uneven lengths."""
     Utils.initialize_model_parallel(1, 1)
-    hf = load_hf_config(path)
-    model = build_target(hf, target_transformer_config(hf))
-    load_hf_weights(model, path)
     out = {}
-    for uneven in (False, True):
-        for dp in range(4):
-            with FeatureCapture(model, DEEPSEEK_TAPS) as capture:
-                out[uneven, dp] = target_forward(model, *_tokens(dp, uneven), capture)
+    for family in FAMILIES:
+        path = os.path.join(shared, family)
+        hf = load_hf_config(path)
+        model = build_target(hf, target_transformer_config(hf))
+        load_hf_weights(model, path)
+        for uneven in (False, True):
+            for dp in range(4):
+                with FeatureCapture(model, FAMILY_TAPS) as capture:
+                    out[family, uneven, dp] = target_forward(model, *_tokens(dp, uneven),
+                                                             capture)
     Utils.destroy_model_parallel()
-    return path, out
+    return out
 
 
 @pytest.mark.world(4)
-@pytest.mark.parametrize("layout", list(DEEPSEEK_LAYOUTS))
-def test_deepseek_layout_equals_one_process(layout, deepseek):
-    """MLA, the sigmoid group-limited router with expert bias and the shared experts at every
-    layout: logits and taps equal the one-process import."""
-    path, reference = deepseek
-    spec = dict(tp=1, pp=1, ep=1, sp=False) | DEEPSEEK_LAYOUTS[layout]
+@pytest.mark.parametrize("layout", list(FAMILY_LAYOUTS))
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_layout_equals_one_process(family, layout, shared, family_references,
+                                          monkeypatch):
+    """Every family's own pieces at every layout: logits and taps equal the one-process import;
+    gpt-oss's expert-parallel ranks read (and de-quantise) only their experts' MXFP4 blocks."""
+    path = os.path.join(shared, family)
+    spec = dict(tp=1, pp=1, ep=1, sp=False) | FAMILY_LAYOUTS[layout]
     dispatcher = layout.rsplit("_", 1)[1]
-    Utils.initialize_model_parallel(spec["tp"], spec["pp"], ep=spec["ep"])
+    etp = 1 if family == "gpt_oss" else None  # biased experts: whole (expert-TP 1)
+    opened = record_checkpoint_reads(monkeypatch)
+    Utils.initialize_model_parallel(spec["tp"], spec["pp"], ep=spec["ep"], etp=etp)
     hf = load_hf_config(path)
     model = build_target(hf, target_transformer_config(
         hf, tensor_parallel_size=spec["tp"], sequence_parallel=spec["sp"],
         pipeline_parallel_size=spec["pp"], expert_model_parallel_size=spec["ep"],
-        moe_token_dispatcher_type=dispatcher))
+        expert_tensor_parallel_size=etp, moe_token_dispatcher_type=dispatcher))
     load_hf_weights(model, path)
+    if family == "gpt_oss":  # expert weights: 4 bits + one 8-bit scale per 32 values read
+        params = dict(model.named_parameters())
+        quantized = sum(p.numel() for n, p in params.items()
+                        if ".experts." in n and n.endswith(".weight"))
+        assert opened[-1].elements_read == (sum(p.numel() for p in params.values())
+                                            - quantized + quantized * 17 // 32)
     dp = parallel_state.get_data_parallel_rank()
     uneven = dispatcher == "alltoall"
-    _assert_layout_equals(model, spec, DEEPSEEK_TAPS, _tokens(dp, uneven), *reference[uneven, dp])
+    _assert_layout_equals(model, spec, FAMILY_TAPS, _tokens(dp, uneven),
+                          *family_references[family, uneven, dp])
     Utils.destroy_model_parallel()
 
 
@@ -223,6 +246,9 @@ TRAIN_LAYOUTS = {  # world 4: flags (the reference: the same target and seq_leng
     "deepseek_pp2ep2_alltoall": dict(target="deepseek", pipeline_model_parallel_size=2,
                                      expert_model_parallel_size=2,
                                      moe_token_dispatcher_type="alltoall"),
+    "gpt_oss_pp2ep2_alltoall": dict(target="gpt_oss", pipeline_model_parallel_size=2,
+                                    expert_model_parallel_size=2, expert_tensor_parallel_size=1,
+                                    moe_token_dispatcher_type="alltoall"),
 }
 
 

@@ -4,7 +4,8 @@
   the last stage's word-embedding replica equals the target's embedding (tied and untied).
 * For the same weights, data and seed, every micro-batch loss, every step's loss and grad norm over
   a 20-step trajectory (after optimizer updates) equal the single-process run (<= 1e-5, fp32) —
-  also with the sparse block attention against the dense single-process reference —
+  also with the sparse block attention against the dense single-process reference, and for a
+  DFlash2 draft (convolutions, vocab-parallel selector) at PP2 and TP2+SP —
   and parameters replicated over TP stay bitwise identical. The reference is the same driver in a
   fresh single process.
 * A checkpoint saved at TP2xPP2 resumes at TP1xPP1 and DP2 with the uninterrupted run's next
@@ -33,10 +34,14 @@ from megatron_dflash.training.trainer import run_schedule
 from tests.dflash_testing import pattern_dataset, tiny_target_dir
 from tests.pipeline_testing import MASK, STEPS, TAPS, TOL, flags, started_references, trajectory
 from tests.training_testing import run_in_process
+# A small DFlash2 draft; 3 anchors, so that under SP the blocks are padded to whole blocks per rank.
+DFLASH2 = dict(draft_variant="dflash2", num_anchors=3, selector_rank=8, selector_top_k=5)
 # 4 target layers: at PP4 the taps sit on stages 0 (first), 2 (middle) and 3 (last); stage 1 only
 # passes them on. At PP2: stage 0 holds tap 0, stage 1 taps 2 and 3.
 LAYOUTS = {
-    2: {"pp2": dict(pipeline_model_parallel_size=2), "tp2": dict(tensor_model_parallel_size=2)},
+    2: {"pp2": dict(pipeline_model_parallel_size=2), "tp2": dict(tensor_model_parallel_size=2),
+        "pp2_dflash2": dict(pipeline_model_parallel_size=2, **DFLASH2),
+        "tp2_sp_dflash2": dict(tensor_model_parallel_size=2, sequence_parallel=True, **DFLASH2)},
     4: {"pp4": dict(pipeline_model_parallel_size=4),
         "tp2pp2_sp": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                           sequence_parallel=True),
@@ -83,6 +88,8 @@ def references(shared):
     wanted = {"full": (flags(os.path.join(shared, "target"), _data(shared)), STEPS)}
     if dist.get_world_size() == 2:  # test_stage_past_the_deepest_tap_computes_no_layer
         wanted["taps01"] = (_taps01_flags(shared), 8)
+        wanted["dflash2"] = (flags(os.path.join(shared, "target"), _data(shared), **DFLASH2),
+                             STEPS)
     with started_references(shared, wanted) as refs:
         yield refs
 
@@ -91,7 +98,7 @@ def references(shared):
                                           for w in LAYOUTS for name in LAYOUTS[w]])
 def test_layout_equals_one_process(world, layout, shared, references):
     got = trajectory(flags(os.path.join(shared, "target"), _data(shared), **LAYOUTS[world][layout]))
-    reference = references.get("full")
+    reference = references.get("dflash2" if layout.endswith("dflash2") else "full")
     assert got["lengths"] == [32, 48]  # the payload's shape changes between micro-batches
     for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"], strict=True)):
         assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step

@@ -11,7 +11,7 @@ from megatron.core import parallel_state
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from tests.dflash_testing import (record_checkpoint_reads, save_fused_experts, tiny_moe_config,
                                   tiny_moe_model, tiny_target_dir)
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
+from transformers import AutoModelForCausalLM, LlamaConfig, MinistralConfig, Qwen3Config
 
 from megatron_dflash.targets import hf_import
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
@@ -29,6 +29,14 @@ CONFIGS = {
     # One group for two ranks: megatron all-gathers the fused QKV and re-slices it.
     "qwen3_ng1_tied": lambda: Qwen3Config(architectures=["Qwen3ForCausalLM"], num_key_value_heads=1,
                                           head_dim=32, tie_word_embeddings=True),
+    # Sliding windows of 6 keys on layers 0 and 2 (megatron's per-layer list, global ids under
+    # PP) and YaRN past an original context of 8.
+    "ministral_window_yarn": lambda: MinistralConfig(
+        architectures=["MinistralForCausalLM"], num_hidden_layers=LAYERS, num_key_value_heads=2,
+        head_dim=16, sliding_window=6,
+        layer_types=["sliding_attention", "full_attention"] * 2, max_position_embeddings=32,
+        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=4.0,
+                             original_max_position_embeddings=8)),
 }
 
 
@@ -90,10 +98,11 @@ def test_tp2_matches_tp1(kind, sequence_parallel, utils):
 
 
 @pytest.mark.world(2)
-def test_pp2_stages_match_tp1(utils):
+@pytest.mark.parametrize("kind", ["qwen3_ng1_tied", "ministral_window_yarn"])
+def test_pp2_stages_match_tp1(kind, utils):
     """Each stage loads only its layers (embedding first, norm + tied output layer last) and
     captures only its taps; stage 0's output is sent to stage 1 by hand."""
-    hf = hf_model("qwen3_ng1_tied")
+    hf = hf_model(kind)
     ref_logits, ref_features = reference(hf, utils)
 
     utils.initialize_model_parallel(1, 2)
@@ -101,6 +110,9 @@ def test_pp2_stages_match_tp1(utils):
     first = parallel_state.is_pipeline_first_stage()
     assert [layer.layer_number for layer in model.decoder.layers] == ([1, 2] if first else [3, 4])
     assert hasattr(model, "embedding") == first and hasattr(model, "output_layer") == (not first)
+    windows = [layer.self_attention.core_attention.window for layer in model.decoder.layers]
+    if kind.startswith("ministral"):  # global layers 1 and 3 (0-based 0 and 2) slide
+        assert windows == [(5, 0), None]
     ids, pos = tokens()
     with FeatureCapture(model, TAPS) as capture:
         assert capture.local_ids == ([0] if first else [2, 3])

@@ -49,6 +49,13 @@ def test_overrides_and_draft_transformer_config():
     assert cfg.activation_func is torch.nn.functional.silu
 
 
+def test_dflash2_defaults():
+    r = resolve(draft_variant="dflash2")
+    assert (r.conv_kernel_size, r.conv_group_size, r.selector_rank, r.selector_top_k,
+            r.vocab_size) == (2, 16, 256, 16, VOCAB)
+    assert resolve().vocab_size is None and resolve().conv_kernel_size is None
+
+
 # One case per field: (overrides, tp, words the message must contain).
 BAD = {
     "block_size": ({"block_size": 1}, 1, ["block_size", ">= 2"]),
@@ -71,6 +78,18 @@ BAD = {
     "loss_gamma": ({"loss_gamma": 0.0}, 1, ["loss_gamma", "> 0"]),
     "num_anchors": ({"num_anchors": 0}, 1, ["num_anchors", ">= 1"]),
     "too_many_draft_layers": ({"num_draft_layers": 40}, 1, ["num_draft_layers", "target_layer_ids"]),
+    "draft_variant": ({"draft_variant": "dflash3"}, 1, ["draft_variant", "dflash2"]),
+    "dflash2_field_on_dflash": ({"selector_rank": 8}, 1, ["selector_rank", "draft_variant='dflash2'"]),
+    "conv_kernel_size": ({"draft_variant": "dflash2", "conv_kernel_size": 17}, 1,
+                         ["conv_kernel_size=17", "<= block_size=16"]),
+    "conv_group_size": ({"draft_variant": "dflash2", "conv_group_size": 24}, 1,
+                        ["conv_group_size=24", "divide the hidden size 64"]),
+    "selector_rank": ({"draft_variant": "dflash2", "selector_rank": 0}, 1, ["selector_rank", ">= 1"]),
+    "selector_top_k": ({"draft_variant": "dflash2", "selector_top_k": VOCAB + 1}, 1,
+                       ["selector_top_k", f"vocabulary {VOCAB}"]),
+    "selector_loss_weight": ({"selector_loss_weight": -1.0}, 1, ["selector_loss_weight", ">= 0"]),
+    "output_multiplier": ({"output_multiplier": 0.0}, 1, ["output_multiplier", "> 0"]),
+    "softcap": ({"final_logit_softcapping": -3.0}, 1, ["final_logit_softcapping", "> 0"]),
 }
 
 

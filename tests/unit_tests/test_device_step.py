@@ -55,15 +55,20 @@ def target_dir(tmp_path_factory):
     return tiny_target_dir(tmp_path_factory.mktemp("target"), layers=4)
 
 
-@pytest.mark.parametrize("attention,alpha", [("dense", 0.0), ("sparse", 0.5)])
+@pytest.mark.parametrize("attention,alpha,draft", [
+    ("dense", 0.0, {}), ("sparse", 0.5, {}),
+    ("dense", 0.5, dict(draft_variant="dflash2", selector_rank=8, selector_top_k=5,
+                        final_logit_softcapping=20.0))], ids=["dense", "sparse", "dflash2"])
 def test_training_step_never_waits_for_the_device(utils, target_dir, monkeypatch, attention,
-                                                  alpha):
+                                                  alpha, draft):
     """No op of the step reads device data on the host (`tests/sync_testing.py`): on CUDA each
-    would stall the launch queue between forward and backward on every micro-batch. Preparation
+    would stall the launch queue between forward and backward on every micro-batch (a DFlash2
+    draft's selector objective included: its top-K, codebook lookups and gold injection run on
+    the device). Preparation
     (the prefetch thread, on CPU tensors) may; so may `global_weight_sum`, once per optimizer
     step before the schedule (the optimizer step reads the grad norm on the host anyway)."""
     utils.initialize_model_parallel(1)
-    module, cfg = step_modules(target_dir, attention=attention)
+    module, cfg = step_modules(target_dir, attention=attention, **draft)
     # Wrapped as training wraps it: megatron DDP, whose gradient reduction the schedule finishes.
     model = DistributedDataParallel(
         config=module.config, module=module,

@@ -183,12 +183,15 @@ class ScriptedDraft(torch.nn.Module):
         self.dflash_config = types.SimpleNamespace(block_size=block_size, mask_token_id=3,
                                                    target_layer_ids=[1, 4])
 
-    def forward(self, block, features, mask, positions, kv_cache):
+    def forward(self, block, features, mask, positions, return_hidden, kv_cache):
         size, start = block.shape[1], int(positions[0, -block.shape[1]])
         right = self.script.pop(0)
         tokens = self.greedy[start + 1:start + size]
-        tokens = torch.cat([tokens[:right], (tokens[right:] + 1) % VOCAB])
-        return torch.nn.functional.one_hot(torch.cat([block[0, :1], tokens]), VOCAB)[:, None].float()
+        self.proposal = torch.cat([tokens[:right], (tokens[right:] + 1) % VOCAB])
+        return torch.zeros(size, 1, 1)  # stands for the block's hidden states
+
+    def propose(self, hidden, anchor):
+        return self.proposal
 
 
 def test_tau_and_position_acceptance_on_a_scripted_case(utils, tmp_path, models):

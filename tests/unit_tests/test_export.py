@@ -246,8 +246,10 @@ IMPORT_ERRORS = {
         {"embed_tokens.weight": torch.zeros(256, HIDDEN)})), "'embed_tokens.weight' is not part"),
     "sliding_window": (lambda p: _edit_config(p, layer_types=["sliding_attention"] * 2),
                        "not supported by the megatron draft: layer_types"),
-    "dflash2": (lambda p: _edit_config(p, architectures=["DFlash2DraftModel"]),
-                "architectures=['DFlash2DraftModel']"),
+    "dflash2_without_its_sizes": (lambda p: _edit_config(p, architectures=["DFlash2DraftModel"]),
+                                  "a DFlash2 draft needs dflash_config.conv_kernel_size"),
+    "not_a_draft": (lambda p: _edit_config(p, architectures=["Qwen3ForCausalLM"]),
+                    "architectures=['Qwen3ForCausalLM']"),
     "no_mask_id": (lambda p: _edit_config(p, dflash_config={"target_layer_ids": [1, 4]}),
                    "mask_token_id is required"),
     "mask_outside_vocab": (lambda p: _edit_config(p, dflash_config={

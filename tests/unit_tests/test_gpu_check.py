@@ -16,6 +16,7 @@ def test_gpu_check_passes_what_this_machine_can_run(utils, tmp_path):
     assert gpu_check.main(["--json", str(tmp_path / "checks.json")]) == 0
     rows = {r["check"]: r for r in json.loads((tmp_path / "checks.json").read_text())}
     ran = [name for name, r in rows.items() if r["ok"]]
-    assert {"draft local sparse float32", "draft local dense bfloat16"} <= set(ran)
+    assert {"draft local sparse float32", "draft local dense bfloat16",
+            "draft local sparse float32 dflash2", "draft local dense bfloat16 dflash2"} <= set(ran)
     assert "train local bf16" in ran  # the training job itself, from its flags
     assert all(rows[n]["ok"] is None for n in rows if "te " in n or "fp8" in n)

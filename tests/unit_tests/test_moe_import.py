@@ -170,7 +170,8 @@ def test_is_moe_and_num_experts():
     all_dense = tiny_moe_config(dense_layers=range(LAYERS))
     assert not moe.is_moe(all_dense) and moe.num_experts(all_dense) is None
     assert moe.num_experts(LlamaConfig(architectures=["LlamaForCausalLM"])) is None
-    assert moe.num_experts(MixtralConfig(architectures=["MixtralForCausalLM"])) is None
+    assert moe.num_experts(MixtralConfig(architectures=["MixtralForCausalLM"])) == 8
+    assert moe.num_experts(LlamaConfig(architectures=["OlmoeForCausalLM"])) is None
 
 
 def test_each_expert_parallel_rank_maps_only_its_experts(tmp_path):
@@ -271,7 +272,7 @@ def dense_dir(tmp_path):
      "world size 4 is not divisible by --expert-tensor-parallel-size x "
      "--expert-model-parallel-size x --pipeline-model-parallel-size = 1 x 4 x 2 = 8"),
     (["--expert-tensor-parallel-size", "3"], 3,
-     "--expert-tensor-parallel-size=3 must divide the target's moe_intermediate_size=32"),
+     "--expert-tensor-parallel-size=3 must divide the target's per-expert FFN width 32"),
     (["--expert-model-parallel-size", "0"], 1, "--expert-model-parallel-size=0 must be >= 1"),
     (["--expert-model-parallel-size", "2", "--seq-length-buckets", "2"], 2,
      "--moe-token-dispatcher-type allgather with --seq-length-buckets=2: the expert-parallel "

@@ -9,6 +9,7 @@ from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.utils import get_sliding_window_causal_mask
 
 from tests.dflash_testing import target_config, tiny_target_dir
 from megatron_dflash.targets import hf_import
@@ -75,9 +76,36 @@ def test_no_mask_and_softmax_scale(utils):
     assert (out - ref).abs().max() <= TOL
 
 
+@pytest.mark.parametrize("softmax_type", ["vanilla", "learnable", "off-by-one"])
+@pytest.mark.parametrize("case", ["causal", "explicit_mask", "decode", "chunk_sq_lt_sk"])
+def test_window_and_sinks_equal_dot_product_attention(case, softmax_type, utils):
+    """gpt-oss's attention: a sliding window of 4 keys (megatron's window_size=(3, 0) on the
+    layers window_attn_skip_freq picks: layer 3 slides, layer 2 not) and per-head sinks, equal to
+    DotProductAttention (same sinks) given megatron's sliding-window mask (or'ed with the
+    explicit one, which DotProductAttention's own window would replace)."""
+    utils.initialize_model_parallel(1)
+    sq, sk, mask, _ = CASES[case]
+    config = replace(target_config(), kv_channels=HN, window_size=(3, 0),
+                     window_attn_skip_freq=2, softmax_type=softmax_type)
+    q, k, v = qkv(sq, sk)
+    for layer_number in (2, 3):
+        args = dict(layer_number=layer_number, attn_mask_type=AttnMaskType.causal,
+                    attention_type="self")
+        ours = SDPACoreAttention(config, **args)
+        dpa = DotProductAttention(replace(config, window_size=None), **args)
+        assert (ours.window is not None) == (layer_number == 3)
+        if softmax_type == "learnable":
+            with torch.no_grad():
+                ours.softmax_offset.copy_(torch.tensor([0.5, -1.0, 2.0, 0.0]))
+                dpa.softmax_offset.copy_(ours.softmax_offset)
+        dpa_mask = bottom_right_causal(sq, sk) if mask is None else mask
+        if layer_number == 3:
+            dpa_mask = dpa_mask | get_sliding_window_causal_mask(sq, sk, (3, 0))
+        ref = dpa(q, k, v, dpa_mask.expand(BATCH, 1, sq, sk))
+        assert (ours(q, k, v, mask) - ref).abs().max() <= TOL, layer_number
+
+
 @pytest.mark.parametrize("unsupported, message", [
-    (dict(config=dict(softmax_type="off-by-one")), "softmax_type='off-by-one'"),
-    (dict(config=dict(window_size=(4, 0))), "window attention"),
     (dict(dropout=0.1), "attention dropout 0.1 in training"),
     (dict(forward=dict(attention_bias=torch.zeros(1))), "attention_bias"),
     (dict(forward=dict(packed_seq_params=PackedSeqParams())), "packed sequences"),

@@ -11,8 +11,12 @@ from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 
+from megatron_dflash.conv import DFlash2TransformerLayer, GroupedDynamicCausalConv
+from megatron_dflash.layers import LocalPreLinearRMSNorm
+from megatron_dflash.selector import CandidateSelector
 from megatron_dflash.sparse_attention import DFlashSparseAttention
-from megatron_dflash.specs import get_dflash_model_spec
+from megatron_dflash.specs import LOCAL_KEYS_MAP, get_dflash_model_spec
+from megatron_dflash.synthetic import dflash_config, target_config
 
 
 def test_te_spec_modules(monkeypatch):
@@ -34,3 +38,26 @@ def test_te_spec_modules(monkeypatch):
         mlp = layer.mlp.keywords["submodules"]
         assert mlp.linear_fc1 is TELayerNormColumnParallelLinear
         assert mlp.linear_fc2 is TERowParallelLinear
+
+
+def test_te_spec_dflash2_modules(monkeypatch):
+    """DFlash2 on TE: the MLP convolution sits between the pre-MLP norm and fc1, so they are not
+    fused (a separate norm under the fused norm's checkpoint name, an unfused TE fc1); each
+    convolution projects its taps with a duplicated TELinear; the selector is a model
+    submodule."""
+    monkeypatch.setattr(te_ext, "HAVE_TE", True)
+    cfg = dflash_config(target_config(), block_size=8, draft_variant="dflash2", selector_rank=8)
+    model = get_dflash_model_spec(2, "te", "dense", cfg)
+    assert model.submodules.selector.module is CandidateSelector
+    spec = model.submodules.decoder.layer_specs[0]
+    layer = spec.submodules
+    assert spec.module is DFlash2TransformerLayer
+    assert layer.pre_mlp_layernorm is LocalPreLinearRMSNorm
+    assert layer.sharded_state_dict_keys_map == LOCAL_KEYS_MAP
+    assert layer.mlp.keywords["submodules"].linear_fc1 is TEColumnParallelLinear
+    assert layer.input_layernorm is TENorm
+    for conv in (layer.attention_conv, layer.mlp_conv):
+        assert conv.module is GroupedDynamicCausalConv
+        assert conv.params == dict(kernel_size=2, group_size=16, block_size=8)
+        projection = conv.submodules.kernel_projection
+        assert projection.module is TELinear and projection.params["parallel_mode"] == "duplicated"

@@ -24,14 +24,16 @@ The checkpoint's multi-token-prediction layers (`num_nextn_predict_layers`, tens
 """
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 from megatron.core.models.common.embeddings.yarn_rotary_pos_embedding import (
     _yarn_get_concentration_factor)
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.transformer_config import MLATransformerConfig, TransformerConfig
-from transformers import PretrainedConfig
+from transformers import DeepseekV3Config, PretrainedConfig
 
 from megatron_dflash.layers import LocalRMSNorm
 from megatron_dflash.targets.hf_checkpoint import CONFIG_FILE
@@ -51,11 +53,23 @@ class DeepseekV3(MoEFamily):
         "self_attention.kv_layernorm.weight": "self_attention.linear_kv_up_proj.layer_norm_weight",
     }
 
+    def read_config(self, path):
+        """Kimi-K2 ships DeepSeek-V3's architecture under its own `model_type` (kimi_k2, with
+        remote code), which transformers reads as DeepSeek-V3's config (as its Kimi-K2.5 does)."""
+        config = json.loads((Path(path) / CONFIG_FILE).read_text())
+        if config.get("model_type") == "kimi_k2":
+            return DeepseekV3Config.from_dict(config | {"model_type": "deepseek_v3"},
+                                              name_or_path=str(path))
+        return super().read_config(path)
+
     def refusals(self, hf):
         return [*super().refusals(hf), (problems(hf), SCOPE)]
 
     def router_problems(self, hf):
         return []  # the sigmoid router's: `problems`
+
+    def rope_problems(self, hf):
+        return []  # MLA's own rotary embedding: `problems`
 
     def transformer_fields(self, hf):
         return super().transformer_fields(hf) | attention_fields(hf)
@@ -64,12 +78,7 @@ class DeepseekV3(MoEFamily):
         return {"position_embedding_type": "rope"}  # MLA layers hold their own (config fields)
 
     def skip_notice(self, hf):
-        ids = mtp_layer_ids(hf)
-        if not ids:
-            return None
-        return (f"skipping {len(ids)} multi-token-prediction layer(s) (num_nextn_predict_layers="
-                f"{len(ids)}, model.layers.{ids[0]}{f'..{ids[-1]}' if len(ids) > 1 else ''}): "
-                "not part of the target")
+        return mtp_notice(hf)
 
     def block_spec(self, config, *, backend, pp_rank, tp_size):
         if backend == "local":
@@ -116,22 +125,53 @@ class DeepseekV3(MoEFamily):
         }[".".join(name.split(".")[-2:])]
 
     def moe_layer_pattern(self, hf):
-        experts, dense = hf.n_routed_experts or 0, hf.first_k_dense_replace or 0
-        return [int(experts > 0 and i >= dense) for i in range(hf.num_hidden_layers)]
+        return moe_layer_pattern(hf)
 
     def router_fields(self, hf):
-        groups, topk_group = group_limit(hf) or (None, None)
-        return dict(
-            moe_router_score_function="sigmoid",
-            moe_router_pre_softmax=False,
-            moe_router_enable_expert_bias=True,
-            moe_router_bias_update_rate=0.0,  # the correction bias is checkpoint data, frozen
-            moe_router_num_groups=groups,
-            moe_router_group_topk=topk_group,
-            moe_router_topk_scaling_factor=hf.routed_scaling_factor,
-            moe_shared_expert_intermediate_size=(hf.n_shared_experts * hf.moe_intermediate_size
-                                                 if hf.n_shared_experts else None),
-        )
+        return router_fields(hf)
+
+
+def moe_layer_pattern(hf: PretrainedConfig) -> list[int]:
+    """Layer i is MoE iff i >= first_k_dense_replace (DeepSeek-V3, GLM-4.5)."""
+    experts, dense = hf.n_routed_experts or 0, hf.first_k_dense_replace or 0
+    return [int(experts > 0 and i >= dense) for i in range(hf.num_hidden_layers)]
+
+
+def router_fields(hf: PretrainedConfig) -> dict:
+    """The sigmoid router with the score-correction bias, groups, scaling and shared experts
+    (DeepSeek-V3, GLM-4.5)."""
+    groups, topk_group = group_limit(hf) or (None, None)
+    return dict(
+        moe_router_score_function="sigmoid",
+        moe_router_pre_softmax=False,
+        moe_router_enable_expert_bias=True,
+        moe_router_bias_update_rate=0.0,  # the correction bias is checkpoint data, frozen
+        moe_router_num_groups=groups,
+        moe_router_group_topk=topk_group,
+        moe_router_topk_scaling_factor=hf.routed_scaling_factor,
+        moe_shared_expert_intermediate_size=(hf.n_shared_experts * hf.moe_intermediate_size
+                                             if hf.n_shared_experts else None),
+    )
+
+
+def router_problems(hf: PretrainedConfig) -> list[str]:
+    """What `router_fields` cannot reproduce, each naming its config field."""
+    top_k, experts = hf.num_experts_per_tok, hf.n_routed_experts
+    found = []
+    if (top_k > 1) != bool(hf.norm_topk_prob):
+        # megatron renormalises the chosen sigmoid scores iff top-k > 1.
+        found.append(f"norm_topk_prob={hf.norm_topk_prob} with num_experts_per_tok={top_k}")
+    return found + _group_problems(hf.n_group or 1, hf.topk_group or 1, top_k, experts)
+
+
+def mtp_notice(hf: PretrainedConfig) -> str | None:
+    """The skip notice of the checkpoint's multi-token-prediction layers, if it has any."""
+    ids = mtp_layer_ids(hf)
+    if not ids:
+        return None
+    return (f"skipping {len(ids)} multi-token-prediction layer(s) (num_nextn_predict_layers="
+            f"{len(ids)}, model.layers.{ids[0]}{f'..{ids[-1]}' if len(ids) > 1 else ''}): "
+            "not part of the target")
 
 
 def group_limit(hf: PretrainedConfig) -> tuple[int, int] | None:
@@ -148,7 +188,7 @@ def problems(hf: PretrainedConfig) -> list[str]:
     if hf.q_lora_rank is None:
         # megatron's MLA with q/kv norms then fuses a norm into linear_q_proj; HF has none there.
         found.append("q_lora_rank=None")
-    if not hf.rope_interleave:
+    if not getattr(hf, "rope_interleave", True):  # GLM-5's config has none: interleaved
         found.append("rope_interleave=False")
     found += _rope_problems(hf)
     for field, value in (("scoring_func", "sigmoid"), ("topk_method", "noaux_tc"),
@@ -156,12 +196,7 @@ def problems(hf: PretrainedConfig) -> list[str]:
         # Keys of DeepSeek's own config.json that transformers ignores, running V3's choice.
         if getattr(hf, field, value) != value:
             found.append(f"{field}={getattr(hf, field)!r}")
-    top_k, experts = hf.num_experts_per_tok, hf.n_routed_experts
-    if (top_k > 1) != bool(hf.norm_topk_prob):
-        # megatron renormalises the chosen sigmoid scores iff top-k > 1.
-        found.append(f"norm_topk_prob={hf.norm_topk_prob} with num_experts_per_tok={top_k}")
-    found += _group_problems(hf.n_group or 1, hf.topk_group or 1, top_k, experts)
-    return found
+    return found + router_problems(hf)
 
 
 def _group_problems(groups: int, topk_group: int, top_k: int, experts: int) -> list[str]:
