@@ -16,6 +16,8 @@ import torch
 from megatron.core.transformer.attention import SelfAttention
 from megatron.core.transformer.transformer_layer import TransformerLayer
 
+from megatron_dflash.masks import FULL, LayerAttention, layer_mask
+
 
 class DFlashKVCache:
     """The draft's context keys/values kept across speculative-decoding steps (spec §7).
@@ -57,10 +59,21 @@ class DFlashSelfAttention(SelfAttention):
     The context arrives as `key_value_states` ([s_ctx(/tp under SP), b, h], already fused and
     normalised by the draft model). Under sequence parallelism the context and the block are
     all-gathered by two separate `linear_qkv` calls, so shards of the two never interleave.
+
+    `layer_attention` (a spec param) is what this layer sees beyond the DFlash rule (causal,
+    sliding window); from the masks the draft is given it takes its own kind's (`layer_mask`).
     """
 
     _context: torch.Tensor | None = None
     _kv_cache: DFlashKVCache | None = None
+
+    def __init__(self, *args, layer_attention: LayerAttention = FULL, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.layer_attention = layer_attention
+
+    def forward(self, hidden_states, attention_mask, *args, **kwargs):
+        return super().forward(hidden_states, layer_mask(attention_mask, self.layer_attention),
+                               *args, **kwargs)
 
     @contextlib.contextmanager
     def kv_context(self, context: torch.Tensor | None):

@@ -1,10 +1,11 @@
 """DFlash configuration: what the draft is, checked against its target before any tensor exists.
 
 `DFlashConfig` holds the DFlash-specific choices (block size, tapped target layers, mask token,
-loss decay) and optional draft-architecture overrides; everything left `None` is inherited from
-the target. `resolve()` fills those defaults and validates every field at once, raising one
-`ValueError` that names the field and its allowed range. `draft_transformer_config()` then turns
-the resolved config into the megatron `TransformerConfig` the draft layers are built from.
+loss decay, per-layer sliding window and causality) and optional draft-architecture overrides;
+everything left `None` is inherited from the target. `resolve()` fills those defaults and
+validates every field at once, raising one `ValueError` that names the field and its allowed
+range. `draft_transformer_config()` then turns the resolved config into the megatron
+`TransformerConfig` the draft layers are built from.
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash import rope
+from megatron_dflash.masks import LayerAttention
 
 # Loss decay gamma of the paper (App. A.1) for the block sizes it trained.
 _PAPER_GAMMA = ((8, 4.0), (10, 5.0), (16, 7.0))
@@ -103,6 +105,24 @@ class DFlashConfig:
     """Scale of the block tokens' target embedding (reference `input_embedding_scale`)."""
     vocab_size: int | None = None
     """DFlash2: rows of the selector's codebooks, the target's vocabulary (its default)."""
+    layer_types: list[str] | None = None
+    """Per draft layer, `full_attention` or `sliding_attention` (reference `layer_types`);
+    default: every layer sliding with a `sliding_window`, else every layer full."""
+    sliding_window: int | None = None
+    """W of the sliding layers: a query at position P sees keys at P-W+1..P, context and block
+    alike (reference `sliding_window`); at least block_size, so it never cuts a block."""
+    is_causal: bool | None = None
+    """Causal within the block on every layer (True) or on none (False); None: the reference's
+    default, sliding layers causal and full ones not (reference top-level `is_causal`)."""
+
+    def layer_attentions(self) -> list[LayerAttention]:
+        """What each layer sees beyond the DFlash rule, as the reference resolves it per layer
+        (spec §7.1): causal = `is_causal` if set, else sliding; window = W on sliding layers."""
+        default = SLIDING if self.sliding_window is not None else FULL_ATTENTION
+        types = self.layer_types or [default] * self.num_draft_layers
+        return [LayerAttention(causal=t == SLIDING if self.is_causal is None else self.is_causal,
+                               window=self.sliding_window if t == SLIDING else None)
+                for t in types]
 
     def resolve(self, target_config: TransformerConfig, *, vocab_size: int,
                 target_rope_theta: float,
@@ -171,6 +191,7 @@ class DFlashConfig:
             raise ValueError(f"loss_gamma={r.loss_gamma!r} must be a number > 0")
         _check_int(r, "num_anchors", lo=1)
         _check_variant(r, vocab_size)
+        _check_layers(r)
         return r
 
 
@@ -240,6 +261,9 @@ _DENSE_FIELDS = {f.name: f.default for f in dataclasses.fields(TransformerConfig
 
 
 VARIANTS = ("dflash", "dflash2")
+# The reference's layer types (`layer_types`).
+FULL_ATTENTION, SLIDING = "full_attention", "sliding_attention"
+LAYER_TYPES = (FULL_ATTENTION, SLIDING)
 # The DFlash2 fields and their defaults (the published drafts': spec §1).
 DFLASH2_DEFAULTS = {"conv_kernel_size": 2, "conv_group_size": 16, "selector_rank": 256,
                     "selector_top_k": 16}
@@ -283,6 +307,28 @@ def _check_variant(r: DFlashConfig, vocab_size: int) -> None:
     if cap is not None and (not _is_number(cap) or cap <= 0):
         raise ValueError(f"final_logit_softcapping={cap!r} must be a number > 0 (omit it for "
                          "no softcapping)")
+
+
+def _check_layers(r: DFlashConfig) -> None:
+    """Fill and check the per-layer attention (in place)."""
+    n = r.num_draft_layers
+    if r.layer_types is None:
+        r.layer_types = [SLIDING if r.sliding_window is not None else FULL_ATTENTION] * n
+    if (not isinstance(r.layer_types, (list, tuple)) or len(r.layer_types) != n
+            or any(t not in LAYER_TYPES for t in r.layer_types)):
+        raise ValueError(f"layer_types={r.layer_types!r} must list {n} layer types (one per draft "
+                         f"layer), each one of {LAYER_TYPES}")
+    r.layer_types = list(r.layer_types)
+    if SLIDING in r.layer_types:
+        if r.sliding_window is None:
+            raise ValueError(f"layer_types={r.layer_types} has sliding layers: they need a "
+                             "sliding_window")
+        _check_int(r, "sliding_window", lo=r.block_size)
+    elif r.sliding_window is not None:
+        raise ValueError(f"sliding_window={r.sliding_window!r} is set but layer_types="
+                         f"{r.layer_types} has no {SLIDING!r} layer to use it")
+    if r.is_causal is not None and not isinstance(r.is_causal, bool):
+        raise ValueError(f"is_causal={r.is_causal!r} must be true, false or unset")
 
 
 def _default(value, fallback):

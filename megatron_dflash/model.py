@@ -31,6 +31,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.loss import unary_logits, vocab_parallel_argmax
+from megatron_dflash.masks import FULL, position_masks
 from megatron_dflash.rope import draft_rotary_embedding
 
 
@@ -109,7 +110,11 @@ class DFlashDraftModel(MegatronModule):
             block_input_ids: [b, Q] block tokens, Q = blocks x block_size, each block
                 `[token at anchor, MASK, ..., MASK]`.
             features: [S, b, K*H] captured target hidden states ([S/tp, ...] under SP).
-            attention_mask: [b, 1, Q, S+Q] bool, True = masked (None: everything visible).
+            attention_mask: [b, 1, Q, S+Q] bool, True = masked, or per-kind masks
+                (`LayerMasks`, `DFlashBlockMask`) for a draft whose layers differ. None:
+                inference, every block query at its position: full non-causal layers see
+                everything, causal and sliding ones what the reference's `_attention_mask` lets
+                them (built here from the positions, once per kind of layer).
             position_ids: [b, S+Q] positions of the S context tokens, then of the Q block tokens.
             return_hidden: return the final-norm hidden states instead of logits.
             kv_cache: inference only (no mask): `features` and the first S positions are the
@@ -132,6 +137,10 @@ class DFlashDraftModel(MegatronModule):
                 for layer in self.decoder.layers:
                     stack.enter_context(layer.self_attention.kv_cache(kv_cache))
             num_context = position_ids.shape[1] - num_block
+            kinds = self.dflash_config.layer_attentions()
+            if attention_mask is None and any(kind != FULL for kind in kinds):
+                attention_mask = position_masks(position_ids[:, num_context:], position_ids,
+                                                kinds)
             hidden = self.decoder(hidden_states=hidden, attention_mask=attention_mask,
                                   context=context,
                                   rotary_pos_emb=self._rotary(position_ids, num_context))

@@ -11,6 +11,7 @@ two convolutions and the candidate selector, its sizes in `dflash_config` (spec 
 
     reference_config(cfg, target, dtype)        DFlashConfig -> config.json dict
     config_from_reference(hf, where)             config.json dict -> DFlashConfig (unresolved)
+    layer_fields(cfg), layer_config(hf, ...)     the per-layer attention keys, both ways (§7)
     resolve_for_target(cfg, ...)                 validated config + the target it is built on
     reference_shapes(cfg), check_shapes(...)     the tensors a config implies
 
@@ -24,7 +25,8 @@ import torch.nn.functional as F
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash import rope
-from megatron_dflash.config import DFlashConfig, build_target_layer_ids
+from megatron_dflash.config import (FULL_ATTENTION, LAYER_TYPES, SLIDING, DFlashConfig,
+                                     build_target_layer_ids)
 from megatron_dflash.targets.hf_import import load_hf_config, target_transformer_config
 
 CONFIG_FILE = "config.json"
@@ -37,8 +39,11 @@ _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.floa
 # Never written: vLLM reads eagle_aux_hidden_state_layer_ids without DFlash's +1 offset (spec §3.2);
 # auto_map would point at a dflash.py that is not shipped.
 _NEVER_EXPORTED = ("eagle_aux_hidden_state_layer_ids", "auto_map")
-# Reference-config keys of variants the megatron draft does not implement (spec §4.4, [ZLpypi]).
-_UNSUPPORTED_DFLASH_KEYS = {"use_swa": False, "causal": False}
+# vLLM's own dflash_config spellings of the per-layer attention (spec §7.4): the export states
+# causality and window once, at the top level, where the reference, vLLM and SGLang all read them.
+_VLLM_LAYER_KEYS = ("causal", "use_swa", "swa_window_size")
+# transformers' Qwen3Config default: with no `layer_types`, layers from this index on slide.
+_MAX_WINDOW_LAYERS = 28
 # The draft's logit and embedding scales (both variants; written to dflash_config for DFlash2 or
 # when not the default) and DFlash2's keys, all in dflash_config (dflash2_and_swa_spec.md §5).
 _SCALES = {"output_multiplier": 1.0, "final_logit_softcapping": None, "input_embedding_scale": 1.0}
@@ -92,7 +97,8 @@ def reference_config(cfg: DFlashConfig, target: dict, dtype: torch.dtype,
             imported draft exports to the same file.
     """
     out = {k: v for k, v in (base or {}).items() if k not in _NEVER_EXPORTED}
-    dflash = dict(out.get("dflash_config") or {})
+    dflash = {k: v for k, v in (out.get("dflash_config") or {}).items()
+              if k not in _VLLM_LAYER_KEYS}
     dflash.update(mask_token_id=cfg.mask_token_id, target_layer_ids=list(cfg.target_layer_ids))
     dflash2 = cfg.draft_variant == "dflash2"
     if "block_size" in dflash or dflash2:
@@ -111,11 +117,67 @@ def reference_config(cfg: DFlashConfig, target: dict, dtype: torch.dtype,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim, hidden_act="silu",
         rms_norm_eps=cfg.norm_eps, attention_bias=False, attention_dropout=0.0,
         **rope.reference_fields(cfg.rope_scaling, cfg.rope_theta),
-        layer_types=["full_attention"] * n, sliding_window=None, use_sliding_window=False,
-        tie_word_embeddings=False, dtype=_DTYPE_NAMES[dtype], **target)
+        **layer_fields(cfg), tie_word_embeddings=False, dtype=_DTYPE_NAMES[dtype], **target)
     if "torch_dtype" in out:
         out["torch_dtype"] = out["dtype"]
     return dict(sorted(out.items()))
+
+
+def layer_fields(cfg: DFlashConfig) -> dict:
+    """The per-layer attention of a resolved draft as the reference, vLLM and SGLang read it
+    (spec §7): explicit `layer_types`; `sliding_window` with `use_sliding_window: true` (else
+    transformers' Qwen3Config drops the window); `is_causal` true/false when every layer agrees,
+    null when the layers follow the reference default of different types (sliding causal, full
+    not), which every loader then reads from `layer_types`."""
+    kinds = cfg.layer_attentions()
+    types = [FULL_ATTENTION if kind.window is None else SLIDING for kind in kinds]
+    sliding = SLIDING in types
+    causal = {kind.causal for kind in kinds}
+    return dict(layer_types=types, sliding_window=cfg.sliding_window if sliding else None,
+                use_sliding_window=sliding,
+                is_causal=causal.pop() if len(causal) == 1 else None)
+
+
+def layer_config(hf: dict, num_layers: int, where: str) -> dict:
+    """`layer_types`, `sliding_window`, `is_causal` of a DFlashConfig from a reference config, as
+    the reference resolves them (a window only with `use_sliding_window`; `layer_types` from
+    `max_window_layers` when absent). Raises, naming the key, where the reference, vLLM and
+    SGLang would read different per-layer attention."""
+    use = hf.get("use_sliding_window", False)
+    window = hf.get("sliding_window") if use else None
+    types = hf.get("layer_types")
+    if types is None:
+        first = hf.get("max_window_layers", _MAX_WINDOW_LAYERS)
+        types = [SLIDING if window is not None and i >= first else FULL_ATTENTION
+                 for i in range(num_layers)]
+    if not isinstance(types, list) or any(t not in LAYER_TYPES for t in types):
+        raise ValueError(f"{where}: layer_types={types!r}: each must be one of {LAYER_TYPES}")
+    is_causal = hf.get("is_causal")
+    if is_causal is not None and not isinstance(is_causal, bool):
+        raise ValueError(f"{where}: is_causal={is_causal!r} must be true, false or null")
+    sliding = SLIDING in types
+    if sliding and window is None:
+        raise ValueError(
+            f"{where}: layer_types has sliding_attention layers but use_sliding_window={use!r}, "
+            f"sliding_window={hf.get('sliding_window')!r}: transformers drops the window unless "
+            "use_sliding_window is true (the reference then runs those layers unwindowed, vLLM "
+            "and SGLang refuse them)")
+    out = dict(layer_types=list(types), sliding_window=window if sliding else None,
+               is_causal=is_causal)
+    causal, use_swa, swa = ((hf.get("dflash_config") or {}).get(k) for k in _VLLM_LAYER_KEYS)
+    kinds = (DFlashConfig(num_draft_layers=len(types), **out).layer_attentions()
+             if is_causal is None and causal is not None else [])
+    if any(kind.causal != causal for kind in kinds):
+        raise ValueError(f"{where}: dflash_config.causal={causal!r}: vLLM makes every layer so, "
+                         "the reference and SGLang make sliding layers causal and full ones not; "
+                         "set the top-level is_causal")
+    if use_swa and not all(t == SLIDING for t in types):
+        raise ValueError(f"{where}: dflash_config.use_swa={use_swa!r}: vLLM slides every layer, "
+                         f"the reference only the sliding_attention ones of layer_types={types}")
+    if swa is not None and sliding and swa != window:
+        raise ValueError(f"{where}: dflash_config.swa_window_size={swa!r}: vLLM's window; the "
+                         f"reference's and SGLang's is sliding_window={window!r}")
+    return out
 
 
 def target_fields(hf_config: dict, where: str) -> dict:
@@ -144,17 +206,12 @@ def config_from_reference(hf: dict, where: str) -> DFlashConfig:
         problems.append(f"architectures={hf.get('architectures')!r} (expected {expected})")
     if hf.get("model_type") != "qwen3":
         problems.append(f"model_type={hf.get('model_type')!r} (expected 'qwen3')")
-    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False),
-                    ("use_sliding_window", False), ("is_causal", False)):
+    for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
         if hf.get(key, ok) not in (ok, None):
             problems.append(f"{key}={hf[key]!r}")
-    if any(t != "full_attention" for t in hf.get("layer_types") or []):
-        problems.append(f"layer_types={hf['layer_types']}")
     dflash = hf.get("dflash_config") or {}
     if not isinstance(dflash, dict):
         raise ValueError(f"{where}: dflash_config={dflash!r} must be an object")
-    problems += [f"dflash_config.{k}={dflash[k]!r}" for k, ok in _UNSUPPORTED_DFLASH_KEYS.items()
-                 if dflash.get(k, ok) != ok]
     rope_theta, rope_scaling = rope.from_reference(hf)
     problems += rope.problems(rope_scaling)
     if problems:
@@ -184,7 +241,7 @@ def config_from_reference(hf: dict, where: str) -> DFlashConfig:
                   # the reference turns a cap <= 0 off
                   final_logit_softcapping=(None if isinstance(softcap, (int, float))
                                            and softcap <= 0 else softcap))
-    return DFlashConfig(**dflash2, **scales,
+    return DFlashConfig(**dflash2, **scales, **layer_config(hf, num_layers, where),
         block_size=value("block_size", 16), num_draft_layers=num_layers,
         target_layer_ids=list(layer_ids) if isinstance(layer_ids, (list, tuple)) else layer_ids,
         mask_token_id=value("mask_token_id"), num_attention_heads=hf["num_attention_heads"],

@@ -42,6 +42,7 @@ from megatron_dflash.conv import (ConvSubmodules, DFlash2LayerSubmodules, DFlash
                                   GroupedDynamicCausalConv)
 from megatron_dflash.layers import (DuplicatedLinear, LocalPreLinearRMSNorm, LocalRMSNorm,
                                     check_backend, te_modules)
+from megatron_dflash.masks import FULL, LayerAttention
 from megatron_dflash.model import DFlashDraftModel, DFlashModelSubmodules
 from megatron_dflash.selector import CandidateSelector
 from megatron_dflash.sparse_attention import DFlashSparseAttention
@@ -58,10 +59,12 @@ def _check_attention(attention: str):
 
 
 def get_dflash_layer_spec(backend: str = "local", attention: str = "dense",
-                          cfg: DFlashConfig | None = None) -> ModuleSpec:
+                          cfg: DFlashConfig | None = None,
+                          layer_attention: LayerAttention = FULL) -> ModuleSpec:
     """One DFlash draft layer. `backend="te"` needs Transformer Engine (GPU); `attention="sparse"`
     needs the mask as a `DFlashBlockMask` (`dflash_block_mask`) instead of the dense tensor.
-    `cfg` (resolved): a DFlash2 `draft_variant` gives the DFlash2 layer of its sizes."""
+    `cfg` (resolved): a DFlash2 `draft_variant` gives the DFlash2 layer of its sizes.
+    `layer_attention`: the layer's causality and sliding window (`cfg.layer_attentions()`)."""
     check_backend(backend)
     _check_attention(attention)
     if backend == "local":
@@ -85,7 +88,8 @@ def get_dflash_layer_spec(backend: str = "local", attention: str = "dense",
             input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=DFlashSelfAttention,
-                params={"attn_mask_type": AttnMaskType.arbitrary},
+                params={"attn_mask_type": AttnMaskType.arbitrary,
+                        "layer_attention": layer_attention},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=provider.column_parallel_linear(),
                     core_attention=core_attention,
@@ -111,19 +115,23 @@ def get_dflash_layer_spec(backend: str = "local", attention: str = "dense",
 
 def get_dflash_model_spec(num_layers: int, backend: str = "local", attention: str = "dense",
                           cfg: DFlashConfig | None = None) -> ModuleSpec:
-    """The whole draft: fc + hidden_norm, `num_layers` DFlash layers and a final norm (and, for a
-    DFlash2 `cfg`, DFlash2 layers and the candidate selector)."""
+    """The whole draft: fc + hidden_norm, `num_layers` DFlash layers (each seeing as `cfg`'s
+    `layer_types`, `sliding_window` and `is_causal` say) and a final norm (and, for a DFlash2
+    `cfg`, DFlash2 layers and the candidate selector)."""
     check_backend(backend)
     _check_attention(attention)
     norm = LocalRMSNorm if backend == "local" else te_modules()[1]
-    layer = get_dflash_layer_spec(backend, attention, cfg)
+    kinds = cfg.layer_attentions() if cfg is not None else [FULL] * num_layers
+    if len(kinds) != num_layers:
+        raise ValueError(f"num_layers={num_layers} but the config describes {len(kinds)} layers")
+    layers = [get_dflash_layer_spec(backend, attention, cfg, kind) for kind in kinds]
     dflash2 = cfg is not None and cfg.draft_variant == "dflash2"
     return ModuleSpec(
         module=DFlashDraftModel,
         submodules=DFlashModelSubmodules(
             fc=_duplicated(backend),
             hidden_norm=norm,
-            decoder=TransformerBlockSubmodules(layer_specs=[layer] * num_layers, layer_norm=norm),
+            decoder=TransformerBlockSubmodules(layer_specs=layers, layer_norm=norm),
             selector=ModuleSpec(module=CandidateSelector) if dflash2 else None,
         ),
     )

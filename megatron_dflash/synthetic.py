@@ -73,7 +73,8 @@ def draft_inputs(cfg: DFlashConfig, batch=2, seq_len=48, seed=0) -> dict[str, to
     return dict(
         block_input_ids=block_input_ids(tokens, anchors, keep, cfg.block_size, cfg.mask_token_id),
         features=torch.randn(seq_len, batch, k * cfg.hidden_size, generator=g),
-        attention_mask=dflash_attention_mask(anchors, keep, seq_len, cfg.block_size),
+        attention_mask=dflash_attention_mask(anchors, keep, seq_len, cfg.block_size,
+                                             cfg.layer_attentions()),
         position_ids=block_position_ids(seq_len, anchors, cfg.block_size),
         labels=block_labels(tokens, anchors, cfg.block_size),
         weights=block_loss_weights(bmask, cfg.block_size, cfg.loss_gamma),

@@ -23,12 +23,14 @@ def dflash2_config(**kw) -> DFlashConfig:
     return draft_config(**(DFLASH2 | dict(vocab_size=VOCAB) | kw))
 
 
-def reference_dflash2(cfg: DFlashConfig, seed=0) -> DFlash2DraftModel:
+def reference_dflash2(cfg: DFlashConfig, seed=0, **config_keys) -> DFlash2DraftModel:
     """The reference DFlash2 draft for `cfg` (eval mode): random weights, the convolutions near
-    their identity start and codebooks large enough that the selector changes choices."""
+    their identity start and codebooks large enough that the selector changes choices;
+    `config_keys` are further config.json keys (`layer_types`, ...)."""
     keys = ("mask_token_id", "target_layer_ids", "block_size", *DFLASH2, *SCALES)
     dflash = {k: getattr(cfg, k) for k in keys if k != "draft_variant"}
     config = Qwen3Config(
+        **config_keys,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_draft_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,

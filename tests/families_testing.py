@@ -187,7 +187,8 @@ HARMONY = r"""
         {%- endif %}
         {%- if loop.last and not add_generation_prompt %}
             {%- if "thinking" in message %}
-                {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking + "<|end|>" }}
+                {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking }}
+                {{- "<|end|>" }}
             {%- endif %}
             {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|return|>" }}
         {%- else %}

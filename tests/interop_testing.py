@@ -55,9 +55,10 @@ TARGET_FIELDS = dict(num_target_layers=TARGET_LAYERS, vocab_size=VOCAB,
                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2)
 
 
-def reference_model(cfg: DFlashConfig, seed=0) -> ReferenceDraft:
-    """The z-lab reference draft for `cfg`, with non-trivial random weights."""
-    config = Qwen3Config(
+def reference_model(cfg: DFlashConfig, seed=0, **config_keys) -> ReferenceDraft:
+    """The z-lab reference draft for `cfg`, with non-trivial random weights; `config_keys` are
+    further config.json keys (e.g. `layer_types`, `sliding_window`, `is_causal`)."""
+    config = Qwen3Config(**config_keys,
         hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_hidden_size,
         num_hidden_layers=cfg.num_draft_layers, num_attention_heads=cfg.num_attention_heads,
         num_key_value_heads=cfg.num_key_value_heads, head_dim=cfg.head_dim,

@@ -91,6 +91,12 @@ class DFlashArgs:
     output_multiplier: float = 1.0
     final_logit_softcapping: float | None = None
     input_embedding_scale: float = 1.0
+    draft_sliding_window: int | None = None
+    """Window of the sliding draft layers (default: no sliding layer)."""
+    draft_layer_types: list[str] | None = None
+    """full or sliding, per draft layer (default: all sliding with a window, else all full)."""
+    draft_causal: bool | None = None
+    """Causal within the block on every draft layer, or on none (default: sliding layers)."""
 
 
 @dataclass

@@ -18,6 +18,8 @@ from megatron_dflash.run.config import (CheckpointArgs, DataArgs, DFlashArgs, Lo
 
 ATTENTION_CHOICES = ("dense", "sparse", "auto")
 DISPATCHERS = ("allgather", "alltoall")
+# --draft-layer-types: the reference's layer types without their `_attention`.
+LAYER_TYPE_CHOICES = ("full", "sliding")
 
 
 def _group(parser: argparse.ArgumentParser, title: str, section, flags: list[tuple]) -> None:
@@ -134,6 +136,21 @@ def add_dflash_flags(p: argparse.ArgumentParser) -> None:
                                                             "c*tanh(logits/c) (default: off)")),
         ("--input-embedding-scale", dict(type=float, help="scale of the block tokens' target "
                                                           "embedding")),
+    ])
+    _group(p, "sliding-window draft layers (exported as layer_types, sliding_window, is_causal)",
+           DFlashArgs, [
+        ("--draft-sliding-window", dict(type=int, metavar="W", help=(
+            "sliding-window draft layers: a block query at position P sees only the context "
+            "keys after P-W (its own block whole: W >= --block-size), so a long context costs "
+            "the draft at most W keys per query; every draft layer slides unless "
+            "--draft-layer-types says which"))),
+        ("--draft-layer-types", dict(nargs="+", choices=LAYER_TYPE_CHOICES, help=(
+            "one per draft layer: full (sees the whole context) or sliding (the "
+            "--draft-sliding-window keys before it), e.g. 'sliding sliding sliding sliding full'"))),
+        ("--draft-causal", dict(action=argparse.BooleanOptionalAction, help=(
+            "causal attention within the block on every draft layer (--draft-causal) or on none "
+            "(--no-draft-causal; the published Qwen3.6 drafters); default: the reference's, "
+            "sliding layers causal and full ones not"))),
     ])
 
 

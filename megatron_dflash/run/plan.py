@@ -39,9 +39,11 @@ DFLASH_FLAGS = {
     "selector_rank": "--selector-rank", "selector_top_k": "--selector-top-k",
     "selector_loss_weight": "--selector-loss-weight", "output_multiplier": "--output-multiplier",
     "final_logit_softcapping": "--final-logit-softcapping",
-    "input_embedding_scale": "--input-embedding-scale"}
+    "input_embedding_scale": "--input-embedding-scale", "layer_types": "--draft-layer-types",
+    "sliding_window": "--draft-sliding-window", "is_causal": "--draft-causal"}
 TARGET_FIELDS = {"hidden_size": "the target's hidden_size",
-                 "rope_theta": "the target's rope_theta", "rope_scaling": "the target's rope scaling",
+                 "rope_theta": "the target's rope_theta",
+                 "rope_scaling": "the target's rope scaling",
                  "norm_eps": "the target's rms_norm_eps"}
 
 
@@ -163,7 +165,10 @@ def resolve(run: RunConfig, world_size: int, hf_config: PretrainedConfig | None 
         selector_rank=d.selector_rank, selector_top_k=d.selector_top_k,
         selector_loss_weight=d.selector_loss_weight, output_multiplier=d.output_multiplier,
         final_logit_softcapping=d.final_logit_softcapping,
-        input_embedding_scale=d.input_embedding_scale)
+        input_embedding_scale=d.input_embedding_scale, sliding_window=d.draft_sliding_window,
+        layer_types=(None if d.draft_layer_types is None
+                     else [f"{t}_attention" for t in d.draft_layer_types]),
+        is_causal=d.draft_causal)
     rope_theta = (target.hf_config.rope_parameters or {}).get("rope_theta")
     try:
         cfg = cfg.resolve(target.config, vocab_size=target.hf_config.vocab_size,

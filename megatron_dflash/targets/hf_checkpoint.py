@@ -4,8 +4,8 @@ Shapes come from the safetensors headers; a tensor's data is read only when aske
 the slice asked for (`get_shard`: one tensor-parallel slice), so each rank reads what it holds.
 A *view* names a basic-index slice of a stored tensor as a tensor of its own (e.g. one expert of
 transformers 5's fused `mlp.experts.gate_up_proj`); it is read slice by slice like any tensor. A
-*decoded* view names a tensor the checkpoint stores in another form (transposed, quantized: gpt-oss's
-MXFP4 experts), read by decoding only the stored slices the asked slice needs.
+*decoded* view names a tensor the checkpoint stores in another form (transposed, quantized:
+gpt-oss's MXFP4 experts), read by decoding only the stored slices the asked slice needs.
 """
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def expert_view(name: str, expert: int, shape: tuple[int, int]) -> Decoded:
         (r0, r1, _), (c0, c1, _) = (s.indices(n) for s, n in zip(index, shape))
         g0, g1 = c0 // GROUP, -(-c1 // GROUP)
         rows, groups = slice(r0, r1), slice(g0, g1)
-        values = dequantize(raw(blocks, (expert, rows, groups)), raw(scales, (expert, rows, groups)))
+        index = (expert, rows, groups)
+        values = dequantize(raw(blocks, index), raw(scales, index))
         return values[:, c0 - g0 * GROUP:c1 - g0 * GROUP]
 
     return Decoded((rows_total, cols_total), (blocks, scales), read)

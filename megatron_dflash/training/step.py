@@ -56,7 +56,7 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     [b]: the samples' own lengths when `tokens` is padded past them; with it, padding changes
     neither the anchors nor the loss.
     `attention` picks the mask the draft's spec takes: the dense tensor, or the per-block
-    `DFlashBlockMask` of the sparse attention. `block_multiple`: the number of block tokens
+    `DFlashBlockMask` of the sparse attention (per kind of layer: causal, sliding window). `block_multiple`: the number of block tokens
     (N * block_size) is padded with unkept blocks to a multiple of it (FP8 GEMM alignment).
 
     The loss reads only the supervised slots: `loss_index` holds their flat indices into [b, Q]
@@ -81,7 +81,7 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
         tokens=tokens.contiguous(),
         position_ids=torch.arange(seq_len).repeat(b, 1),
         block_input_ids=block_input_ids(tokens, anchors, keep, B, cfg.mask_token_id),
-        attention_mask=MASKS[attention](anchors, keep, seq_len, B),
+        attention_mask=MASKS[attention](anchors, keep, seq_len, B, cfg.layer_attentions()),
         block_position_ids=block_position_ids(seq_len, anchors, B),
         labels=block_labels(tokens, anchors, B),
         label_positions=label_positions,

@@ -10,7 +10,6 @@ import types
 
 import pytest
 import torch
-import torch.nn.functional as F
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
@@ -165,12 +164,15 @@ class OracleDraft(torch.nn.Module):
         self.dflash_config = types.SimpleNamespace(target_layer_ids=[1], block_size=4,
                                                    mask_token_id=0)
 
-    def forward(self, block, features, attention_mask, positions, kv_cache):
+    def forward(self, block, features, attention_mask, positions, return_hidden, kv_cache):
         size = block.shape[1]
         start = int(positions[0, -size])
-        proposal = torch.tensor(self.sequence[start + 1:start + size])
-        proposal[-1] = (proposal[-1] + 1) % VOCAB
-        return F.one_hot(torch.cat([block[0, :1], proposal]), VOCAB).float()[:, None]
+        self.proposal = torch.tensor(self.sequence[start + 1:start + size])
+        self.proposal[-1] = (self.proposal[-1] + 1) % VOCAB
+        return torch.zeros(size, 1, 1)  # stands for the block's hidden states
+
+    def propose(self, hidden, anchor):
+        return self.proposal
 
 
 def test_greedy_decoding_with_the_kv_cache_equals_full_forwards(target, utils):

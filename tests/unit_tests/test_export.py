@@ -55,7 +55,8 @@ def test_round_trip_reference_megatron_reference(utils, tmp_path, reference_dir)
 
 def test_round_trip_keeps_reference_written_config_and_bf16(utils, tmp_path):
     """A directory written by the reference's own save_pretrained, in bf16: every original key
-    survives; only the transformers-4 RoPE keys are added; tensors are bit-identical."""
+    survives; only the transformers-4 RoPE keys and the explicit `is_causal` are added; tensors
+    are bit-identical."""
     utils.initialize_model_parallel(1)
     ref = reference_model(draft_config(), seed=2).to(torch.bfloat16)
     ref.save_pretrained(tmp_path / "ref")
@@ -69,7 +70,8 @@ def test_round_trip_keeps_reference_written_config_and_bf16(utils, tmp_path):
     assert all(same_bytes(before[k], after[k]) for k in before)
     original, exported = _config(tmp_path / "ref"), _config(tmp_path / "out")
     assert {k: exported[k] for k in original} == original
-    assert exported.keys() - original.keys() == {"rope_theta", "rope_scaling"}
+    assert exported.keys() - original.keys() == {"rope_theta", "rope_scaling", "is_causal"}
+    assert exported["is_causal"] is False
 
 
 def test_export_matches_our_draft_in_reference_code(utils, tmp_path):
@@ -245,7 +247,7 @@ IMPORT_ERRORS = {
     "extra_tensor": (lambda p: _edit_tensors(p, lambda t: t.update(
         {"embed_tokens.weight": torch.zeros(256, HIDDEN)})), "'embed_tokens.weight' is not part"),
     "sliding_window": (lambda p: _edit_config(p, layer_types=["sliding_attention"] * 2),
-                       "not supported by the megatron draft: layer_types"),
+                       "layer_types has sliding_attention layers but use_sliding_window=False"),
     "dflash2_without_its_sizes": (lambda p: _edit_config(p, architectures=["DFlash2DraftModel"]),
                                   "a DFlash2 draft needs dflash_config.conv_kernel_size"),
     "not_a_draft": (lambda p: _edit_config(p, architectures=["Qwen3ForCausalLM"]),

@@ -3,8 +3,6 @@ turn's final channel and its end token — <|end|> for earlier turns, <|return|>
 never the system header or the last turn's analysis channel), a regenerated harmony answer split
 back into its channels, and Kimi-K2's role markers; the mask token of a Kimi-like vocabulary is its
 first reserved special token."""
-import pytest
-
 from megatron_dflash.data import HFChatTokenizer
 from megatron_dflash.data.mask_token import resolve_mask_token_id
 from megatron_dflash.regeneration.turns import ChatPrompts

@@ -6,8 +6,9 @@ import json
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
-from megatron_dflash import rope
+from megatron_dflash import rope, state_dict_adapter
 from megatron_dflash.config import DFlashConfig, draft_transformer_config
 from megatron_dflash.reference_format import config_from_reference, reference_config
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
@@ -16,8 +17,6 @@ from megatron_dflash.targets.hf_import import (build_target, load_hf_config, loa
 from tests.dflash_testing import (build_draft, draft_inputs, head_only_target, head_state,
                                   load_params, target_config)
 from tests.interop_testing import TARGET_FIELDS, reference_block_logits, reference_model
-from megatron_dflash import state_dict_adapter
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH, TOL = 128, 64, 2, 40, 2, 1e-5
 # Positions run past the original context, so the scaled frequencies matter.

@@ -22,7 +22,7 @@ from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron_dflash.targets import mxfp4
 from megatron_dflash.targets.family import quant_method
 from megatron_dflash.targets.hf_checkpoint import Decoded
-from megatron_dflash.targets.moe import MoEFamily, is_moe_layer, local_experts
+from megatron_dflash.targets.moe import MoEFamily, local_experts
 from megatron_dflash.targets.sliding_window import sliding_layers, window_fields, window_problems
 
 SCOPE = ("by the gpt-oss import (megatron's sinks, sliding window, biased router and clamped "
@@ -92,8 +92,8 @@ class GptOss(MoEFamily):
             ("self_attention.core_attention.softmax_offset", ("self_attn.sinks",), "columns")]
 
     def mlp_rows(self, config, layer_id, *, fused_norms, expert_parallel):
-        if not is_moe_layer(config, layer_id):
-            raise ValueError(f"gpt-oss layer {layer_id} has no experts")
+        """Every layer's MoE: the biased router and, per local expert, the biased fc1 (from the
+        interleaved gate_up, `interleaved_fc1`) and fc2 (SequentialMLP or TEGroupedMLP names)."""
         rows = [("pre_mlp_layernorm.weight", ("post_attention_layernorm.weight",), "replicated"),
                 ("mlp.router.weight", ("mlp.router.weight",), "replicated"),
                 ("mlp.router.bias", ("mlp.router.bias",), "replicated")]
@@ -109,7 +109,8 @@ class GptOss(MoEFamily):
         return rows
 
     def hf_shape(self, name, config, vocab_size):
-        hidden, ffn, experts = config.hidden_size, config.moe_ffn_hidden_size, config.num_moe_experts
+        hidden, ffn = config.hidden_size, config.moe_ffn_hidden_size
+        experts = config.num_moe_experts
         last = ".".join(name.split(".")[-2:])
         shapes = {"self_attn.sinks": (config.num_attention_heads,), "o_proj.bias": (hidden,),
                   "router.weight": (experts, hidden), "router.bias": (experts,)}
@@ -139,10 +140,9 @@ class GptOss(MoEFamily):
             for e in range(shape[0]):
                 expert = f"{prefix}.mlp.experts.{e}."
                 if kind in ("gate_up_proj_blocks", "down_proj_blocks"):
-                    name = kind.removesuffix("_blocks")
-                    _, rows, cols = mxfp4.stored_shape(shape)
-                    views[expert + name] = mxfp4.expert_view(key.removesuffix("_blocks"), e,
-                                                             (rows, cols))
+                    name = key.removesuffix("_blocks")
+                    views[expert + kind.removesuffix("_blocks")] = mxfp4.expert_view(
+                        name, e, mxfp4.stored_shape(shape)[1:])
                 elif kind in ("gate_up_proj", "down_proj"):
                     views[expert + kind] = transposed_view(key, e, (shape[2], shape[1]))
                 elif kind in ("gate_up_proj_bias", "down_proj_bias"):

@@ -1,6 +1,6 @@
-"""Mistral and Ministral targets (transformers `MistralForCausalLM`, `MinistralForCausalLM`): Llama's
-shape with an explicit `head_dim` and sliding-window attention — on every layer when the config
-sets `sliding_window` (Mistral), or on the layers `layer_types` marks (Ministral) — through
+"""Mistral and Ministral targets (transformers `MistralForCausalLM`, `MinistralForCausalLM`):
+Llama's shape with an explicit `head_dim` and sliding-window attention — on every layer when the
+config sets `sliding_window` (Mistral), or on the layers `layer_types` marks (Ministral) — through
 megatron's `window_size` / `window_attn_skip_freq` (`sliding_window`).
 """
 from megatron_dflash.targets.family import TargetFamily
