@@ -7,8 +7,8 @@ Reference names (z-lab `DFlashDraftModel`, no prefix): `layers.{i}.self_attn.{q,
 codebooks `candidate_selector.{predecessor,successor}_codebook` without `.weight` (spec §6).
 Megatron fuses q/k/v into `linear_qkv` (per query group) and gate/up into `linear_fc1`;
 `megatron_dflash.weights` holds those layouts. "Full" below means the tensor-parallel size 1
-megatron state dict; `shard`/`gather` move between it and TP ranks (the codebooks split over the
-vocabulary like the embedding).
+megatron state dict; `shard` cuts it into a TP rank's (the codebooks split over the vocabulary
+like the embedding; `split_kind` says how each tensor splits).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def megatron_to_hf(full: dict[str, torch.Tensor], cfg: DFlashConfig) -> dict[str
     return out
 
 
-def _kind(name: str) -> str:
+def split_kind(name: str) -> str:
     """How a draft tensor is split over TP: qkv, fc1, columns (the vocabulary-parallel
     codebooks), rows or replicated."""
     if name in _SELECTOR and "codebook" in name:
@@ -100,21 +100,9 @@ def shard(full: dict[str, torch.Tensor], cfg: DFlashConfig, rank: int, size: int
     """TP rank `rank`'s draft state dict from the full one."""
     out = {}
     for name, t in full.items():
-        kind = _kind(name)
+        kind = split_kind(name)
         out[name] = (W.shard_qkv(t, cfg.num_key_value_heads, rank, size) if kind == "qkv" else
                      W.shard_fc1(t, rank, size) if kind == "fc1" else
                      W.shard_rows(t, rank, size) if kind == "rows" else
                      W.shard_columns(t, rank, size) if kind == "columns" else t)
-    return out
-
-
-def gather(shards: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """The full draft state dict from every TP rank's (in rank order)."""
-    out = {}
-    for name in shards[0]:
-        parts = [s[name] for s in shards]
-        kind = _kind(name)
-        out[name] = (W.gather_qkv(parts) if kind == "qkv" else W.gather_fc1(parts) if kind == "fc1"
-                     else W.gather_rows(parts) if kind == "rows"
-                     else W.gather_columns(parts) if kind == "columns" else parts[0])
     return out

@@ -19,7 +19,6 @@ import torch
 __all__ = [
     "merge_qkv", "split_qkv", "merge_fc1", "split_fc1",
     "shard_range", "check_qkv_groups", "shard_columns", "shard_rows", "shard_qkv", "shard_fc1",
-    "gather_columns", "gather_rows", "gather_qkv", "gather_fc1",
 ]
 
 
@@ -116,24 +115,3 @@ def shard_fc1(fc1: torch.Tensor, rank: int, size: int) -> torch.Tensor:
     its own output in two, so gate and up are sharded separately."""
     gate, up = split_fc1(fc1)
     return merge_fc1(shard_columns(gate, rank, size), shard_columns(up, rank, size))
-
-
-def gather_columns(shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `shard_columns` over all ranks (TP-rank order)."""
-    return torch.cat(shards, dim=0)
-
-
-def gather_rows(shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `shard_rows` over all ranks (TP-rank order)."""
-    return torch.cat(shards, dim=1)
-
-
-def gather_qkv(shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `shard_qkv` over all ranks: the shards are contiguous slices of the fused QKV."""
-    return torch.cat(shards, dim=0)
-
-
-def gather_fc1(shards: list[torch.Tensor]) -> torch.Tensor:
-    """Inverse of `shard_fc1` `[gate_0; up_0], [gate_1; up_1]...` -> `[gate; up]`."""
-    gates, ups = zip(*(split_fc1(s) for s in shards))
-    return merge_fc1(torch.cat(gates, dim=0), torch.cat(ups, dim=0))

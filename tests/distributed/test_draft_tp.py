@@ -11,6 +11,7 @@ from tests.dflash_testing import (all_gather, build_draft, dflash_config, draft_
                             head_state, load_head_shard, load_params, params, randomize_,
                             target_config, weighted_loss)
 from megatron_dflash import state_dict_adapter
+from tests import weights_testing
 from megatron_dflash.sparse_attention import dflash_block_mask
 
 
@@ -59,7 +60,7 @@ def test_draft_tp2_equals_tp1(utils, sp, attention):
     local = {n: p.main_grad for n, p in draft2.named_parameters()}
     gathered = zip(*(all_gather(g, tp_group) for g in local.values()))
     shards = [dict(zip(local, parts)) for parts in gathered]
-    grads2 = state_dict_adapter.gather(shards)
+    grads2 = weights_testing.gather(shards)
     assert sorted(grads2) == sorted(grads1)
     for name, g in grads1.items():
         assert g.abs().max() > 0, name

@@ -8,6 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
 
 from megatron_dflash import weights
+from tests import weights_testing
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.targets.families import by_architecture
 from megatron_dflash.targets.family import tp_converters
@@ -158,7 +159,7 @@ def test_qkv_merge_split_shard_gather(heads, groups, tp):
     assert torch.equal(g1[rep * hd:(rep + 1) * hd], k[(groups - 1) * hd:])
     assert all(torch.equal(a, b) for a, b in zip(weights.split_qkv(qkv, heads, groups), (q, k, v)))
     shards = [weights.shard_qkv(qkv, groups, r, tp) for r in range(tp)]
-    assert torch.equal(weights.gather_qkv(shards), qkv)
+    assert torch.equal(weights_testing.gather_qkv(shards), qkv)
     bias = weights.merge_qkv(q[:, 0], k[:, 0], v[:, 0], groups)
     assert torch.equal(bias, qkv[:, 0])
 
@@ -168,11 +169,11 @@ def test_fc1_and_row_column_shards():
     fc1 = weights.merge_fc1(gate, up)
     shards = [weights.shard_fc1(fc1, r, 2) for r in range(2)]
     assert torch.equal(shards[1], torch.cat([gate[4:], up[4:]]))  # [gate_r; up_r]
-    assert torch.equal(weights.gather_fc1(shards), fc1)
+    assert torch.equal(weights_testing.gather_fc1(shards), fc1)
     rows = [weights.shard_rows(down, r, 4) for r in range(4)]
     columns = [weights.shard_columns(down, r, 3) for r in range(3)]
-    assert torch.equal(weights.gather_rows(rows), down)
-    assert torch.equal(weights.gather_columns(columns), down)
+    assert torch.equal(weights_testing.gather_rows(rows), down)
+    assert torch.equal(weights_testing.gather_columns(columns), down)
     with pytest.raises(ValueError, match="not divisible by the tensor-parallel size 4"):
         weights.shard_columns(down, 0, 4)
     with pytest.raises(ValueError, match="num_query_groups=3 must divide"):
