@@ -296,7 +296,7 @@ def load_weights(root: str, model, iteration: int | None = None) -> dict:
     module = unwrap_model(model)
     with _reading(path, "the draft's weights"):
         loaded = dist_checkpointing.load({"model": module.sharded_state_dict()}, path)
-    _load_trainable(module, loaded.get("model", {}), path)
+    load_trainable(module, loaded.get("model", {}), path)
     return extra
 
 
@@ -325,7 +325,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, iteration: int | Non
         sd.pop("rng")
     with _reading(path, "the draft and optimizer state"):
         loaded = dist_checkpointing.load(sd, path)
-    _load_trainable(module, loaded.get("model", {}), path)
+    load_trainable(module, loaded.get("model", {}), path)
     if _holds_params(optimizer):
         with torch.no_grad(), _skip_torch_adam_step(optimizer):
             optimizer.load_state_dict(loaded["optimizer"])
@@ -372,7 +372,7 @@ def _init_torch_adam_state(optimizer) -> None:
                                           exp_avg_sq=torch.zeros_like(p))
 
 
-def _load_trainable(module, state_dict, path: str = "") -> None:
+def load_trainable(module, state_dict, path: str = "") -> None:
     """Load the draft; the only keys allowed to be absent are frozen ones (the target's)."""
     result = module.load_state_dict(state_dict, strict=False)
     trainable = {n for n, p in module.named_parameters() if p.requires_grad}

@@ -118,7 +118,7 @@ def test_checkpoint_round_trip_and_plain_state_dict(utils, tmp_path):
     randomize_(src, seed=1)
     dist_checkpointing.save({"model": src.sharded_state_dict()}, str(tmp_path))
     loaded = dist_checkpointing.load({"model": dst.sharded_state_dict()}, str(tmp_path))
-    checkpoint._load_trainable(dst, loaded["model"])
+    checkpoint.load_trainable(dst, loaded["model"])
     assert all(torch.equal(params(dst)[k], v) for k, v in params(src).items())
     names = set(src.state_dict())
     assert "decoder.layers.0.pre_mlp_layernorm.weight" in names
