@@ -28,7 +28,10 @@ class DFlashKVCache:
     their positions: megatron's `Attention` rotates the whole key tensor after
     `get_query_key_value_tensors` (its own static KV cache also stores un-rotated keys), so the
     draft model re-rotates the cached keys at their stored positions, which gives the same keys
-    as caching them after RoPE. Layouts are megatron's `[s, b, groups, head_dim]`.
+    as caching them after RoPE. Layouts are megatron's `[s, b, groups, head_dim]`. A sliding-
+    window layer's block sees only the cached context within its window: the draft masks the rest
+    by position (`masks.position_masks`, the reference's `_attention_mask`), exactly as if the
+    cache held only those entries.
     """
 
     def __init__(self):

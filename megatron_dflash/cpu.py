@@ -14,7 +14,9 @@ patch answers one concrete failure of megatron-core on CPU:
     which the MoE alltoall dispatcher runs over the expert-TP group: gloo takes equal pieces
     only, so gather padded pieces, and reduce whole then keep the rank's piece (the same sums);
   * CudaToCpuMode: hard-coded device="cuda" in schedules, optimizer, clip_grads, dist_checkpointing,
-    and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the string);
+    `pin_memory=True` factories (pinning needs CUDA; RoPE's context-parallel slice makes its
+    index so), and `Tensor.type()` reported as torch.cuda.* (DistributedOptimizer checks the
+    string);
   * the gated delta net (Qwen3-Next/3.5 linear-attention layers): megatron's GatedDeltaNet calls
     flash-linear-attention's Triton kernels (GPU only; it refuses to build without them): they
     become transformers' pure-torch Qwen3-Next fallbacks, exact in fp32 (`_patch_gated_delta_net`);
@@ -66,6 +68,8 @@ class CudaToCpuMode(torch.overrides.TorchFunctionMode):
         kwargs = kwargs or {}
         if _is_cuda(kwargs.get("device")):
             kwargs = dict(kwargs, device=_CPU)
+        if kwargs.get("pin_memory"):
+            kwargs = dict(kwargs, pin_memory=False)
         name = getattr(func, "__name__", "")
         if name in ("cuda", "pin_memory") and args and isinstance(args[0], torch.Tensor):
             return args[0]

@@ -15,7 +15,8 @@ KV caches. The target runs on `generation.engine.TargetEngine` (megatron's
 the block's K/V at start..start+B-1 and attends to everything before under an explicit causal
 mask; rejected tokens are dropped by moving the offset back (the stale entries are overwritten by
 the next forward). The target must use the local backend (see the engine for why). The draft
-keeps only context K/V (`DFlashKVCache`).
+keeps only context K/V (`DFlashKVCache`); its causal and sliding-window layers see the block and
+the cached context as the reference's do (masked by position in `DFlashDraftModel.forward`).
 
 Metrics follow the reference benchmark: τ = tokens emitted per draft+verify step (accepted
 drafts + the bonus, cut at the length limit or a stop token), averaged per request then across

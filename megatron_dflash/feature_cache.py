@@ -52,6 +52,7 @@ from safetensors.torch import save as safetensors_bytes
 from torch.utils.data import Dataset
 
 from megatron_dflash import atomic
+from megatron_dflash.context_parallel import gather_sequence, target_inputs
 from megatron_dflash.data.dataset import collate, pad_to
 from megatron_dflash.targets.capture import FeatureCapture
 
@@ -314,14 +315,16 @@ def write_feature_cache(directory: str, splits: dict[str, Dataset], target, laye
     this TP rank's part, on its device) over `splits` ({"train": ds[, "valid": ds]}) and write
     `directory` (the train split) and `directory`/valid. Collective over the world: data-parallel
     ranks take disjoint, contiguous ranges of samples (so the cache keeps the datasets' order),
-    tensor-parallel ranks run together and the first of them writes. Prints the disk use first
-    and refuses (ValueError) when it does not fit."""
+    tensor- and context-parallel ranks run together and the first of them writes (CP: each rank
+    runs its chunks of the sequence, the taps are gathered back; `pad_multiple` must allow the
+    split). Prints the disk use first and refuses (ValueError) when it does not fit."""
     total, line = disk_use(manifest, list(splits.values()), directory)
     log(line)
     dp, dp_size = parallel_state.get_data_parallel_rank(), \
         parallel_state.get_data_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
-    writes = parallel_state.get_tensor_model_parallel_rank() == 0
+    writes = (parallel_state.get_tensor_model_parallel_rank() == 0
+              and parallel_state.get_context_parallel_rank() == 0)
     group = parallel_state.get_data_parallel_group() if writes else None
     device = next(target.parameters()).device
     capture = FeatureCapture(target, layer_ids)
@@ -342,19 +345,22 @@ def write_feature_cache(directory: str, splits: dict[str, Dataset], target, laye
 def _write_split(target, capture, dataset, indices: range, writer, tp_group,
                  micro_batch_size: int, pad_multiple: int, pad_id: int, device) -> None:
     """One split's samples `indices`, a micro-batch at a time: the target's forward, its taps
-    (gathered over TP under sequence parallelism) to `writer` (None: a rank that only
-    computes)."""
+    (gathered over TP under sequence parallelism, over CP into sequence order) to `writer`
+    (None: a rank that only computes)."""
     for start in range(indices.start, indices.stop, micro_batch_size):
         batch_ids = range(start, min(start + micro_batch_size, indices.stop))
         samples = [dataset[i] for i in batch_ids]
         tokens = collate(samples, pad_id, pad_to_multiple_of=pad_multiple)["tokens"].to(device)
+        positions = torch.arange(tokens.shape[1], device=device).expand_as(tokens).contiguous()
         with capture:
-            target(tokens, torch.arange(tokens.shape[1], device=device).expand_as(tokens),
+            target(*target_inputs(tokens, positions, target.pg_collection.cp),
                    attention_mask=None)
-        features = capture.features()  # [s(/tp), b, K*H]
+        features = capture.features()  # [s(/cp)(/tp), b, K*H]
         if target.config.sequence_parallel:
             features = tensor_parallel.gather_from_sequence_parallel_region(
                 features, tensor_parallel_output_grad=False, group=tp_group)
+        if target.config.context_parallel_size > 1:
+            features = gather_sequence(features, target.pg_collection.cp)
         if writer is not None:
             for j, (i, s) in enumerate(zip(batch_ids, samples)):
                 writer.add(str(i), s["tokens"], s["loss_mask"], features[:len(s["tokens"]), j])

@@ -6,8 +6,8 @@ half the context and 1/N of the blocks (spec §5.2). Here the mask travels as it
 description, a `DFlashBlockMask` (anchors, keep, S, B), and `DFlashSparseAttention` (a drop-in
 `core_attention` with the interface of megatron's DotProductAttention) computes only that work:
 
-  * CUDA: torch FlexAttention with a `BlockMask` built once per forward and shared by all layers
-    (128x128 tiles that no query of theirs may see are skipped);
+  * CUDA: torch FlexAttention with a `BlockMask` built once per forward (per kind of layer) and
+    shared by the layers (128x128 tiles that no query of theirs may see are skipped);
   * CPU (FlexAttention has no CPU backward in torch 2.11, and inductor cannot compile its CPU
     kernels here): a gather implementation over chunks of consecutive blocks, each chunk scored
     against the context prefix its blocks may see plus its own block keys, so the cost follows

@@ -85,13 +85,14 @@ class Utils:
     """Set up and tear down model-parallel state (megatron's tests/unit_tests Utils, on gloo)."""
 
     @staticmethod
-    def initialize_model_parallel(tp=1, pp=1, seed=123, ep=1, etp=None):
+    def initialize_model_parallel(tp=1, pp=1, seed=123, ep=1, etp=None, cp=1):
         from megatron_dflash.distributed import set_parallel_layout
         from megatron_dflash.run.config import ParallelArgs
 
         destroy_model_parallel_and_groups()
         set_parallel_layout(ParallelArgs(tensor_model_parallel_size=tp,
                                          pipeline_model_parallel_size=pp,
+                                         context_parallel_size=cp,
                                          expert_model_parallel_size=ep,
                                          expert_tensor_parallel_size=etp), seed)
 

@@ -39,14 +39,15 @@ def flags(target, train, **kw):
 def trajectory(argv, steps=STEPS) -> dict:
     """Train `steps` steps with the `Trainer`'s own pieces at the layout `argv` asks for. Every
     rank returns the micro-batch losses of every step in global order (DP rank r's i-th
-    micro-batch is global micro-batch i*DP + r), each step's loss, every rank's grad norms and
-    the micro-batch lengths seen."""
+    micro-batch is global micro-batch i*DP + r; its context-parallel ranks' blocks summed),
+    each step's loss, every rank's grad norms and the micro-batch lengths seen."""
     plan = parse_plan(argv, world_size=dist.get_world_size())
     p = plan.run.parallel
     Utils.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
                                     seed=plan.run.training.seed,
                                     ep=p.expert_model_parallel_size,
-                                    etp=p.expert_tensor_parallel_size)
+                                    etp=p.expert_tensor_parallel_size,
+                                    cp=p.context_parallel_size)
     trainer = Trainer(plan)
     model = trainer.model
     batches = MicroBatches(trainer.train_data, plan, trainer.pad_id, 0)
@@ -63,7 +64,14 @@ def trajectory(argv, steps=STEPS) -> dict:
     dist.all_gather_object(per_rank, (parallel_state.get_data_parallel_rank(), owner, mine,
                                       grad_norms, _replicated_params_agree(model),
                                       len(model.module.target.decoder.layers)))
-    by_dp = dict(sorted((dp, losses) for dp, owns, losses, *_ in per_rank if owns))
+    by_dp = {}  # {DP rank: [step][micro-batch] [numerator, denominator]}, summed over CP ranks
+    for dp, owns, losses, *_ in sorted(per_rank, key=lambda row: row[0]):
+        if owns:
+            summed = by_dp.setdefault(dp, [[[0.0, 0.0] for _ in mbs] for mbs in losses])
+            for step, mbs in enumerate(losses):
+                for i, (numerator, denominator) in enumerate(mbs):
+                    summed[step][i][0] += numerator
+                    summed[step][i][1] += denominator
     microbatch, losses = [], []
     for step in range(steps):
         sums = [by_dp[dp][step][i] for i in range(len(by_dp[0][step])) for dp in by_dp]

@@ -226,7 +226,7 @@ def benchmark(args) -> dict:
     the derived figures and the ours/SpecForge ratios. The JSON is rewritten after every case."""
     start, cuda = time.monotonic(), torch.cuda.is_available()
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "backend": args.backend,
-              "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
+              "threads": torch.get_num_threads(),
               "config": {k: getattr(args, k) for k in (
                   "shape", "micro_batch_size", "seq_length", "num_anchors", "block_size",
                   "num_draft_layers", "steps", "warmup", "fp8_format", "time_budget")},
@@ -254,16 +254,16 @@ def benchmark(args) -> dict:
                 case["skipped"] = (f"time budget: {left:.0f} s left, a {case['side']} case "
                                    f"took {longest.get(case['side'], 0):.0f} s")
             else:
-                t0 = time.monotonic()
+                t0, load = time.monotonic(), os.getloadavg()[0]
                 case.update(_run_child(_case_argv(args, case, w["config_dir"]), left))
                 longest[case["side"]] = max(longest.get(case["side"], 0), time.monotonic() - t0)
+                case["load_average_1min"] = [load, os.getloadavg()[0]]  # before, after
             if "seconds" in case:
                 _derive(case, w, args, cuda)
             result["cases"].append(case)
             print(_row(case), flush=True)
             _write(result, args.json)  # after every case: a run cut short keeps what it measured
     result["ratios"] = _ratios(result["cases"])
-    result["load_average_end"] = os.getloadavg()
     _write(result, args.json)
     return result
 
@@ -317,6 +317,8 @@ def _row(case: dict) -> str:
     sf = case.get("specforge") or ({"configuration": case["configuration"]}
                                    if "configuration" in case else None)
     config = "" if sf is None else "  [" + ", ".join(f"{k} {v}" for k, v in sf.items()) + "]"
+    if "load_average_1min" in case:
+        config += " (load {:.1f} -> {:.1f})".format(*case["load_average_1min"])
     if "ms_per_step" not in case:
         return head + ("skipped: " + case["skipped"] if "skipped" in case
                        else "error: " + case["error"]) + config

@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="enable_thinking for the chat template (default: the template's)")
     g.add_argument("--log-interval", type=float, default=10.0,
                    help="seconds between progress lines")
-    flags.add_parallel_flags(p)
+    flags.add_parallel_flags(p, context=False)  # decoding does not split the sequence
     g = p.add_argument_group("feature cache")
     g.add_argument("--offline-features", default=None,
                    help="also write the regenerated conversations' target features here")

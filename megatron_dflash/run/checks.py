@@ -74,13 +74,16 @@ def check_run(run: RunConfig, world_size: int) -> tuple[int, int]:
 
 def check_layout(run: RunConfig, world_size: int) -> int:
     """The parallel flags against the world (megatron's `initialize_model_parallel`: the world
-    splits into TP x PP x DP for attention and ETP x EP x PP x expert-DP for experts) and the
-    device; returns the data-parallel size."""
+    splits into TP x PP x CP x DP for attention and ETP x EP x PP x expert-DP for experts, CP
+    folded into expert-DP) and the device; returns the data-parallel size."""
     p = run.parallel
-    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    at_least_one(p, ("context_parallel_size",))
+    tp, pp, cp = (p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                  p.context_parallel_size)
+    model_parallel = tp * pp * cp
     check(world_size % model_parallel == 0,
           f"world size {world_size} is not divisible by --tensor-model-parallel-size x "
-          f"--pipeline-model-parallel-size = {model_parallel}")
+          f"--pipeline-model-parallel-size x --context-parallel-size = {tp} x {pp} x {cp}")
     ep, etp = p.expert_model_parallel_size, p.expert_tensor_parallel_size
     etp = p.tensor_model_parallel_size if etp is None else etp
     expert_parallel = etp * ep * p.pipeline_model_parallel_size

@@ -109,6 +109,11 @@ class ParallelArgs:
     virtual_pipeline_model_parallel_size: int | None = None
     """Not supported; accepted only to refuse it with one line."""
     sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    """Split the target's sequence over this many ranks (megatron's load-balanced chunks); the
+    draft gathers the context back and takes a share of the blocks (`context_parallel`)."""
+    cp_comm_type: str = "p2p"
+    """How Transformer Engine's CP attention exchanges K/V (GPU); the local backend all-gathers."""
     expert_model_parallel_size: int = 1
     expert_tensor_parallel_size: int | None = None
     """Default: `tensor_model_parallel_size` (megatron's)."""

@@ -18,6 +18,7 @@ from megatron_dflash.run.config import (CheckpointArgs, DataArgs, DFlashArgs, Lo
 
 ATTENTION_CHOICES = ("dense", "sparse", "auto")
 DISPATCHERS = ("allgather", "alltoall")
+CP_COMM_TYPES = ("p2p", "all_gather", "a2a", "a2a+p2p")  # megatron's / Transformer Engine's
 # --draft-layer-types: the reference's layer types without their `_attention`.
 LAYER_TYPE_CHOICES = ("full", "sliding")
 
@@ -146,7 +147,7 @@ def add_dflash_flags(p: argparse.ArgumentParser) -> None:
             "--draft-layer-types says which"))),
         ("--draft-layer-types", dict(nargs="+", choices=LAYER_TYPE_CHOICES, help=(
             "one per draft layer: full (sees the whole context) or sliding (the "
-            "--draft-sliding-window keys before it), e.g. 'sliding sliding sliding sliding full'"))),
+            "--draft-sliding-window keys before it), e.g. 'sliding sliding sliding full'"))),
         ("--draft-causal", dict(action=argparse.BooleanOptionalAction, help=(
             "causal attention within the block on every draft layer (--draft-causal) or on none "
             "(--no-draft-causal; the published Qwen3.6 drafters); default: the reference's, "
@@ -154,7 +155,8 @@ def add_dflash_flags(p: argparse.ArgumentParser) -> None:
     ])
 
 
-def add_parallel_flags(p: argparse.ArgumentParser, *, pipeline: bool = True) -> None:
+def add_parallel_flags(p: argparse.ArgumentParser, *, pipeline: bool = True,
+                       context: bool = True) -> None:
     flags = [("--tensor-model-parallel-size", dict(type=int))]
     if pipeline:
         flags += [
@@ -165,8 +167,19 @@ def add_parallel_flags(p: argparse.ArgumentParser, *, pipeline: bool = True) -> 
                 "not supported (the features travel in the non-interleaved 1F1B schedule); "
                 "accepted only to reject it with a clear message"))),
         ]
+    flags += [("--sequence-parallel", dict(action="store_true"))]
+    if context:
+        flags += [
+            ("--context-parallel-size", dict(type=int, help=(
+                "split the target's sequence over this many ranks (megatron's 2 x CP "
+                "load-balanced chunks; TE's CP attention on GPU, all-gathered K/V on the local "
+                "backend); the draft gathers the taps back and each rank trains its share of "
+                "the blocks. World = TP x PP x CP x DP"))),
+            ("--cp-comm-type", dict(choices=CP_COMM_TYPES, help=(
+                "Transformer Engine's K/V exchange for CP attention (megatron's cp_comm_type; "
+                "the local backend always all-gathers)"))),
+        ]
     flags += [
-        ("--sequence-parallel", dict(action="store_true")),
         ("--expert-model-parallel-size", dict(type=int, help=(
             "MoE targets: split each MoE layer's experts over this many ranks (megatron's "
             "expert-parallel groups, across data-parallel ranks); must divide the target's "

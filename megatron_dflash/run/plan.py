@@ -119,6 +119,7 @@ def resolve_target(run: RunConfig, hf_config: PretrainedConfig | None = None,
             sequence_parallel=p.sequence_parallel,
             params_dtype=torch.bfloat16 if run.precision.bf16 else torch.float32,
             pipeline_parallel_size=p.pipeline_model_parallel_size,
+            context_parallel_size=p.context_parallel_size, cp_comm_type=p.cp_comm_type,
             expert_model_parallel_size=p.expert_model_parallel_size,
             expert_tensor_parallel_size=p.expert_tensor_parallel_size,
             moe_token_dispatcher_type=p.moe_token_dispatcher_type,
@@ -129,7 +130,22 @@ def resolve_target(run: RunConfig, hf_config: PretrainedConfig | None = None,
         tp = p.tensor_model_parallel_size
         name = f"--tensor-model-parallel-size={tp}" if tp > 1 else "--target"
         raise ValueError(f"{name}: the target ({where}): {one_line(e)}") from None
+    _check_context_parallel(p.context_parallel_size, backend, config, where)
     return TargetPlan(t.target, hf_config, config, backend, fp8)
+
+
+def _check_context_parallel(cp: int, backend: str, config: TransformerConfig, where: str):
+    """The local backend splits the sequence in its SDPA core attention only (Transformer
+    Engine's CP attention serves every attention on GPU)."""
+    if cp == 1 or backend != "local":
+        return
+    check(not config.multi_latent_attention,
+          f"--context-parallel-size={cp}: the target ({where}) has multi-latent attention, "
+          "whose local core attention (megatron's DotProductAttention) does not split the "
+          "sequence; use --transformer-impl transformer_engine (GPU)")
+    check(not config.linear_attention_freq,
+          f"--context-parallel-size={cp}: the target ({where}) has gated-delta-net layers, "
+          "which are not split along the sequence here")
 
 
 def resolve(run: RunConfig, world_size: int, hf_config: PretrainedConfig | None = None) -> Plan:
@@ -187,7 +203,9 @@ def resolve(run: RunConfig, world_size: int, hf_config: PretrainedConfig | None 
             cfg, target.config, perform_initialization=True,
             use_cpu_initialization=not torch.cuda.is_available(),
             deallocate_pipeline_outputs=pipelined, **draft_fp8.fields(),
-            **fusions.draft_fields(target.backend))
+            **fusions.draft_fields(target.backend),
+            # The draft sees the whole context on every CP rank (`context_parallel`).
+            context_parallel_size=1, cp_comm_type=None)
     except ValueError as e:
         raise ValueError(f"the draft's TransformerConfig: {one_line(e)}") from None
     # Set after construction: TransformerConfig refuses variable lengths with its default MoE

@@ -80,6 +80,7 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
                               sequence_parallel: bool = False,
                               params_dtype: torch.dtype = torch.float32,
                               pipeline_parallel_size: int = 1,
+                              context_parallel_size: int = 1, cp_comm_type: str | None = None,
                               expert_model_parallel_size: int = 1,
                               expert_tensor_parallel_size: int | None = None,
                               moe_token_dispatcher_type: str = "allgather",
@@ -88,7 +89,8 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
     transformer_fields`, `moe_fields` with the expert-parallel layout), no dropout, and the
     parallel layout and dtype. Weights are allocated on the CPU and not initialised
     (`load_hf_weights` overwrites every parameter). `ffn_hidden_size` is always the dense
-    `intermediate_size`. `overrides` go to the config. Raises ValueError naming every
+    `intermediate_size`. `context_parallel_size`/`cp_comm_type`: megatron's context
+    parallelism (`context_parallel.py`). `overrides` go to the config. Raises ValueError naming every
     unsupported config field (`TargetFamily.check`) or layout.
     """
     family = target_family(hf_config)
@@ -104,6 +106,8 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
         tensor_model_parallel_size=tensor_parallel_size,
         sequence_parallel=sequence_parallel,
         pipeline_model_parallel_size=pipeline_parallel_size,
+        context_parallel_size=context_parallel_size,
+        cp_comm_type=cp_comm_type if context_parallel_size > 1 else None,
         params_dtype=params_dtype,
         pipeline_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,

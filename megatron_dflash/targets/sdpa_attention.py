@@ -6,6 +6,12 @@ and broadcasts the K/V groups. Same contract and, in fp32, the same numerics. me
 window (`window_size`, on the layers `window_attn_skip_freq` picks) is a band mask, and attention
 sinks (`softmax_type`: a per-head logit in every softmax's denominator, gpt-oss's `sinks`) are one
 extra key with a zero value whose score is the sink: SDPA then divides by the same sum.
+
+Context parallelism (megatron's split, `context_parallel.py`): the rank's queries are its chunks
+of the sequence; K/V are all-gathered over the CP group into sequence order (megatron's all-gather
+CP attention: its `cp_comm_type` choices are Transformer Engine's, on GPU) and the causal mask and
+window are applied on the chunks' global positions. Exact; its backward reduce-scatters the K/V
+gradients (the frozen target needs none).
 """
 from __future__ import annotations
 
@@ -13,9 +19,13 @@ import math
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.utils import is_layer_window_attention
+from megatron.core.utils import get_pg_size
+
+from megatron_dflash.context_parallel import gather_sequence, local_positions
 
 CAUSAL_MASK_TYPES = (AttnMaskType.causal, AttnMaskType.causal_bottom_right)
 
@@ -34,7 +44,8 @@ class SDPACoreAttention(MegatronModule):
     the scores by the layer number and multiplies them back in the fp32 softmax, so it is left out.
     A fully masked query row gives zeros (DotProductAttention: the mean of the values).
     Window: query i (bottom-right aligned) sees keys j with i - left <= j <= i + right, `window_size
-    = (left, right)`. Sinks: `softmax_offset` [heads of this TP rank], megatron's parameter
+    = (left, right)`. Under context parallelism queries and keys sit at their global positions
+    (module docstring). Sinks: `softmax_offset` [heads of this TP rank], megatron's parameter
     (`learnable`; `off-by-one` is a constant 0).
     """
 
@@ -47,7 +58,10 @@ class SDPACoreAttention(MegatronModule):
         self.dropout = config.attention_dropout if attention_dropout is None else attention_dropout
         self.softmax_scale = (softmax_scale if softmax_scale is not None
                               else 1.0 / math.sqrt(config.kv_channels))
-        _refuse({"context parallelism": config.context_parallel_size != 1})
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            self.cp_group = (pg_collection.cp if pg_collection is not None
+                             else parallel_state.get_context_parallel_group())
         self.window = (config.window_size if is_layer_window_attention(
             config.window_size, config.window_attn_skip_freq, max(1, layer_number)) else None)
         heads = config.num_attention_heads // config.tensor_model_parallel_size
@@ -61,11 +75,15 @@ class SDPACoreAttention(MegatronModule):
 
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
+        cp = self.cp_group is not None and get_pg_size(self.cp_group) > 1
         _refuse({f"attention dropout {self.dropout} in training":
                  self.training and self.dropout > 0,
                  "attention_bias": attention_bias is not None,
-                 "packed sequences": packed_seq_params is not None})
+                 "packed sequences": packed_seq_params is not None,
+                 "an attention mask under context parallelism": cp and attention_mask is not None})
         sq, b, num_heads, hn = query.shape
+        if cp:
+            key, value = (gather_sequence(t, self.cp_group) for t in (key, value))
         sk = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask, is_causal = None, False
@@ -73,13 +91,18 @@ class SDPACoreAttention(MegatronModule):
             mask = ~attention_mask
         elif self.causal and sq == sk and self.window is None and self.softmax_offset is None:
             is_causal = True
-        elif self.causal:
-            mask = torch.ones(sq, sk, dtype=torch.bool, device=query.device).tril(sk - sq)
-        if self.window is not None:
-            left, right = self.window
-            band = torch.ones(sq, sk, dtype=torch.bool, device=query.device).triu(sk - sq - left)
-            band = band.tril(sk - sq + right) if right >= 0 else band
-            mask = band if mask is None else mask & band
+        causal_mask = self.causal and attention_mask is None and not is_causal
+        if causal_mask or self.window is not None:
+            # key j seen from query i at distance d = position(i) - j (bottom-right aligned)
+            positions = (local_positions(sq, self.cp_group, query.device) if cp
+                         else torch.arange(sk - sq, sk, device=query.device))
+            distance = positions[:, None] - torch.arange(sk, device=query.device)
+            visible = distance >= 0 if causal_mask else torch.ones_like(distance, dtype=torch.bool)
+            if self.window is not None:
+                left, right = self.window
+                visible = visible & (distance <= left)
+                visible = visible & (distance >= -right) if right >= 0 else visible
+            mask = visible if mask is None else mask & visible
         if self.softmax_offset is not None:
             q, k, v, mask = _with_sink(q, k, v, mask, self.softmax_offset)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal,

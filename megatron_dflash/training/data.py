@@ -8,7 +8,7 @@ import os
 import torch
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-from megatron_dflash import feature_cache
+from megatron_dflash import context_parallel, feature_cache
 from megatron_dflash.data.dataset import build_dataset
 from megatron_dflash.data.tokenize import load_chat_tokenizer, tokenizer_spec
 from megatron_dflash.fp8 import sequence_multiple
@@ -72,8 +72,10 @@ def write_cache(run: RunConfig, target: TargetPlan, directory: str, manifest: di
         directory, {"train": splits[0], **({"valid": splits[1]} if splits[1] else {})},
         model.to(device), target.layer_ids, manifest,
         micro_batch_size=run.training.micro_batch_size, pad_id=pad_id,
-        pad_multiple=sequence_multiple(run.parallel.tensor_model_parallel_size,
-                                       run.parallel.sequence_parallel, target.fp8),
+        pad_multiple=context_parallel.sequence_multiple(
+            sequence_multiple(run.parallel.tensor_model_parallel_size,
+                              run.parallel.sequence_parallel, target.fp8),
+            run.parallel.context_parallel_size),
         log=log_last_rank)
     del model
     gc.collect()

@@ -68,6 +68,10 @@ def configure(run: RunConfig) -> RunConfig:
     target's mask token and taps, and hard labels."""
     check(run.target.target is not None or run.dflash.mask_token_id in (None, 16),
           "--mask-token-id: the embedded SmolLM2 target uses 16; pass --target to choose another")
+    check(run.data.train_data is not None or run.parallel.context_parallel_size == 1,
+          f"--context-parallel-size={run.parallel.context_parallel_size}: the embedded default "
+          "regenerates its data and measures decoding, which do not split the sequence; pass "
+          "--train-data")
     check(run.data.embedded_answers == "target" or run.data.train_data is None,
           f"--embedded-answers={run.data.embedded_answers} chooses the embedded default's data; "
           "with --train-data it has nothing to choose")

@@ -6,7 +6,7 @@ import math
 import torch
 from megatron.core import parallel_state
 
-from megatron_dflash import feature_cache
+from megatron_dflash import context_parallel, feature_cache
 from megatron_dflash.data.dataset import ResumableSampler, collate
 from megatron_dflash.fp8 import sequence_multiple
 from megatron_dflash.run.plan import Plan
@@ -27,7 +27,9 @@ class MicroBatches:
     micro-batch (one bucket: always `--seq-length`), each a multiple of what sequence
     parallelism and the target's and draft's FP8 GEMMs need, so compiled attention sees one shape
     per bucket; the block tokens (N * block_size) are padded to what the draft's GEMMs need (and,
-    for DFlash2 under sequence parallelism, to whole blocks on every rank).
+    for DFlash2 under sequence parallelism, to whole blocks on every rank). Under context
+    parallelism every CP rank prepares the same samples (its data-parallel rank's) and keeps its
+    share of the blocks; lengths split into 2CP equal chunks (`context_parallel`).
     """
 
     def __init__(self, dataset, plan: Plan, pad_id: int, consumed_samples: int,
@@ -36,13 +38,15 @@ class MicroBatches:
         self.dataset, self.cfg, self.pad_id = dataset, plan.dflash, pad_id
         self.seed = run.training.seed if seed is None else seed
         tp, sp = run.parallel.tensor_model_parallel_size, run.parallel.sequence_parallel
+        cp = run.parallel.context_parallel_size
         self.buckets = sequence_buckets(
-            run.data.seq_length, run.data.seq_length_buckets,
-            sequence_multiple(tp, sp, plan.draft_fp8, plan.target.fp8))
+            run.data.seq_length, run.data.seq_length_buckets, context_parallel.sequence_multiple(
+                sequence_multiple(tp, sp, plan.draft_fp8, plan.target.fp8), cp))
         self.block_multiple = sequence_multiple(tp, sp, plan.draft_fp8)
         if sp and plan.dflash.draft_variant == "dflash2":  # each SP shard: whole blocks (conv.py)
             self.block_multiple = math.lcm(self.block_multiple, plan.dflash.block_size * tp)
         self.attention = plan.attention
+        self.cp_share = (parallel_state.get_context_parallel_rank(), cp)
         self.sampler = ResumableSampler(
             len(dataset), run.training.micro_batch_size, parallel_state.get_data_parallel_rank(),
             parallel_state.get_data_parallel_world_size(), seed=self.seed,
@@ -60,7 +64,8 @@ class MicroBatches:
             features = feature_cache.pad_features(samples, batch["tokens"].shape[1])
         return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
                                   anchor_generator(self.seed, position), self.attention,
-                                  self.block_multiple, batch["lengths"], features)
+                                  self.block_multiple, batch["lengths"], features,
+                                  self.cp_share)
 
     def prefetcher(self, device: torch.device, depth: int = 2) -> Prefetcher:
         """These micro-batches prepared `depth` ahead, each with the consumed-sample count after

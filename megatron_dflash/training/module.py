@@ -9,6 +9,9 @@ With pipeline parallelism each stage holds its slice of the target; only the las
 draft (and so trainable parameters). Earlier stages forward the captured features in the pipeline
 payload (`training.pipeline`); their DDP buffers and optimizers are empty but still take part in
 megatron's collectives.
+
+With context parallelism the target runs on this CP rank's chunks of the sequence and the draft,
+on the whole context gathered back, runs this rank's share of the blocks (`context_parallel`).
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ from megatron.core.models.common.embeddings.language_model_embedding import Lang
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_dflash.context_parallel import gather_context, target_inputs
 from megatron_dflash.model import DFlashDraftModel, output_weight, target_head
 from megatron_dflash.targets.capture import FeatureCapture
 from megatron_dflash.training.pipeline import link_received, pack, unpack
@@ -54,6 +58,7 @@ class DFlashTrainingModule(MegatronModule):
             p.requires_grad_(False)
         self.target = target
         self.draft = draft
+        self.cp_group = target.pg_collection.cp
         if draft is not None:
             target_layer_ids = draft.dflash_config.target_layer_ids
             embed, output = target_head(target)
@@ -83,7 +88,9 @@ class DFlashTrainingModule(MegatronModule):
     def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids,
                 features=None):
         """Last stage: (draft final-norm hidden states [Q(/tp), b, H], target hidden states
-        [S(/tp), b, H]). Other stages: the payload for the next stage [s(/tp), b, H*(1+K)].
+        [S(/cp)(/tp), b, H]). Other stages: the payload for the next stage [s(/cp)(/tp), b,
+        H*(1+K)]. `tokens`, `position_ids` [b, S]: the whole sequence (under CP the target takes
+        this rank's chunks).
 
         `features` [S, b, K*H]: the taps read from the offline cache (`feature_cache`; one
         stage, a target built without decoder layers): the target does not run and the second
@@ -106,6 +113,7 @@ class DFlashTrainingModule(MegatronModule):
         else:
             hidden, taps = unpack(received.detach(), self._num_taps)
         self.target.set_input_tensor(hidden)
+        tokens, position_ids = target_inputs(tokens, position_ids, self.cp_group)
         with torch.no_grad(), self._capture:
             hidden = self.target(tokens, position_ids, attention_mask=None,
                                  output_processor=_decoder_output)
@@ -115,8 +123,10 @@ class DFlashTrainingModule(MegatronModule):
                 taps[slot] = tap
         if self.draft is None:
             return link_received(pack(hidden, taps), received)
-        draft_hidden = self.draft(block_input_ids, torch.cat(taps, dim=-1), attention_mask,
-                                  block_position_ids, return_hidden=True)
+        context = gather_context(torch.cat(taps, dim=-1), self.cp_group, self.draft.tp_group,
+                                 self.config.sequence_parallel)
+        draft_hidden = self.draft(block_input_ids, context, attention_mask, block_position_ids,
+                                  return_hidden=True)
         return link_received(draft_hidden, received), hidden
 
     def output_weight(self) -> torch.Tensor:

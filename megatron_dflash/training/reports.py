@@ -8,13 +8,15 @@ from megatron.core import parallel_state
 
 
 def reduce_reports(reports: list[dict]) -> dict[str, torch.Tensor]:
-    """Sum the micro-batch reports, then over data-parallel ranks. Only the last pipeline stage
-    has reports (the loss lives there); the other stages receive its sums."""
+    """Sum the micro-batch reports, then over data- and context-parallel ranks (each holds its
+    own blocks). Only the last pipeline stage has reports (the loss lives there); the other
+    stages receive its sums."""
     out = None
     if parallel_state.is_pipeline_last_stage():
         out = {k: sum(r[k].double() for r in reports) for k in ("loss", "correct", "total", "tau")}
+        group = parallel_state.get_data_parallel_group(with_context_parallel=True)
         for v in out.values():
-            dist.all_reduce(v, group=parallel_state.get_data_parallel_group())
+            dist.all_reduce(v, group=group)
     if parallel_state.get_pipeline_model_parallel_world_size() > 1:
         box = [None if out is None else {k: v.cpu() for k, v in out.items()}]
         dist.broadcast_object_list(box, src=parallel_state.get_pipeline_model_parallel_last_rank(),

@@ -26,6 +26,7 @@ from megatron_dflash.anchors import (block_input_ids, block_labels, block_loss_m
                                      sample_anchors)
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.anchors import pad_blocks
+from megatron_dflash import context_parallel
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS, vocab_head_loss
 from megatron_dflash.loss import block_acceptance_lengths
 from megatron_dflash.masks import dflash_attention_mask
@@ -46,7 +47,8 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
                        generator: torch.Generator, attention: str = "dense",
                        block_multiple: int = 1,
                        lengths: torch.Tensor | None = None,
-                       features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                       features: torch.Tensor | None = None,
+                       cp_share: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
     """Anchors, block inputs/labels/weights, positions, the mask and the loss rows for [b, S]
     tokens.
 
@@ -65,13 +67,20 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     Every tensor is contiguous: the prefetcher pins them (`prefetch.check_pinnable`).
     `features` [b, S, K*H]: the target's taps from the offline cache (`feature_cache`), carried
     as `features` [S, b, K*H] (megatron's layout) in place of a target forward.
+    `cp_share` = (CP rank, CP size): the anchors are drawn for the whole sequence as
+    without CP, padded to whole shares and dealt out (`context_parallel.blocks_of_rank`); the
+    micro-batch holds this rank's blocks (N/CP), their mask against the whole context and the
+    whole `tokens` (the target takes its chunks of them in the forward).
     """
     if attention not in MASKS:
         raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
     B, (b, seq_len) = cfg.block_size, tokens.shape
     anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator, lengths)
-    anchors, keep = pad_blocks(anchors, keep, B, block_multiple,
+    cp_rank, cp = cp_share
+    anchors, keep = pad_blocks(anchors, keep, B,
+                               context_parallel.block_multiple(block_multiple, B, cp),
                                min_blocks=min(cfg.num_anchors, max(1, seq_len - B + 1)))
+    anchors, keep = context_parallel.blocks_of_rank(anchors, keep, cp_rank, cp)
     supervised = block_loss_mask(loss_mask, anchors, keep, B)
     label_positions = block_positions(anchors, B)
     loss_index = supervised.flatten().nonzero().squeeze(1)
@@ -96,8 +105,9 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
 
 
 def global_weight_sum(microbatches: list[dict], dp_group) -> float:
-    """Σ w over the micro-batches of every data-parallel rank (the loss normaliser). The
-    micro-batches must be on the training device: an NCCL group reduces CUDA tensors only."""
+    """Σ w over the micro-batches of every rank of `dp_group` (the loss normaliser: data- and
+    context-parallel ranks, which hold different blocks). The micro-batches must be on the
+    training device: an NCCL group reduces CUDA tensors only."""
     total = torch.stack([mb["weights"].sum() for mb in microbatches]).sum().double()
     dist.all_reduce(total, group=dp_group)
     return float(total)
@@ -109,15 +119,18 @@ def to_device(mb: dict, device) -> dict:
 
 
 def loss_rows(hidden: torch.Tensor, index: torch.Tensor, sequence_parallel: bool,
-              tp_group) -> torch.Tensor:
+              tp_group, cp_group=None) -> torch.Tensor:
     """[M, H] rows `index` (flat into [b, s]) of megatron [s(/tp), b, H] hidden states, replicated
     over TP: gathered under sequence parallelism; otherwise passed through the TP copy, whose
-    backward sums the ranks' partial gradients (each projects its own vocabulary slice)."""
+    backward sums the ranks' partial gradients (each projects its own vocabulary slice).
+    `cp_group`: the hidden states are this CP rank's chunks (the target's), gathered first."""
     if sequence_parallel:
         hidden = tensor_parallel.gather_from_sequence_parallel_region(
             hidden, tensor_parallel_output_grad=True, group=tp_group)
     elif hidden.requires_grad:
         hidden = tensor_parallel.copy_to_tensor_model_parallel_region(hidden, group=tp_group)
+    if cp_group is not None and cp_group.size() > 1:
+        hidden = context_parallel.gather_sequence(hidden, cp_group)
     return hidden.transpose(0, 1).reshape(-1, hidden.shape[-1]).index_select(0, index)
 
 
@@ -139,7 +152,8 @@ def loss_func(mb: dict, module, block_size: int, distill_weight: float, chunk_ro
     rows = loss_rows(draft_hidden, mb["loss_index"], config.sequence_parallel, tp_group)
     teacher = None
     if distill_weight > 0:
-        teacher = loss_rows(target_hidden, mb["teacher_index"], config.sequence_parallel, tp_group)
+        teacher = loss_rows(target_hidden, mb["teacher_index"], config.sequence_parallel,
+                            tp_group, module.cp_group)
     index = mb["loss_index"]
     labels = mb["labels"].flatten().index_select(0, index)
     draft = module.draft

@@ -255,8 +255,9 @@ def run_schedule(model, microbatches: list[dict], cfg, distill_weight: float, ch
     """One forward(+backward) over `microbatches` (on the training device) with megatron's
     schedule; returns the reports (on the last pipeline stage)."""
     scale = 1.0
-    if not forward_only:
-        total = global_weight_sum(microbatches, parallel_state.get_data_parallel_group())
+    if not forward_only:  # Σw over DP x CP; megatron scales by CP, its DDP averages over DP x CP
+        total = global_weight_sum(
+            microbatches, parallel_state.get_data_parallel_group(with_context_parallel=True))
         scale = len(microbatches) * parallel_state.get_data_parallel_world_size() \
             / max(total, 1e-12)
     return get_forward_backward_func()(

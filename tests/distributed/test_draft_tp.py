@@ -1,6 +1,6 @@
-"""The draft at TP=2 (with and without sequence parallel, dense or sparse block attention)
-reproduces the dense TP=1 draft: logits and every parameter gradient after megatron DDP +
-finalize_model_grads, fp32, <= 1e-5."""
+"""The draft at TP=2 (with and without sequence parallel, dense or sparse block attention, full
+or sliding-window layers) reproduces the dense TP=1 draft: logits and every parameter gradient
+after megatron DDP + finalize_model_grads, fp32, <= 1e-5."""
 import pytest
 import torch
 from megatron.core import parallel_state
@@ -15,14 +15,19 @@ from tests import weights_testing
 from megatron_dflash.sparse_attention import dflash_block_mask
 
 
+# A causal sliding-window layer (window 20 < the 48-token context) and a full one.
+SLIDING = dict(layer_types=["sliding_attention", "full_attention"], sliding_window=20)
+
+
 @pytest.mark.world(2)
-@pytest.mark.parametrize("sp,attention", [(False, "dense"), (True, "dense"), (True, "sparse")],
-                         ids=["tp2", "tp2-sp", "tp2-sp-sparse"])
-def test_draft_tp2_equals_tp1(utils, sp, attention):
+@pytest.mark.parametrize("sp,attention,layers", [
+    (False, "dense", {}), (True, "dense", {}), (True, "sparse", {}), (True, "sparse", SLIDING)],
+    ids=["tp2", "tp2-sp", "tp2-sp-sparse", "tp2-sp-sparse-sliding"])
+def test_draft_tp2_equals_tp1(utils, sp, attention, layers):
     # Reference: TP=1, computed locally on every rank.
     utils.initialize_model_parallel(1)
     tcfg1 = target_config()
-    cfg1 = dflash_config(tcfg1)
+    cfg1 = dflash_config(tcfg1, **layers)
     target1 = head_only_target()
     draft1 = build_draft(tcfg1, cfg1, target1)
     randomize_(draft1, seed=7)
@@ -39,7 +44,7 @@ def test_draft_tp2_equals_tp1(utils, sp, attention):
     tp_group = parallel_state.get_tensor_model_parallel_group()
     rank = parallel_state.get_tensor_model_parallel_rank()
     tcfg2 = target_config(tp=2, sp=sp)
-    cfg2 = dflash_config(tcfg2)
+    cfg2 = dflash_config(tcfg2, **layers)
     target2 = head_only_target(tp=2, sp=sp)
     load_head_shard(target2, head, rank, 2)
     draft2 = build_draft(tcfg2, cfg2, target2, attention=attention)
@@ -48,7 +53,8 @@ def test_draft_tp2_equals_tp1(utils, sp, attention):
                                   ddp_config=DistributedDataParallelConfig(grad_reduce_in_fp32=True))
     features = inputs["features"].chunk(2)[rank] if sp else inputs["features"]
     mask = (inputs["attention_mask"] if attention == "dense" else
-            dflash_block_mask(inputs["anchors"], inputs["keep"], 48, cfg2.block_size))
+            dflash_block_mask(inputs["anchors"], inputs["keep"], 48, cfg2.block_size,
+                              cfg2.layer_attentions()))
     logits2 = ddp(inputs["block_input_ids"], features, mask, inputs["position_ids"])
     assert logits2.shape[-1] == logits1.shape[-1] // 2
     full_logits = torch.cat(all_gather(logits2.detach(), tp_group), dim=-1)

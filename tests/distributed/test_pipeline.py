@@ -1,4 +1,5 @@
-"""Pipeline parallelism composed with TP, SP and DP: every layout trains exactly like one process.
+"""Pipeline parallelism composed with TP, SP and DP, and context parallelism (CP2, CP4, CP2 x TP2
++ SP, CP2 x PP2): every layout trains exactly like one process.
 
 * Taps on the first, a middle and the last stage reach the draft equal to the PP=1 capture, and
   the last stage's word-embedding replica equals the target's embedding (tied and untied).
@@ -38,11 +39,21 @@ from tests.training_testing import run_in_process
 DFLASH2 = dict(draft_variant="dflash2", num_anchors=3, selector_rank=8, selector_top_k=5)
 # 4 target layers: at PP4 the taps sit on stages 0 (first), 2 (middle) and 3 (last); stage 1 only
 # passes them on. At PP2: stage 0 holds tap 0, stage 1 taps 2 and 3.
+# Context parallelism (tests/distributed/test_context_parallel.py) composed with TP+SP and PP,
+# against the same single-process reference.
+CP_LAYOUTS = {
+    2: {"cp2": dict(context_parallel_size=2)},
+    4: {"cp4": dict(context_parallel_size=4),
+        "cp2tp2_sp": dict(context_parallel_size=2, tensor_model_parallel_size=2,
+                          sequence_parallel=True),
+        "cp2pp2": dict(context_parallel_size=2, pipeline_model_parallel_size=2)},
+}
 LAYOUTS = {
     2: {"pp2": dict(pipeline_model_parallel_size=2), "tp2": dict(tensor_model_parallel_size=2),
         "pp2_dflash2": dict(pipeline_model_parallel_size=2, **DFLASH2),
-        "tp2_sp_dflash2": dict(tensor_model_parallel_size=2, sequence_parallel=True, **DFLASH2)},
-    4: {"pp4": dict(pipeline_model_parallel_size=4),
+        "tp2_sp_dflash2": dict(tensor_model_parallel_size=2, sequence_parallel=True, **DFLASH2),
+        **CP_LAYOUTS[2]},
+    4: {**CP_LAYOUTS[4], "pp4": dict(pipeline_model_parallel_size=4),
         "tp2pp2_sp": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                           sequence_parallel=True),
         "tp2pp2_sp_sparse": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
@@ -136,11 +147,15 @@ def _gather_sequence(t, group):
                  marks=pytest.mark.world(4)),
     pytest.param(False, dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                              sequence_parallel=True), id="tp2pp2_sp", marks=pytest.mark.world(4)),
+    *[pytest.param(False, parallel, id=name, marks=pytest.mark.world(w))
+      for w in CP_LAYOUTS for name, parallel in CP_LAYOUTS[w].items()],
 ])
 def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
     """The features the draft receives on the last stage equal the PP=1 capture, whichever stage
-    captured each tap, and the draft's block embedding (the last stage's replica) equals the
-    target's own; stages carry only their own taps and only the last one trains anything."""
+    captured each tap (under CP: each rank's target ran its chunks of the sequence, and the
+    draft gets the whole context back), and the draft's block embedding (the last stage's
+    replica) equals the target's own; stages carry only their own taps and only the last one
+    trains anything."""
     target_dir = os.path.join(shared, "tied" if tied else "target")
     g = torch.Generator().manual_seed(3)
     tokens = torch.randint(0, MASK, (2, 48), generator=g)
@@ -156,9 +171,9 @@ def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
 
     plan = parse_plan(flags(target_dir, _data(shared), **parallel),
                       world_size=dist.get_world_size())
-    utils.initialize_model_parallel(plan.run.parallel.tensor_model_parallel_size,
-                                    plan.run.parallel.pipeline_model_parallel_size,
-                                    seed=plan.run.training.seed)
+    p = plan.run.parallel
+    utils.initialize_model_parallel(p.tensor_model_parallel_size, p.pipeline_model_parallel_size,
+                                    seed=plan.run.training.seed, cp=p.context_parallel_size)
     model = build_training_chunk(plan, torch.device("cpu"))
     module = model.module
     mb = prepare_microbatch(tokens, loss_mask, plan.dflash, torch.Generator().manual_seed(4),

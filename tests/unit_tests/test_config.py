@@ -90,6 +90,14 @@ BAD = {
     "selector_loss_weight": ({"selector_loss_weight": -1.0}, 1, ["selector_loss_weight", ">= 0"]),
     "output_multiplier": ({"output_multiplier": 0.0}, 1, ["output_multiplier", "> 0"]),
     "softcap": ({"final_logit_softcapping": -3.0}, 1, ["final_logit_softcapping", "> 0"]),
+    "layer_types": ({"layer_types": ["sliding_attention"] * 4, "sliding_window": 64}, 1,
+                    ["layer_types=", "must list 5 layer types"]),
+    "sliding_without_window": ({"layer_types": ["sliding_attention"] + ["full_attention"] * 4},
+                               1, ["has sliding layers", "sliding_window"]),
+    "window_cuts_a_block": ({"sliding_window": 8}, 1, ["sliding_window=8", ">= 16"]),
+    "window_without_sliding": ({"sliding_window": 64, "layer_types": ["full_attention"] * 5}, 1,
+                               ["sliding_window=64", "no 'sliding_attention' layer"]),
+    "is_causal": ({"is_causal": 1}, 1, ["is_causal=1", "true, false or unset"]),
 }
 
 

@@ -184,12 +184,18 @@ def test_microbatches_have_one_shape_per_bucket(utils, target_dir, mixed_data, b
 
 
 def test_flex_block_mask_is_traced_once_across_microbatches(utils, target_dir, mixed_data):
-    """The block mask of every micro-batch of a run goes through one compiled graph: its varying
-    data are tensors, and the shapes are fixed (dynamo's counters; the eager backend, since
-    inductor cannot compile FlexAttention's CPU kernels here — the guards are the same)."""
+    """The block masks of every micro-batch of a run, for a full and a causal sliding-window
+    layer alike, go through one compiled graph: their varying data (anchors, the layer's
+    causality and window) are tensors, and the shapes are fixed (dynamo's counters; the eager
+    backend, since inductor cannot compile FlexAttention's CPU kernels here — the guards are the
+    same)."""
     utils.initialize_model_parallel(1)
     plan, train = _plan(target_dir, mixed_data, "--attention", "sparse",
-                        "--num-anchors", "12")  # 20-token samples hold 8
+                        "--num-anchors", "12",  # 20-token samples hold 8
+                        "--num-draft-layers", "2", "--draft-layer-types", "sliding", "full",
+                        "--draft-sliding-window", "12")
+    kinds = plan.dflash.layer_attentions()
+    assert [(k.causal, k.window) for k in kinds] == [(True, 12), (False, None)]
     batches = MicroBatches(train, plan, 0, 0)
     torch._dynamo.reset()
     counters.clear()
@@ -198,7 +204,8 @@ def test_flex_block_mask_is_traced_once_across_microbatches(utils, target_dir, m
     for _ in range(9):
         mask = batches.next()["attention_mask"]
         eligible.add(int(mask.keep.sum()))
-        build_flex_block_mask(mask, create)
+        for kind in kinds:
+            build_flex_block_mask(mask.for_layer(kind), create)
     assert len(eligible) > 1  # the data really varied (some samples hold fewer anchors)
     assert counters["stats"]["unique_graphs"] == 1
 

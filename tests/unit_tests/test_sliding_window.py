@@ -1,9 +1,10 @@
 """Sliding-window and causal draft layers (dflash2_and_swa_spec §7) against the z-lab reference
 (dflash==0.1.0): each block's mask row is the reference's `_attention_mask`; packed training
 logits equal the reference's per-block inference (all sliding or mixed, causal or not, DFlash
-and DFlash2), dense = sparse (gather, flex); the draft KV cache equals the reference's cached
-forward; the export loads strictly, every loader reads the same per-layer attention from it, and
-it decodes losslessly with the reference loop's τ; what the draft cannot express is refused."""
+and DFlash2), dense = sparse (gather, flex; the gather path's cost follows the window); the
+draft KV cache equals the reference's cached forward; the export loads strictly, every loader
+reads the same per-layer attention from it, and it decodes losslessly with the reference loop's
+τ; what the loaders would read differently is refused."""
 import json
 import time
 
@@ -12,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from dflash.model import DFlashDraftModel, _attention_mask, _crop_to, _make_cache, dflash_generate
+from torch.utils.flop_counter import FlopCounterMode
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from megatron_dflash import state_dict_adapter
@@ -86,6 +88,25 @@ def test_mask_rows_are_the_reference_attention_mask(causal):
     assert all((a - b).abs().max() < 1e-5 for a, b in zip(*grads))
     flex = flex_block_attention(*(t.detach() for t in (q, k, v)), sparse, 0.3)
     assert (flex - dense).abs().max() < 1e-5
+    assert sparse.for_layer(kind).flex_block_mask() is sparse.flex_block_mask()  # once per kind
+
+
+def test_gather_cost_follows_the_window():
+    """The CPU gather path scores a sliding layer's chunks from where their windows start: far
+    fewer matmul FLOPs than the full layer's prefixes on the same long sequence."""
+    s, n, heads, hn, window = 512, 24, 2, 8, 64
+    anchors = torch.arange(n)[None] * 20 + 10
+    kind = LayerAttention(causal=True, window=window)
+    mask = dflash_block_mask(anchors, torch.ones_like(anchors, dtype=torch.bool), s, 16,
+                             (FULL, kind))
+    q = torch.randn(1, heads, n * 16, hn)
+    k = torch.randn(1, heads, s + n * 16, hn)
+    flops = {}
+    for layer in (FULL, kind):
+        with FlopCounterMode(display=False) as counter:
+            gather_block_attention(q, k, k, mask.for_layer(layer), 1.0, chunk_queries=32)
+        flops[layer] = counter.get_total_flops()
+    assert flops[kind] < 0.4 * flops[FULL], flops
 
 
 @pytest.mark.parametrize("case,variant", [("sliding", "dflash"), ("sliding-noncausal", "dflash2"),

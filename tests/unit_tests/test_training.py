@@ -35,10 +35,15 @@ def test_dflash2_learns_the_pattern_faster_than_dflash(target, data):
     assert tau["dflash2"] >= tau["dflash"] + 2.0, tau
 
 
-def test_sparse_attention_trains_like_dense(target, data):
-    """--attention sparse (the gather path on CPU) follows the dense-mask run step for step."""
+@pytest.mark.parametrize("layers", [[], ["--num-draft-layers", "2", "--target-layer-ids", "1", "2",
+                                           "--draft-layer-types", "sliding", "full",
+                                           "--draft-sliding-window", "12"]],
+                         ids=["full", "sliding"])
+def test_sparse_attention_trains_like_dense(target, data, layers):
+    """--attention sparse (the gather path on CPU) follows the dense-mask run step for step,
+    also for a draft of a causal sliding-window layer (window 12 of 48 tokens) and a full one."""
     dense, sparse = (run_in_process(flags(target, data[0], train_iters=8, distill_weight=0.5,
-                                          attention=attention))
+                                          attention=attention) + layers)
                      for attention in ("dense", "sparse"))
     for key in ("losses", "grad_norms"):
         assert max(abs(a - b) for a, b in zip(dense[key], sparse[key], strict=True)) <= 1e-5, key
@@ -141,6 +146,10 @@ def _parse_error(argv, capsys, world_size=1) -> str:
      "--conv-kernel-size=5 must be <= --block-size=4"),
     (["--selector-top-k", "4"], "--selector-top-k=4 is a DFlash2 setting: it needs "
                                 "--draft-variant='dflash2'"),
+    (["--draft-layer-types", "sliding"],
+     "--draft-layer-types=['sliding_attention'] has sliding layers: they need a "
+     "--draft-sliding-window"),
+    (["--draft-sliding-window", "4"], "--draft-sliding-window=4 must be an integer >= 8"),
 ])
 def test_draft_flags_are_checked_against_the_target_config(target, data, extra, message, capsys):
     """What DFlashConfig.resolve rejects, found from the flags and the target's config.json by
