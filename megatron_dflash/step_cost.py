@@ -167,19 +167,22 @@ def peak_memory_gib() -> float:
 
 def measure_step(step: Callable[[], object], warmup: int, steps: int,
                  record: Callable[[dict], None], count_with: Callable[[], object] | None) -> dict:
-    """Seconds per step over `steps` (>= 1) after `warmup`, the last step's loss and the peak
-    memory, handed to `record` (to be written down) before anything is counted; then, unless
+    """Seconds per step over `steps` (>= 1) after `warmup`, the last step's loss, the peak memory
+    and the process's CPU seconds per step (all its threads: on a shared CPU, wall time well
+    above CPU time / threads means the step waited for the cores), handed to `record` (to be
+    written down) before anything is counted; then, unless
     `count_with` is None (the counter cannot see this step), one more step, `count_with`, under
     `count_flops`, its count or failure recorded too."""
     for _ in range(warmup):
         step()
     synchronize()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         loss = step()
     synchronize()
     result = {"seconds": (time.perf_counter() - start) / steps, "loss": float(loss),
-              "peak_memory_gib": peak_memory_gib()}
+              "peak_memory_gib": peak_memory_gib(),
+              "process_cpu_seconds": (time.process_time() - cpu) / steps}
     record(result)
     if count_with is not None:
         result.update(count_flops(count_with))

@@ -1,6 +1,7 @@
-"""The pipeline and MoE layout tests' driver: a training trajectory at any layout through the
-`Trainer`'s own pieces, and single-process reference trajectories computed by a fresh process
-that starts with the module (tests/distributed/test_pipeline.py, test_moe_ep.py)."""
+"""The pipeline, context-parallel and MoE layout tests' driver: a training trajectory at any
+layout through the `Trainer`'s own pieces, and single-process reference trajectories computed by
+a fresh process that starts with the module (tests/distributed/test_pipeline.py,
+test_context_parallel.py, test_moe_ep.py)."""
 import contextlib
 import json
 import os

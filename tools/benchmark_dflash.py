@@ -274,6 +274,9 @@ def _derive(case: dict, w: dict, args, cuda: bool) -> None:
     peak = args.peak_tflops_fp8 if case["precision"].startswith("fp8") else args.peak_tflops_bf16
     case["analytic_executed_flops"] = analytic_executed(case, w, cuda)
     counted = "counted_flops" in case
+    cpu = case.pop("process_cpu_seconds", None)
+    if not cuda and cpu is not None:  # < 1: the step waited for cores other processes held
+        case["cpu_utilisation"] = cpu / s / torch.get_num_threads()
     case.update(ms_per_step=1e3 * s, target_tokens_per_s=case["tokens"] / s,
                 draft_tokens_per_s=case["block_tokens"] / s, useful_flops=useful,
                 tflops=useful / s / 1e12, mfu=useful / s / (peak * 1e12),
@@ -318,7 +321,8 @@ def _row(case: dict) -> str:
                                    if "configuration" in case else None)
     config = "" if sf is None else "  [" + ", ".join(f"{k} {v}" for k, v in sf.items()) + "]"
     if "load_average_1min" in case:
-        config += " (load {:.1f} -> {:.1f})".format(*case["load_average_1min"])
+        config += " (load {:.1f} -> {:.1f}".format(*case["load_average_1min"]) + (
+            f", CPU use {case['cpu_utilisation']:.2f})" if "cpu_utilisation" in case else ")")
     if "ms_per_step" not in case:
         return head + ("skipped: " + case["skipped"] if "skipped" in case
                        else "error: " + case["error"]) + config

@@ -73,6 +73,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from transformers import AutoConfig
+
+from megatron_dflash.step_cost import measure_step
 
 SPECFORGE_VERSION = "0.2.0"
 CONFIGURATION_NAMES = ("fastest", "default")
@@ -349,10 +352,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> dict:
     """Measure one configuration (`step_cost.measure_step`); the result also goes to --json."""
-    from transformers import AutoConfig
-
-    from megatron_dflash.step_cost import measure_step
-
     args = build_parser().parse_args(argv)
     reason = specforge_unavailable_reason()
     if reason is not None:

@@ -20,9 +20,10 @@ starts them in sessions of their own.
 
 Arguments after `--` go to examples/pretrain_dflash.py; they are checked against its parser
 here, and must not set --save / --load (the script owns the checkpoint directory). The parallel
-sizes (--tensor-, --pipeline-, --expert-model-parallel-size, --expert-tensor-parallel-size) are
-checked against nodes x GPUs as megatron splits them, and, when the target's config.json is
-readable here, against its layers and experts; the script's header records the layout.
+sizes (--tensor-, --pipeline-, --context-, --expert-model-parallel-size,
+--expert-tensor-parallel-size) are checked against nodes x GPUs as megatron splits them, and,
+when the target's config.json is readable here, against its layers and experts; the script's
+header records the layout.
 """
 from __future__ import annotations
 
@@ -87,34 +88,39 @@ def render(launcher: str, *, nodes: int, gpus_per_node: int, run_dir: str | Path
 
 def _check_layout(args: argparse.Namespace, nodes: int, gpus_per_node: int) -> str:
     """The parallel layout against the job's GPUs as megatron's `initialize_model_parallel` splits
-    them — TP x PP x DP for attention and dense layers, expert-TP x EP x PP x expert-DP for the
-    experts, so expert-TP x EP must divide TP x DP — and, when the target's config.json is
-    readable here, against its layers and experts; the layout's one-line description."""
+    them — TP x PP x CP x DP for attention and dense layers, expert-TP x EP x PP x expert-DP for
+    the experts (context parallelism folded into expert-DP), so expert-TP x EP must divide
+    TP x CP x DP — and, when the target's config.json is readable here, against its layers and
+    experts; the layout's one-line description."""
     world = nodes * gpus_per_node
     gpus = f"{nodes} nodes x {gpus_per_node} GPUs = {world}"
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
+    cp = args.context_parallel_size
     ep, etp = args.expert_model_parallel_size, args.expert_tensor_parallel_size
-    for flag, size in (("tensor-model", tp), ("pipeline-model", pp), ("expert-model", ep),
-                       ("expert-tensor", etp)):
+    for flag, size in (("tensor-model", tp), ("pipeline-model", pp), ("context", cp),
+                       ("expert-model", ep), ("expert-tensor", etp)):
         if size is not None and size < 1:
             raise ValueError(f"--{flag}-parallel-size={size} must be >= 1")
     etp = etp or tp
-    if world % (tp * pp):
-        raise ValueError(f"--tensor-model-parallel-size / --pipeline-model-parallel-size: {gpus} "
-                         f"is not divisible by TP x PP = {tp} x {pp}")
-    dp = world // (tp * pp)
-    if (tp * dp) % (etp * ep):
+    if world % (tp * pp * cp):
+        raise ValueError(f"--tensor-model-parallel-size / --pipeline-model-parallel-size / "
+                         f"--context-parallel-size: {gpus} is not divisible by TP x PP x CP = "
+                         f"{tp} x {pp} x {cp}")
+    dp = world // (tp * pp * cp)
+    if (tp * cp * dp) % (etp * ep):
         raise ValueError(
             f"--expert-model-parallel-size={ep}: expert-TP x EP = {etp} x {ep} must divide "
-            f"TP x DP = {tp} x {dp} ({gpus} GPUs / PP {pp}); megatron lays the experts out as "
-            "expert-TP x EP x PP x expert-DP over the same GPUs (--expert-tensor-parallel-size "
-            "defaults to --tensor-model-parallel-size)")
+            f"TP x CP x DP = {tp} x {cp} x {dp} ({gpus} GPUs / PP {pp}); megatron lays the "
+            "experts out as expert-TP x EP x PP x expert-DP over the same GPUs "
+            "(--expert-tensor-parallel-size defaults to --tensor-model-parallel-size)")
     config = None if args.target is None else Path(args.target) / "config.json"
     if config is not None and config.is_file():
         _check_target(config, pp, ep)
     experts = (f"; experts: expert-TP {etp} x EP {ep} x PP {pp} x expert-DP "
-               f"{tp * dp // (etp * ep)}" if ep > 1 or args.expert_tensor_parallel_size else "")
-    return f"TP {tp} x PP {pp} x DP {dp}{experts}"
+               f"{tp * cp * dp // (etp * ep)}" if ep > 1 or args.expert_tensor_parallel_size
+               else "")
+    context = f" x CP {cp}" if cp > 1 else ""
+    return f"TP {tp} x PP {pp}{context} x DP {dp}{experts}"
 
 
 def _check_target(config: Path, pp: int, ep: int) -> None:

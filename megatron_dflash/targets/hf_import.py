@@ -90,8 +90,8 @@ def target_transformer_config(hf_config: PretrainedConfig, *, tensor_parallel_si
     parallel layout and dtype. Weights are allocated on the CPU and not initialised
     (`load_hf_weights` overwrites every parameter). `ffn_hidden_size` is always the dense
     `intermediate_size`. `context_parallel_size`/`cp_comm_type`: megatron's context
-    parallelism (`context_parallel.py`). `overrides` go to the config. Raises ValueError naming every
-    unsupported config field (`TargetFamily.check`) or layout.
+    parallelism (`context_parallel.py`). `overrides` go to the config. Raises ValueError naming
+    every unsupported config field (`TargetFamily.check`) or layout.
     """
     family = target_family(hf_config)
     hf = family.text_config(hf_config)

@@ -82,8 +82,10 @@ class SDPACoreAttention(MegatronModule):
                  "packed sequences": packed_seq_params is not None,
                  "an attention mask under context parallelism": cp and attention_mask is not None})
         sq, b, num_heads, hn = query.shape
-        if cp:
-            key, value = (gather_sequence(t, self.cp_group) for t in (key, value))
+        if cp:  # one all-gather for K and V
+            widths = [key.shape[-1], value.shape[-1]]
+            key, value = gather_sequence(torch.cat([key, value], dim=-1),
+                                         self.cp_group).split(widths, dim=-1)
         sk = key.shape[0]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))  # [b, heads, s, hn]
         mask, is_causal = None, False
@@ -93,15 +95,17 @@ class SDPACoreAttention(MegatronModule):
             is_causal = True
         causal_mask = self.causal and attention_mask is None and not is_causal
         if causal_mask or self.window is not None:
-            # key j seen from query i at distance d = position(i) - j (bottom-right aligned)
-            positions = (local_positions(sq, self.cp_group, query.device) if cp
-                         else torch.arange(sk - sq, sk, device=query.device))
-            distance = positions[:, None] - torch.arange(sk, device=query.device)
-            visible = distance >= 0 if causal_mask else torch.ones_like(distance, dtype=torch.bool)
+            # query i at position p (bottom-right aligned, or its global one) sees key j when
+            # j <= p (causal) and p - left <= j <= p + right (window)
+            p = (local_positions(sq, self.cp_group, query.device) if cp
+                 else torch.arange(sk - sq, sk, device=query.device))[:, None]
+            j = torch.arange(sk, device=query.device)
+            visible = j <= p if causal_mask else torch.ones(sq, sk, dtype=torch.bool,
+                                                            device=query.device)
             if self.window is not None:
                 left, right = self.window
-                visible = visible & (distance <= left)
-                visible = visible & (distance >= -right) if right >= 0 else visible
+                visible = visible & (j >= p - left)
+                visible = visible & (j <= p + right) if right >= 0 else visible
             mask = visible if mask is None else mask & visible
         if self.softmax_offset is not None:
             q, k, v, mask = _with_sink(q, k, v, mask, self.softmax_offset)

@@ -9,7 +9,9 @@ micro-batches and data-parallel ranks). The weights are fractional, which megatr
 per-token count cannot carry, so the step computes the global Σ w before the schedule runs
 (`global_weight_sum`, one all-reduce) and each micro-batch returns Σ_mb w·ℓ · M·DP / Σ w: megatron
 divides that by the M micro-batches and DDP averages over the DP ranks, leaving exactly the
-global weighted mean's gradient whatever the TP/DP/micro-batch layout.
+global weighted mean's gradient whatever the TP/DP/micro-batch layout. Under context parallelism
+each CP rank holds its share of the blocks: Σ w is summed over DP x CP, megatron multiplies the
+loss by CP and DDP averages over DP x CP, which leaves the same gradient.
 """
 from __future__ import annotations
 
@@ -21,12 +23,12 @@ import torch.distributed as dist
 from megatron.core import tensor_parallel
 from megatron.core.utils import get_attr_wrapped_model
 
+from megatron_dflash import context_parallel
 from megatron_dflash.anchors import (block_input_ids, block_labels, block_loss_mask,
                                      block_loss_weights, block_position_ids, block_positions,
                                      sample_anchors)
 from megatron_dflash.config import DFlashConfig
 from megatron_dflash.anchors import pad_blocks
-from megatron_dflash import context_parallel
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS, vocab_head_loss
 from megatron_dflash.loss import block_acceptance_lengths
 from megatron_dflash.masks import dflash_attention_mask

@@ -9,8 +9,8 @@ composed with TP, SP, PP and DP: everything equals one process. Run with
   ranks' experts. Each rank reads from the safetensors exactly the elements it holds: an
   expert-parallel rank only its experts, an expert-TP rank only its slices of them.
 * Training: 20 DFlash steps give the single-process losses and grad norms (<= 1e-5) — the same
-  `trajectory` driver as tests/distributed/test_pipeline.py — for Qwen3-MoE at six layouts and
-  DeepSeek-V3 at PP2 x EP2.
+  `trajectory` driver as tests/distributed/test_pipeline.py — for Qwen3-MoE at seven layouts
+  (one of them context-parallel, CP2 x EP2) and DeepSeek-V3 at PP2 x EP2.
 * DeepSeek-V3 (megatron's MLA, sigmoid group-limited router with expert bias, shared experts),
   GLM-4.5 (its router, q/k/v biases, q/k norms, half rotary) and gpt-oss (sinks, sliding windows,
   biases, clamped GLU experts de-quantised from MXFP4 on their expert-parallel rank, YaRN):
@@ -242,6 +242,10 @@ TRAIN_LAYOUTS = {  # world 4: flags (the reference: the same target and seq_leng
     "pp2ep2_allgather": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
                              seq_length_buckets=1),
     "pp2ep2_alltoall": dict(pipeline_model_parallel_size=2, expert_model_parallel_size=2,
+                            moe_token_dispatcher_type="alltoall"),
+    # Context parallelism: CP ranks' different tokens go to the same experts (CP is folded
+    # into expert-DP).
+    "cp2ep2_alltoall": dict(context_parallel_size=2, expert_model_parallel_size=2,
                             moe_token_dispatcher_type="alltoall"),
     "deepseek_pp2ep2_alltoall": dict(target="deepseek", pipeline_model_parallel_size=2,
                                      expert_model_parallel_size=2,

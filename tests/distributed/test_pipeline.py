@@ -53,13 +53,13 @@ LAYOUTS = {
         "pp2_dflash2": dict(pipeline_model_parallel_size=2, **DFLASH2),
         "tp2_sp_dflash2": dict(tensor_model_parallel_size=2, sequence_parallel=True, **DFLASH2),
         **CP_LAYOUTS[2]},
-    4: {**CP_LAYOUTS[4], "pp4": dict(pipeline_model_parallel_size=4),
+    4: {"pp4": dict(pipeline_model_parallel_size=4),
         "tp2pp2_sp": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                           sequence_parallel=True),
         "tp2pp2_sp_sparse": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                                  sequence_parallel=True, attention="sparse"),
         "tp2dp2": dict(tensor_model_parallel_size=2),
-        "pp2dp2": dict(pipeline_model_parallel_size=2)},
+        "pp2dp2": dict(pipeline_model_parallel_size=2), **CP_LAYOUTS[4]},
 }
 
 
@@ -189,9 +189,11 @@ def test_taps_on_every_stage_reach_the_draft(tied, parallel, shared, utils):
     assert get_model_config(model) is module.config and module.config.qk_layernorm
     seen = {}
     if last:
-        assert (module.embedding.word_embeddings.weight is module.target.output_layer.weight) == tied
+        embedding = module.target.embedding if module.pre_process else module.embedding
+        if not module.pre_process:  # the replica (tied: the output layer's weight)
+            assert (embedding.word_embeddings.weight is module.target.output_layer.weight) == tied
         module.draft.register_forward_pre_hook(lambda m, a: seen.update(features=a[1]))
-        module.embedding.register_forward_hook(lambda m, a, out: seen.update(embedding=out))
+        embedding.register_forward_hook(lambda m, a, out: seen.update(embedding=out))
     reports = run_schedule(model, [mb], plan.dflash, plan.distill_weight,
                            plan.run.dflash.loss_chunk_size, plan.run.training.micro_batch_size,
                            forward_only=True)
@@ -213,15 +215,17 @@ def _metrics_losses(save_dir: str) -> dict[int, float]:
 
 @pytest.mark.world(4)
 def test_checkpoints_reshard_between_layouts(shared, references):
-    """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 (DP4) and at PP2xDP2; saved there -> resumed
-    at TP2xPP2 and at TP2xDP2. Each resumed step's loss equals the uninterrupted run's (<= 1e-5).
-    All in this world of four, so no layout needs a process of its own."""
+    """Saved at TP2xPP2 (+SP) -> resumed at TP1xPP1 (DP4), at PP2xDP2 and at CP2xDP2; saved
+    there -> resumed at TP2xPP2, at TP2xDP2 and at CP4. Each resumed step's loss equals the
+    uninterrupted run's (<= 1e-5). All in this world of four, so no layout needs a process of
+    its own."""
     target_dir, data = os.path.join(shared, "target"), _data(shared)
     ref = references.get("full")["loss"]
     layouts = {"tp2pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2,
                               sequence_parallel=True),
                "dp4": {}, "pp2dp2": dict(pipeline_model_parallel_size=2),
-               "tp2dp2": dict(tensor_model_parallel_size=2)}
+               "tp2dp2": dict(tensor_model_parallel_size=2),
+               "cp2dp2": dict(context_parallel_size=2), "cp4": dict(context_parallel_size=4)}
     ckpt = {k: os.path.join(shared, f"ckpt_{k}") for k in layouts}
 
     def run(layout, iters, load=None, save=None):
@@ -231,11 +235,11 @@ def test_checkpoints_reshard_between_layouts(shared, references):
 
     saved = run("tp2pp2", 2, save="tp2pp2")
     assert max(abs(a - b) for a, b in zip(saved, ref[:2], strict=True)) <= TOL
-    for layout in ("dp4", "pp2dp2"):  # resume elsewhere, and save there
+    for layout in ("dp4", "pp2dp2", "cp2dp2"):  # resume elsewhere, and save there
         (loss,) = run(layout, 3, load="tp2pp2", save=layout)
         assert abs(loss - ref[2]) <= TOL, layout
         assert list(_metrics_losses(ckpt[layout])) == [3]
-    for layout, source in (("tp2pp2", "dp4"), ("tp2dp2", "pp2dp2")):
+    for layout, source in (("tp2pp2", "dp4"), ("tp2dp2", "pp2dp2"), ("cp4", "cp2dp2")):
         (loss,) = run(layout, 4, load=source)
         assert abs(loss - ref[3]) <= TOL, (layout, source)
 

@@ -197,9 +197,11 @@ def test_renders_qwen3_235b_expert_parallel_job(tmp_path, slurm):
 
 
 @pytest.mark.parametrize("nodes,flags,match", [
-    # the default expert-TP (= TP = 4) x EP 8 = 32 does not divide TP x DP = 16
+    # the default expert-TP (= TP = 4) x EP 8 = 32 does not divide TP x CP x DP = 16
     (4, dict(expert_tensor_parallel_size=4),
-     r"--expert-model-parallel-size=8: expert-TP x EP = 4 x 8 must divide TP x DP = 4 x 4"),
+     r"--expert-model-parallel-size=8: expert-TP x EP = 4 x 8 must divide TP x CP x DP = "
+     r"4 x 1 x 4"),
+    (4, dict(context_parallel_size=3), r"32 is not divisible by TP x PP x CP = 4 x 2 x 3"),
     (4, dict(pipeline_model_parallel_size=4),
      "--pipeline-model-parallel-size=4 must divide the target's 94 layers"),
     # 3 nodes: TP x DP = 12, EP 3 fits the GPUs but not the 128 experts
@@ -212,6 +214,15 @@ def test_rejects_expert_layouts_that_cannot_run(tmp_path, nodes, flags, match):
     with pytest.raises(ValueError, match=match):
         render("srun", nodes=nodes, gpus_per_node=8, run_dir=tmp_path,
                train_args=_with(["--target", target, *MOE_TRAIN], **flags))
+
+
+def test_context_parallelism_takes_its_share_of_the_gpus(tmp_path):
+    """World = TP x PP x CP x DP; the experts' layout folds CP into expert-DP."""
+    text = render("srun", nodes=4, gpus_per_node=8, run_dir=tmp_path,
+                  train_args=["--target", _config_dir(tmp_path / "target"),
+                              *_with(MOE_TRAIN, context_parallel_size=2)])
+    assert ("# Layout: TP 4 x PP 2 x CP 2 x DP 2; experts: expert-TP 1 x EP 8 x PP 2 x "
+            "expert-DP 2." in text.splitlines())
 
 
 def test_rejects_expert_parallelism_on_a_dense_target(tmp_path):
