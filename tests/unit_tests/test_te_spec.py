@@ -11,6 +11,7 @@ from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 
+from megatron_dflash.masks import LayerAttention
 from megatron_dflash.conv import DFlash2TransformerLayer, GroupedDynamicCausalConv
 from megatron_dflash.layers import LocalPreLinearRMSNorm
 from megatron_dflash.selector import CandidateSelector
@@ -28,7 +29,8 @@ def test_te_spec_modules(monkeypatch):
         assert sub.hidden_norm is TENorm and sub.decoder.layer_norm is TENorm
         layer = sub.decoder.layer_specs[0].submodules
         attn = layer.self_attention
-        assert attn.params == {"attn_mask_type": AttnMaskType.arbitrary}
+        assert attn.params == {"attn_mask_type": AttnMaskType.arbitrary,
+                               "layer_attention": LayerAttention(causal=False, window=None)}
         assert layer.input_layernorm is TENorm
         assert attn.submodules.linear_qkv is TEColumnParallelLinear
         assert attn.submodules.core_attention is core
