@@ -23,7 +23,9 @@ def sample_anchors(loss_mask: torch.Tensor, block_size: int, num_anchors: int,
     """Draw up to `num_anchors` distinct anchors per sequence, uniformly among eligible positions.
 
     A position a is eligible when `loss_mask[a]` is set and a + block_size <= S, S being the
-    sample's own length (`lengths` [b], when the batch is padded past it). Every TP rank must
+    sample's own length (`lengths` [b], when the batch is padded past it) or, in a packed row,
+    the end of a's document (`lengths` [b, S], `packed_sequences.document_bounds`): a block never
+    crosses into the next document. Every TP rank must
     draw the same anchors, so randomness comes only from `generator` (seeded by the caller from
     seed, step and sample); its draws depend neither on the device of `loss_mask` nor on padding
     at the end of the sequence.
@@ -53,11 +55,13 @@ def sample_anchors(loss_mask: torch.Tensor, block_size: int, num_anchors: int,
 def eligible_anchors(loss_mask: torch.Tensor, block_size: int,
                      lengths: torch.Tensor | None = None) -> torch.Tensor:
     """[b, S] bool: response positions a whose whole block fits in the sample, a + B <= S
-    (S: `lengths` [b], or the padded width)."""
+    (S: `lengths` [b], or the padded width), or in a's document (`lengths` [b, S]: each
+    position's document end)."""
     b, seq_len = loss_mask.shape
     positions = torch.arange(seq_len, device=loss_mask.device)
-    ends = torch.full((b,), seq_len) if lengths is None else lengths
-    return loss_mask.bool() & (positions + block_size <= ends.to(positions.device)[:, None])
+    ends = torch.full((b,), seq_len) if lengths is None else lengths.to(positions.device)
+    return loss_mask.bool() & (positions + block_size <= (ends if ends.dim() == 2
+                                                          else ends[:, None]))
 
 
 def block_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -66,10 +70,17 @@ def block_positions(anchors: torch.Tensor, block_size: int) -> torch.Tensor:
     return (anchors[:, :, None] + k).flatten(1)
 
 
-def block_position_ids(seq_len: int, anchors: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[b, S + N*B] RoPE positions of the draft's keys: context 0..S-1, then each block's slots."""
+def block_position_ids(seq_len: int, anchors: torch.Tensor, block_size: int,
+                       document_starts: torch.Tensor | None = None) -> torch.Tensor:
+    """[b, S + N*B] RoPE positions of the draft's keys: context 0..S-1, then each block's slots.
+    In packed rows (`document_starts` [b, S], each position's document start) both count from
+    their document's start, as they would in the conversation alone."""
     context = torch.arange(seq_len, device=anchors.device).expand(anchors.shape[0], seq_len)
-    return torch.cat([context, block_positions(anchors, block_size)], dim=1)
+    blocks = block_positions(anchors, block_size)
+    if document_starts is not None:
+        context = context - document_starts
+        blocks = blocks - document_starts.gather(1, anchors).repeat_interleave(block_size, 1)
+    return torch.cat([context, blocks], dim=1)
 
 
 def block_input_ids(tokens: torch.Tensor, anchors: torch.Tensor, keep: torch.Tensor,

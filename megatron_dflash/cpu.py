@@ -178,22 +178,37 @@ def _refuse(kernel: str, **given) -> None:
         raise NotImplementedError(f"the CPU {kernel} takes no {', '.join(names)}")
 
 
+def _segments(cu_seqlens, *tensors):
+    """[1, t, ...] tensors cut at `cu_seqlens` (packed sequences, megatron's THD format): fla's
+    varlen kernels run each segment alone from a zero state, and so do these, one at a time."""
+    return zip(*(t.split(cu_seqlens.diff().tolist(), dim=1) for t in tensors))
+
+
 def causal_conv1d(x, weight, bias=None, activation=None, initial_state=None,
                   output_final_state=False, cu_seqlens=None, **kwargs):
     """fla's `causal_conv1d` (x [b, s, d], weight [d, w]) -> (y [b, s, d], None)."""
-    _refuse("causal conv", initial_state=initial_state, output_final_state=output_final_state,
-            cu_seqlens=cu_seqlens)
+    _refuse("causal conv", initial_state=initial_state, output_final_state=output_final_state)
     conv, _, _ = _hf_gated_delta_net()
-    return conv(x.transpose(1, 2), weight, bias, activation=activation).transpose(1, 2), None
+
+    def run(x):
+        return conv(x.transpose(1, 2), weight, bias, activation=activation).transpose(1, 2)
+    if cu_seqlens is not None:
+        return torch.cat([run(part) for (part,) in _segments(cu_seqlens, x)], dim=1), None
+    return run(x), None
 
 
 def chunk_gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None,
                            output_final_state=False, use_qk_l2norm_in_kernel=False,
                            cu_seqlens=None, **kwargs):
     """fla's `chunk_gated_delta_rule` ([b, s, heads, d] layout, fp32 inside, scale dk^-1/2)."""
-    _refuse("gated delta rule", cu_seqlens=cu_seqlens,
-            scale=None if scale in (None, k.shape[-1] ** -0.5) else scale)
+    _refuse("gated delta rule", scale=None if scale in (None, k.shape[-1] ** -0.5) else scale)
     _, rule, _ = _hf_gated_delta_net()
+    if cu_seqlens is not None:
+        _refuse("gated delta rule over packed sequences", initial_state=initial_state,
+                output_final_state=output_final_state)
+        return torch.cat([rule(*parts[:3], g=parts[3], beta=parts[4],
+                               use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)[0]
+                          for parts in _segments(cu_seqlens, q, k, v, g, beta)], dim=1), None
     return rule(q, k, v, g=g, beta=beta, initial_state=initial_state,
                 output_final_state=output_final_state,
                 use_qk_l2norm_in_kernel=use_qk_l2norm_in_kernel)

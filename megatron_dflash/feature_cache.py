@@ -270,6 +270,14 @@ class FeatureCacheDataset(Dataset):
         return {"tokens": tokens[a:b].long(), "loss_mask": loss_mask[a:b].bool(),
                 "features": features[a:b]}
 
+    def sample_lengths(self):
+        """Every sample's length in tokens, from the shards' offsets (no feature is read)."""
+        lengths = []
+        for path in self._files:
+            with safe_open(path, framework="pt") as f:
+                lengths.append(f.get_tensor("offsets").diff())
+        return torch.cat(lengths).numpy()
+
     def ids(self) -> list[str]:
         """Every sample's id, in cache order."""
         out = []

@@ -14,9 +14,13 @@ at anchor a sits at position P = a + i and sees key position k only if k <= P (c
 P - k < W (window), counted over context and block alike. The window never cuts a block (the
 config keeps B <= W), so on the context it means a + i - W < k < a: later slots see less.
 
-A block is fully described by its context length (a_j, or 0 when unkept) and its index:
-`block_context_lengths` + `block_visible` are that description, from which the dense masks are
-built here and the sparse ones in sparse_attention.py. A draft whose layers differ takes one
+In a packed row (`--pack-sequences`, data/packing.py) the context also starts where the block's
+document does: block j sees positions s_j <= k < a_j, s_j its anchor's document start, so it
+sees exactly what it would in its conversation alone.
+
+A block is fully described by its context range ([s_j, a_j); empty when unkept) and its index:
+`block_context_lengths`, `block_context_starts` + `block_visible` are that description, from
+which the dense masks are built here and the sparse ones in sparse_attention.py. A draft whose layers differ takes one
 mask per kind of layer (`LayerMasks`, built once per kind, not per layer) and each layer picks
 its own (`layer_mask`). At inference (no packed blocks) the same rule runs on absolute positions
 (`position_masks`), as the reference's `_attention_mask` does.
@@ -47,15 +51,23 @@ def block_context_lengths(anchors: torch.Tensor, keep: torch.Tensor) -> torch.Te
     return torch.where(keep, anchors, 0)
 
 
+def block_context_starts(document_starts: torch.Tensor, anchors: torch.Tensor,
+                         keep: torch.Tensor) -> torch.Tensor:
+    """[b, N] the first context position each block sees in packed rows: its anchor's document
+    start (`document_starts` [b, S]), or 0 when unkept."""
+    return torch.where(keep, document_starts.gather(1, anchors), 0)
+
+
 def block_visible(context_len, q_block, q_offset, kv_idx, seq_len: int, block_size: int,
-                  causal=False, window=None) -> torch.Tensor:
-    """Whether query slot `q_offset` of block `q_block` (which sees `context_len` context
-    positions, so sits at position context_len + q_offset) sees key `kv_idx`. Elementwise over
-    broadcastable tensors; `causal`/`window` are Python values or (for a compiled mask) tensors,
-    a tensor window being the layer's window or any value past every distance (no window)."""
+                  causal=False, window=None, context_start=0) -> torch.Tensor:
+    """Whether query slot `q_offset` of block `q_block` (which sees the context positions
+    `context_start` <= k < `context_len`, so sits at position context_len + q_offset) sees key
+    `kv_idx`. Elementwise over broadcastable tensors; `causal`/`window` are Python values or (for
+    a compiled mask) tensors, a tensor window being the layer's window or any value past every
+    distance (no window)."""
     block_key = kv_idx - seq_len
     own_block = (kv_idx >= seq_len) & (block_key // block_size == q_block)
-    context = kv_idx < context_len
+    context = (kv_idx < context_len) & (kv_idx >= context_start)
     if window is not None:
         context = context & (context_len + q_offset - kv_idx < window)
     in_order = block_key % block_size <= q_offset
@@ -107,18 +119,21 @@ def layer_mask(attention_mask, attention: LayerAttention):
 
 
 def dflash_attention_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,
-                          block_size: int, layers=(FULL,)):
+                          block_size: int, layers=(FULL,),
+                          context_starts: torch.Tensor | None = None):
     """Dense training mask [b, 1, N*B, S + N*B], bool, True = masked (megatron's convention), for
     a draft of full non-causal layers; `LayerMasks` with one such mask per kind of `layers`
-    otherwise (the draft's `DFlashConfig.layer_attentions()`)."""
+    otherwise (the draft's `DFlashConfig.layer_attentions()`). `context_starts` [b, N]: where
+    each block's context starts in packed rows (`block_context_starts`; default 0)."""
     n = anchors.shape[1]
     device = anchors.device
     q = torch.arange(n * block_size, device=device)
     q_block, q_offset = (q // block_size)[:, None], (q % block_size)[:, None]
     kv_idx = torch.arange(seq_len + n * block_size, device=device)
     context_len = block_context_lengths(anchors, keep)[:, q_block]
+    start = 0 if context_starts is None else context_starts[:, q_block]
     masks = {kind: ~block_visible(context_len, q_block, q_offset, kv_idx, seq_len, block_size,
-                                  kind.causal, kind.window)[:, None]
+                                  kind.causal, kind.window, start)[:, None]
              for kind in dict.fromkeys(layers)}
     return masks[FULL] if list(masks) == [FULL] else LayerMasks(masks)
 

@@ -3,7 +3,7 @@
 The dense training mask (masks.py) makes every layer score all N*B queries against all S + N*B
 keys, although block j sees only its a_j context keys and its own B block keys: on average about
 half the context and 1/N of the blocks (spec §5.2). Here the mask travels as its per-block
-description, a `DFlashBlockMask` (anchors, keep, S, B), and `DFlashSparseAttention` (a drop-in
+description, a `DFlashBlockMask` (anchors, keep, context starts in packed rows, S, B), and `DFlashSparseAttention` (a drop-in
 `core_attention` with the interface of megatron's DotProductAttention) computes only that work:
 
   * CUDA: torch FlexAttention with a `BlockMask` built once per forward (per kind of layer) and
@@ -12,7 +12,8 @@ description, a `DFlashBlockMask` (anchors, keep, S, B), and `DFlashSparseAttenti
     kernels here): a gather implementation over chunks of consecutive blocks, each chunk scored
     against the context prefix its blocks may see plus its own block keys, so the cost follows
     sum_j (a_j + B) rather than N*B*(S + N*B). `sample_anchors` returns anchors ascending, which
-    keeps every chunk's prefix tight; any order is still exact.
+    keeps every chunk's prefix tight; any order is still exact. In packed rows a chunk's range
+    starts at the earliest document start of its blocks.
 
 A draft whose layers differ (causal and/or sliding-window layers, masks.py) shares one
 `DFlashBlockMask`: its `layers` tensor holds each kind's (causal, window) as data, and
@@ -44,7 +45,9 @@ NO_WINDOW = 2 ** 40
 @dataclasses.dataclass
 class DFlashBlockMask:
     """The DFlash training mask as its per-block description, passed to the draft in place of the
-    dense [b, 1, N*B, S+N*B] mask. `anchors`/`keep` are [b, N] as from `sample_anchors`; `dims`
+    dense [b, 1, N*B, S+N*B] mask. `anchors`/`keep` are [b, N] as from `sample_anchors`,
+    `starts` [b, N] each block's first context position (its document's start in packed rows,
+    else 0: `masks.block_context_starts`); `dims`
     holds [S, B, N] and `layers` each kind of layer's [causal, window] (`kinds`, in that order)
     as tensors for `build_flex_block_mask`, made once with the mask (on the host, in preparation)
     and moved with it, not made on the device inside the step. `layer` is the kind this view
@@ -52,6 +55,7 @@ class DFlashBlockMask:
 
     anchors: torch.Tensor
     keep: torch.Tensor
+    starts: torch.Tensor
     seq_len: int
     block_size: int
     dims: torch.Tensor
@@ -82,12 +86,13 @@ class DFlashBlockMask:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors the mask carries to the device, by field name."""
-        return {"anchors": self.anchors, "keep": self.keep, "dims": self.dims,
-                "layers": self.layers}
+        return {"anchors": self.anchors, "keep": self.keep, "starts": self.starts,
+                "dims": self.dims, "layers": self.layers}
 
     def _map(self, fn) -> "DFlashBlockMask":
-        return DFlashBlockMask(fn(self.anchors), fn(self.keep), self.seq_len, self.block_size,
-                               fn(self.dims), fn(self.layers), self.kinds, self.layer)
+        return DFlashBlockMask(fn(self.anchors), fn(self.keep), fn(self.starts), self.seq_len,
+                               self.block_size, fn(self.dims), fn(self.layers), self.kinds,
+                               self.layer)
 
     def to(self, device, non_blocking: bool = False) -> "DFlashBlockMask":
         """A copy on `device` (what the training step does with every micro-batch entry)."""
@@ -112,7 +117,7 @@ def build_flex_block_mask(mask: DFlashBlockMask, create=create_block_mask) -> Bl
     compiled).
 
     Everything that varies between micro-batches and layers reaches `mask_mod` as tensors (the
-    context lengths, S, B, N in `dims`, the layer's causality and window in `layers`), never as
+    context lengths and starts, S, B, N in `dims`, the layer's causality and window in `layers`), never as
     Python constants of a closure, so a compiled `create` is traced once per padded shape
     (b, N, S) and reused after by every micro-batch and every kind of layer (`prepare_microbatch`
     fixes N, the data pipeline S), instead of recompiling each micro-batch until dynamo's limit
@@ -121,26 +126,30 @@ def build_flex_block_mask(mask: DFlashBlockMask, create=create_block_mask) -> Bl
     (SpecForge PR #501/#511).
     """
     n, s, bs = mask.num_blocks, mask.seq_len, mask.block_size
-    return create(_dflash_mask_mod(mask.context_lengths(), mask.dims, mask.layers[mask.layer]),
+    return create(_dflash_mask_mod(mask.context_lengths(), mask.starts, mask.dims,
+                                   mask.layers[mask.layer]),
                   B=mask.anchors.shape[0], H=None, Q_LEN=n * bs, KV_LEN=s + n * bs,
                   device=mask.anchors.device)
 
 
-def _dflash_mask_mod(context_lengths: torch.Tensor, dims: torch.Tensor, layer: torch.Tensor):
+def _dflash_mask_mod(context_lengths: torch.Tensor, context_starts: torch.Tensor,
+                     dims: torch.Tensor, layer: torch.Tensor):
     def mask_mod(b, h, q_idx, kv_idx):
         seq_len, block_size, n = dims.unbind()
         causal, window = layer.unbind()
         q_block = q_idx // block_size
-        visible = block_visible(context_lengths[b, torch.minimum(q_block, n - 1)], q_block,
-                                q_idx % block_size, kv_idx, seq_len, block_size, causal.bool(),
-                                window)
+        block = torch.minimum(q_block, n - 1)
+        visible = block_visible(context_lengths[b, block], q_block, q_idx % block_size, kv_idx,
+                                seq_len, block_size, causal.bool(), window,
+                                context_starts[b, block])
         return visible & (q_block < n)
 
     return mask_mod
 
 
 def dflash_block_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,
-                      block_size: int, layers=(FULL,)) -> DFlashBlockMask:
+                      block_size: int, layers=(FULL,),
+                      context_starts: torch.Tensor | None = None) -> DFlashBlockMask:
     """The sparse counterpart of `masks.dflash_attention_mask` (same arguments)."""
     if anchors.shape != keep.shape or anchors.dim() != 2:
         raise ValueError(f"anchors {tuple(anchors.shape)} and keep {tuple(keep.shape)} must both "
@@ -149,8 +158,10 @@ def dflash_block_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,
     dims = torch.tensor([seq_len, block_size, anchors.shape[1]], device=anchors.device)
     per_kind = torch.tensor([[k.causal, NO_WINDOW if k.window is None else k.window]
                              for k in kinds], device=anchors.device)
-    return DFlashBlockMask(anchors, keep.bool(), int(seq_len), int(block_size), dims, per_kind,
-                           kinds)
+    starts = (torch.zeros_like(anchors) if context_starts is None
+              else torch.where(keep.bool(), context_starts, 0))
+    return DFlashBlockMask(anchors, keep.bool(), starts, int(seq_len), int(block_size), dims,
+                           per_kind, kinds)
 
 
 @functools.cache
@@ -193,7 +204,7 @@ def gather_block_attention(query, key, value, mask: DFlashBlockMask, scale: floa
     per_chunk = max(1, chunk_queries // bs)
     offset = torch.arange(bs, device=query.device)[:, None]  # the query's slot in its block
     later = torch.ones(bs, bs, dtype=torch.bool, device=query.device).triu(1)
-    ranges = zip(chunk_context_starts(ctx_len, per_chunk, window),
+    ranges = zip(chunk_context_starts(ctx_len, per_chunk, window, mask.starts),
                  chunk_prefixes(ctx_len, per_chunk))
     outputs = []
     for start, (lo, hi) in zip(range(0, n, per_chunk), ranges):
@@ -208,7 +219,7 @@ def gather_block_attention(query, key, value, mask: DFlashBlockMask, scale: floa
         ctx = ctx.view(b, groups, rep, g, bs, hi - lo)
         seen = ctx_len[:, None, None, blocks, None, None]
         position = torch.arange(lo, hi, device=query.device)
-        hidden = position >= seen
+        hidden = (position >= seen) | (position < mask.starts[:, None, None, blocks, None, None])
         if window is not None:
             hidden = hidden | (seen + offset - position >= window)
         ctx = ctx.masked_fill(hidden, float("-inf"))
@@ -231,14 +242,18 @@ def chunk_prefixes(context_lengths: torch.Tensor, per_chunk: int) -> list[int]:
 
 
 def chunk_context_starts(context_lengths: torch.Tensor, per_chunk: int,
-                         window: int | None) -> list[int]:
-    """The first context position any block of each chunk sees through a sliding `window` (its
-    slot 0 sees back to a - W + 1): 0 for every chunk without a window."""
+                         window: int | None, starts: torch.Tensor | None = None) -> list[int]:
+    """The first context position any block of each chunk sees: from its document's start
+    (`starts` [b, N], packed rows) and, through a sliding `window`, from a - W + 1 (its slot 0's
+    reach); 0 for every chunk with neither."""
     b, n = context_lengths.shape
     chunks = -(-n // per_chunk)
-    if window is None:
+    if window is None and (starts is None or not starts.any()):
         return [0] * chunks
-    first = torch.where(context_lengths > 0, context_lengths - window + 1, NO_WINDOW)
+    first = torch.zeros_like(context_lengths) if starts is None else starts
+    if window is not None:
+        first = torch.maximum(first, context_lengths - window + 1)
+    first = torch.where(context_lengths > 0, first, NO_WINDOW)
     padded = F.pad(first.clamp_min(0), (0, chunks * per_chunk - n), value=NO_WINDOW)
     return padded.view(b, chunks, per_chunk).amin(dim=(0, 2)).tolist()
 

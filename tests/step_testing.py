@@ -28,9 +28,10 @@ def step_modules(target_dir, last_layer=None, seed=3, attention="dense", **draft
 
 
 def step_config(tcfg, hf, num_anchors=4, **draft) -> DFlashConfig:
-    """Blocks of 8, one draft layer, taps `TAPS`, resolved against the target."""
-    return DFlashConfig(block_size=8, num_draft_layers=1, target_layer_ids=TAPS,
-                        mask_token_id=MASK, num_anchors=num_anchors, **draft).resolve(
+    """Blocks of 8, one draft layer, taps `TAPS` (unless `draft` says otherwise), resolved
+    against the target."""
+    return DFlashConfig(**dict(block_size=8, num_draft_layers=1, target_layer_ids=TAPS,
+                               mask_token_id=MASK, num_anchors=num_anchors) | draft).resolve(
         tcfg, vocab_size=hf.vocab_size, target_rope_theta=hf.rope_parameters["rope_theta"])
 
 

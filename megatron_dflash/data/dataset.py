@@ -106,6 +106,10 @@ class ConversationDataset(Dataset):
     def __getitem__(self, idx):
         return self.samples[idx]
 
+    def sample_lengths(self) -> np.ndarray:
+        """Every sample's length in tokens (what sequence packing reads)."""
+        return np.array([len(s["tokens"]) for s in self.samples], dtype=np.int64)
+
 
 class IndexedConversationDataset(Dataset):
     """A dataset written by tools/preprocess_data.py (layout: module docstring).
@@ -129,6 +133,11 @@ class IndexedConversationDataset(Dataset):
         if self.seq_length is not None:
             n = min(n, self.seq_length)
         return _sample(self.tokens.get(idx, 0, n), self.loss_mask.get(idx, 0, n))
+
+    def sample_lengths(self) -> np.ndarray:
+        """Every sample's length in tokens as read (truncated), from the index alone."""
+        lengths = self.tokens.sequence_lengths.astype(np.int64)
+        return lengths if self.seq_length is None else np.minimum(lengths, self.seq_length)
 
 
 def build_dataset(paths: str | Iterable[str], tokenizer: ChatTokenizer | None, seq_length: int,
@@ -185,6 +194,14 @@ def write_indexed_dataset(prefix: str, samples: Iterable[Tokenized], vocab_size:
     return count
 
 
+def epoch_order(total_samples: int, seed: int, epoch: int, shuffle: bool = True) -> list[int]:
+    """The samples of `epoch` in the samplers' order: a permutation seeded by (seed, epoch)."""
+    if not shuffle:
+        return list(range(total_samples))
+    state = int(np.random.SeedSequence([seed, epoch]).generate_state(1)[0])
+    return torch.randperm(total_samples, generator=torch.Generator().manual_seed(state)).tolist()
+
+
 class ResumableSampler:
     """Megatron-style batch sampler: a fresh seeded permutation per epoch, endless.
 
@@ -214,17 +231,10 @@ class ResumableSampler:
         self.consumed_samples = consumed_samples
         self.shuffle = shuffle
 
-    def epoch_order(self, epoch: int) -> list[int]:
-        if not self.shuffle:
-            return list(range(self.total_samples))
-        seed = int(np.random.SeedSequence([self.seed, epoch]).generate_state(1)[0])
-        g = torch.Generator().manual_seed(seed)
-        return torch.randperm(self.total_samples, generator=g).tolist()
-
     def __iter__(self) -> Iterator[list[int]]:
         while True:
             epoch, offset = divmod(self.consumed_samples, self.per_epoch)
-            order = self.epoch_order(epoch)
+            order = epoch_order(self.total_samples, self.seed, epoch, self.shuffle)
             for start in range(offset, self.per_epoch, self.step):
                 first = start + self.rank * self.micro_batch_size
                 self.consumed_samples += self.step

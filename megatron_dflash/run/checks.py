@@ -52,6 +52,10 @@ def check_run(run: RunConfig, world_size: int) -> tuple[int, int]:
     check(dflash.loss_gamma is None or dflash.loss_gamma > 0,
           f"--loss-gamma={dflash.loss_gamma} must be > 0")
     dp = check_layout(run, world_size)
+    check(not d.pack_sequences or p.context_parallel_size == 1,
+          f"--pack-sequences does not combine with --context-parallel-size="
+          f"{p.context_parallel_size}: packed rows need megatron's per-document CP split; train "
+          "packed without CP, or CP unpacked")
     per_step = t.micro_batch_size * dp
     check(t.global_batch_size % per_step == 0,
           f"--global-batch-size={t.global_batch_size} must be a multiple of --micro-batch-size x "

@@ -40,6 +40,9 @@ class DataArgs:
     `seq_length`, so compiled attention sees at most this many shapes."""
     max_train_samples: int | None = None
     """Use at most this many training conversations."""
+    pack_sequences: bool = False
+    """Pack consecutive training conversations into rows of up to `seq_length` tokens, each
+    still a document of its own (`data.packing`)."""
     offline_features: str | None = None
     """A feature cache directory (`megatron_dflash.feature_cache`): train from cached taps (no
     target decoder layer built); written first when it holds no cache."""

@@ -72,6 +72,15 @@ def add_data_flags(p: argparse.ArgumentParser, *, embedded: bool = True) -> None
                 "pad every micro-batch to the smallest of this many evenly spaced lengths up "
                 "to --seq-length (1: always --seq-length), so compiled attention sees at most "
                 "this many shapes"))),
+            ("--pack-sequences", dict(action="store_true", help=(
+                "pack consecutive training conversations (in sampler order, greedily, whole) "
+                "into rows of up to --seq-length tokens, so long-context training does not "
+                "compute padding; each conversation stays a document of its own: the target "
+                "attends and positions it alone (megatron's THD packed sequences, what "
+                "--reset-attention-mask and --reset-position-ids do in megatron's GPT "
+                "training), no block crosses a document boundary and a block sees only its own "
+                "document's context. The data position still counts conversations; held-out "
+                "tau is measured unpacked. Not with --context-parallel-size > 1"))),
             ("--embedded-answers", dict(choices=("target", "human"), help=(
                 "the embedded default's training answers: the target's own (regenerated once, "
                 "taps cached) or, for comparison, the human replies in chitchat to the same "

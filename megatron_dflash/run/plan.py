@@ -131,6 +131,11 @@ def resolve_target(run: RunConfig, hf_config: PretrainedConfig | None = None,
         name = f"--tensor-model-parallel-size={tp}" if tp > 1 else "--target"
         raise ValueError(f"{name}: the target ({where}): {one_line(e)}") from None
     _check_context_parallel(p.context_parallel_size, backend, config, where)
+    check(not (run.data.pack_sequences and backend == "local" and config.multi_latent_attention
+               and run.data.offline_features is None),
+          f"--pack-sequences: the target ({where}) has multi-latent attention, whose local core "
+          "attention (megatron's DotProductAttention) takes no packed sequences; use "
+          "--transformer-impl transformer_engine (GPU) or --offline-features")
     return TargetPlan(t.target, hf_config, config, backend, fp8)
 
 

@@ -12,6 +12,10 @@ of the sequence; K/V are all-gathered over the CP group into sequence order (meg
 CP attention: its `cp_comm_type` choices are Transformer Engine's, on GPU) and the causal mask and
 window are applied on the chunks' global positions. Exact; its backward reduce-scatters the K/V
 gradients (the frozen target needs none).
+
+Packed sequences (megatron's THD format, `packed_sequences.py`): query/key/value arrive as
+[t, heads, hn] with `cu_seqlens`, and each document is attended alone, one at a time, exactly as
+it would be unpacked (causal, window and sinks included).
 """
 from __future__ import annotations
 
@@ -46,7 +50,9 @@ class SDPACoreAttention(MegatronModule):
     Window: query i (bottom-right aligned) sees keys j with i - left <= j <= i + right, `window_size
     = (left, right)`. Under context parallelism queries and keys sit at their global positions
     (module docstring). Sinks: `softmax_offset` [heads of this TP rank], megatron's parameter
-    (`learnable`; `off-by-one` is a constant 0).
+    (`learnable`; `off-by-one` is a constant 0). Packed sequences (`packed_seq_params`,
+    qkv_format "thd"; no mask, no CP): [t, np, hn] -> [t, np*hn], each `cu_seqlens` segment
+    attended alone.
     """
 
     def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType,
@@ -76,11 +82,23 @@ class SDPACoreAttention(MegatronModule):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None,
                 attention_bias=None, packed_seq_params=None):
         cp = self.cp_group is not None and get_pg_size(self.cp_group) > 1
+        packed = packed_seq_params is not None
         _refuse({f"attention dropout {self.dropout} in training":
                  self.training and self.dropout > 0,
                  "attention_bias": attention_bias is not None,
-                 "packed sequences": packed_seq_params is not None,
+                 "packed sequences other than THD":
+                     packed and packed_seq_params.qkv_format != "thd",
+                 "packed sequences with an attention mask or context parallelism":
+                     packed and (attention_mask is not None or cp),
                  "an attention mask under context parallelism": cp and attention_mask is not None})
+        if packed:  # each document alone: [t, heads, hn] -> [t, heads*hn]
+            lengths = packed_seq_params.cu_seqlens_q.diff().tolist()
+            return torch.cat([self._attend(*(t[:, None] for t in doc), None, False)[:, 0]
+                              for doc in zip(*(t.split(lengths) for t in (query, key, value)))])
+        return self._attend(query, key, value, attention_mask, cp)
+
+    def _attend(self, query, key, value, attention_mask, cp: bool):
+        """[sq, b, np, hn] x [sk, b, ng, hn] -> [sq, b, np*hn] (the class docstring's rules)."""
         sq, b, num_heads, hn = query.shape
         if cp:  # one all-gather for K and V
             widths = [key.shape[-1], value.shape[-1]]

@@ -8,6 +8,7 @@ from megatron.core import parallel_state
 
 from megatron_dflash import context_parallel, feature_cache
 from megatron_dflash.data.dataset import ResumableSampler, collate
+from megatron_dflash.data.packing import PackingSampler, pack_samples, sample_lengths
 from megatron_dflash.fp8 import sequence_multiple
 from megatron_dflash.run.plan import Plan
 from megatron_dflash.training.prefetch import Prefetcher
@@ -30,10 +31,15 @@ class MicroBatches:
     for DFlash2 under sequence parallelism, to whole blocks on every rank). Under context
     parallelism every CP rank prepares the same samples (its data-parallel rank's) and keeps its
     share of the blocks; lengths split into 2CP equal chunks (`context_parallel`).
+
+    `--pack-sequences` (`pack`, default the plan's): each micro-batch row holds consecutive whole
+    conversations (`data.packing.PackingSampler`), their boundaries carried to the anchors, the
+    masks, the positions and the target (`prepare_microbatch(documents=...)`);
+    `consumed_samples` still counts conversations.
     """
 
     def __init__(self, dataset, plan: Plan, pad_id: int, consumed_samples: int,
-                 shuffle: bool = True, seed: int | None = None):
+                 shuffle: bool = True, seed: int | None = None, pack: bool | None = None):
         run = plan.run
         self.dataset, self.cfg, self.pad_id = dataset, plan.dflash, pad_id
         self.seed = run.training.seed if seed is None else seed
@@ -47,17 +53,27 @@ class MicroBatches:
             self.block_multiple = math.lcm(self.block_multiple, plan.dflash.block_size * tp)
         self.attention = plan.attention
         self.cp_share = (parallel_state.get_context_parallel_rank(), cp)
-        self.sampler = ResumableSampler(
-            len(dataset), run.training.micro_batch_size, parallel_state.get_data_parallel_rank(),
-            parallel_state.get_data_parallel_world_size(), seed=self.seed,
-            consumed_samples=consumed_samples, shuffle=shuffle)
+        self.pack = run.data.pack_sequences if pack is None else pack
+        layout = (run.training.micro_batch_size, parallel_state.get_data_parallel_rank(),
+                  parallel_state.get_data_parallel_world_size())
+        if self.pack:
+            self.sampler = PackingSampler(sample_lengths(dataset), run.data.seq_length, *layout,
+                                          seed=self.seed, consumed_samples=consumed_samples,
+                                          shuffle=shuffle)
+        else:
+            self.sampler = ResumableSampler(len(dataset), *layout, seed=self.seed,
+                                            consumed_samples=consumed_samples, shuffle=shuffle)
         self._it = iter(self.sampler)
 
     def next(self) -> dict:
-        indices = next(self._it)
-        s = self.sampler
-        position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
-        samples = [self.dataset[i] for i in indices]
+        s, documents = self.sampler, None
+        if self.pack:
+            samples = [pack_samples([self.dataset[i] for i in row]) for row in next(self._it)]
+            position = s.position
+            documents = [sample.pop("documents").tolist() for sample in samples]
+        else:
+            samples = [self.dataset[i] for i in next(self._it)]
+            position = s.consumed_samples - s.step + s.rank * s.micro_batch_size
         batch = collate(samples, self.pad_id, buckets=self.buckets)
         features = None  # the offline cache's taps, padded as the tokens are
         if "features" in samples[0]:
@@ -65,7 +81,7 @@ class MicroBatches:
         return prepare_microbatch(batch["tokens"], batch["loss_mask"], self.cfg,
                                   anchor_generator(self.seed, position), self.attention,
                                   self.block_multiple, batch["lengths"], features,
-                                  self.cp_share)
+                                  self.cp_share, documents)
 
     def prefetcher(self, device: torch.device, depth: int = 2) -> Prefetcher:
         """These micro-batches prepared `depth` ahead, each with the consumed-sample count after

@@ -12,6 +12,9 @@ megatron's collectives.
 
 With context parallelism the target runs on this CP rank's chunks of the sequence and the draft,
 on the whole context gathered back, runs this rank's share of the blocks (`context_parallel`).
+
+Packed rows (`--pack-sequences`) reach the target as one THD sequence with its documents'
+boundaries, which every stage reads from its own micro-batch (`packed_sequences`).
 """
 from __future__ import annotations
 
@@ -27,6 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_dflash.context_parallel import gather_context, target_inputs
 from megatron_dflash.model import DFlashDraftModel, output_weight, target_head
+from megatron_dflash.packed_sequences import DocumentBoundaries, rows_from_thd
 from megatron_dflash.targets.capture import FeatureCapture
 from megatron_dflash.training.pipeline import link_received, pack, unpack
 
@@ -86,7 +90,7 @@ class DFlashTrainingModule(MegatronModule):
         self._received = input_tensor[0] if isinstance(input_tensor, list) else input_tensor
 
     def forward(self, tokens, position_ids, block_input_ids, attention_mask, block_position_ids,
-                features=None):
+                features=None, documents: DocumentBoundaries | None = None):
         """Last stage: (draft final-norm hidden states [Q(/tp), b, H], target hidden states
         [S(/cp)(/tp), b, H]). Other stages: the payload for the next stage [s(/cp)(/tp), b,
         H*(1+K)]. `tokens`, `position_ids` [b, S]: the whole sequence (under CP the target takes
@@ -95,6 +99,11 @@ class DFlashTrainingModule(MegatronModule):
         `features` [S, b, K*H]: the taps read from the offline cache (`feature_cache`; one
         stage, a target built without decoder layers): the target does not run and the second
         output is None.
+
+        `documents`: the boundaries of packed rows. The target then takes the b rows as one THD
+        sequence of b*S tokens (megatron's packed sequences: each document attended and
+        positioned alone), its payload is [b*S(/tp), 1, H*(1+K)] and its outputs come back to
+        [S(/tp), b, ...] for the draft and the loss.
 
         The target runs under no_grad (none of its activations are kept for backward) and never
         through its output layer: the loss projects only the rows it reads (`head_loss`). Its
@@ -113,18 +122,29 @@ class DFlashTrainingModule(MegatronModule):
         else:
             hidden, taps = unpack(received.detach(), self._num_taps)
         self.target.set_input_tensor(hidden)
-        tokens, position_ids = target_inputs(tokens, position_ids, self.cp_group)
+        rows, packed = tokens.shape[0], None
+        if documents is not None:
+            packed = documents.packed_seq_params()
+            tokens, position_ids = tokens.reshape(1, -1), position_ids.reshape(1, -1)
+        else:
+            tokens, position_ids = target_inputs(tokens, position_ids, self.cp_group)
         with torch.no_grad(), self._capture:
             hidden = self.target(tokens, position_ids, attention_mask=None,
-                                 output_processor=_decoder_output)
+                                 packed_seq_params=None, output_processor=_decoder_output)
         local = self._capture.features()
         if local is not None:
             for slot, tap in zip(self._local_slots, local.chunk(len(self._local_slots), dim=-1)):
                 taps[slot] = tap
         if self.draft is None:
             return link_received(pack(hidden, taps), received)
-        context = gather_context(torch.cat(taps, dim=-1), self.cp_group, self.draft.tp_group,
-                                 self.config.sequence_parallel)
+        context = torch.cat(taps, dim=-1)
+        if documents is not None:
+            context, hidden = (rows_from_thd(t, rows, self.draft.tp_group,
+                                             self.config.sequence_parallel)
+                               for t in (context, hidden))
+        else:
+            context = gather_context(context, self.cp_group, self.draft.tp_group,
+                                     self.config.sequence_parallel)
         draft_hidden = self.draft(block_input_ids, context, attention_mask, block_position_ids,
                                   return_hidden=True)
         return link_received(draft_hidden, received), hidden

@@ -31,7 +31,8 @@ from megatron_dflash.config import DFlashConfig
 from megatron_dflash.anchors import pad_blocks
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS, vocab_head_loss
 from megatron_dflash.loss import block_acceptance_lengths
-from megatron_dflash.masks import dflash_attention_mask
+from megatron_dflash.masks import block_context_starts, dflash_attention_mask
+from megatron_dflash.packed_sequences import document_boundaries, document_bounds
 from megatron_dflash.sparse_attention import dflash_block_mask
 
 
@@ -50,7 +51,8 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
                        block_multiple: int = 1,
                        lengths: torch.Tensor | None = None,
                        features: torch.Tensor | None = None,
-                       cp_share: tuple[int, int] = (0, 1)) -> dict[str, torch.Tensor]:
+                       cp_share: tuple[int, int] = (0, 1),
+                       documents: list[list[int]] | None = None) -> dict[str, torch.Tensor]:
     """Anchors, block inputs/labels/weights, positions, the mask and the loss rows for [b, S]
     tokens.
 
@@ -73,12 +75,22 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     without CP, padded to whole shares and dealt out (`context_parallel.blocks_of_rank`); the
     micro-batch holds this rank's blocks (N/CP), their mask against the whole context and the
     whole `tokens` (the target takes its chunks of them in the forward).
+    `documents`: packed rows (`data/packing.py`), each row's documents' lengths. Anchors are
+    then eligible only when their block lies in their document, blocks see their document's
+    context only, positions (the target's and the draft's) count from each document's start,
+    and `documents` carries the rows' boundaries to the target (`packed_sequences`); not with
+    context parallelism.
     """
     if attention not in MASKS:
         raise ValueError(f"attention={attention!r} must be one of {tuple(MASKS)}")
     B, (b, seq_len) = cfg.block_size, tokens.shape
-    anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator, lengths)
     cp_rank, cp = cp_share
+    starts = None
+    if documents is not None:
+        if cp > 1:
+            raise ValueError("packed rows (documents) do not combine with context parallelism")
+        starts, lengths = document_bounds(documents, seq_len)  # lengths: each document's end
+    anchors, keep = sample_anchors(loss_mask, B, cfg.num_anchors, generator, lengths)
     anchors, keep = pad_blocks(anchors, keep, B,
                                context_parallel.block_multiple(block_multiple, B, cp),
                                min_blocks=min(cfg.num_anchors, max(1, seq_len - B + 1)))
@@ -88,12 +100,18 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     loss_index = supervised.flatten().nonzero().squeeze(1)
     batch = torch.arange(b).repeat_interleave(label_positions.shape[1])
     teacher_index = (batch * seq_len + label_positions.flatten() - 1)[loss_index]
+    position_ids = torch.arange(seq_len).repeat(b, 1)
+    context_starts = None
+    if starts is not None:
+        position_ids -= starts
+        context_starts = block_context_starts(starts, anchors, keep)
     out = dict(
         tokens=tokens.contiguous(),
-        position_ids=torch.arange(seq_len).repeat(b, 1),
+        position_ids=position_ids,
         block_input_ids=block_input_ids(tokens, anchors, keep, B, cfg.mask_token_id),
-        attention_mask=MASKS[attention](anchors, keep, seq_len, B, cfg.layer_attentions()),
-        block_position_ids=block_position_ids(seq_len, anchors, B),
+        attention_mask=MASKS[attention](anchors, keep, seq_len, B, cfg.layer_attentions(),
+                                        context_starts=context_starts),
+        block_position_ids=block_position_ids(seq_len, anchors, B, starts),
         labels=block_labels(tokens, anchors, B),
         label_positions=label_positions,
         weights=block_loss_weights(supervised, B, cfg.loss_gamma),
@@ -103,6 +121,8 @@ def prepare_microbatch(tokens: torch.Tensor, loss_mask: torch.Tensor, cfg: DFlas
     )
     if features is not None:
         out["features"] = features.transpose(0, 1).contiguous()
+    if documents is not None:
+        out["documents"] = document_boundaries(documents, seq_len)
     return out
 
 
@@ -193,9 +213,9 @@ def make_forward_step(cfg: DFlashConfig, distill_weight: float, scale: float = 1
     def forward_step(data_iterator, model):
         mb = next(data_iterator)
         half = {"fp32_output": False} if model.config.bf16 or model.config.fp16 else {}
-        cached = {"features": mb["features"]} if "features" in mb else {}
+        extra = {k: mb[k] for k in ("features", "documents") if k in mb}
         output = model(mb["tokens"], mb["position_ids"], mb["block_input_ids"],
-                       mb["attention_mask"], mb["block_position_ids"], **cached, **half)
+                       mb["attention_mask"], mb["block_position_ids"], **extra, **half)
         module = get_attr_wrapped_model(model, "output_weight", return_model_obj=True)
         return output, partial(loss_func, mb, module, cfg.block_size, distill_weight, chunk_rows,
                                scale)

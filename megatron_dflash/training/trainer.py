@@ -102,7 +102,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> tuple[float, list[float]]:
-        """τ̂ and per-position accuracy of the draft on held-out conversations (fixed anchors)."""
+        """τ̂ and per-position accuracy of the draft on held-out conversations (fixed anchors;
+        unpacked, whatever --pack-sequences)."""
         run, valid = self.plan.run, self.valid_data
         self.model.eval()
         per_rank = run.training.micro_batch_size * parallel_state.get_data_parallel_world_size()
@@ -112,7 +113,7 @@ class Trainer:
             raise ValueError(f"--eval-samples/held-out data ({len(valid)}) cannot fill one "
                              "micro-batch per data-parallel rank")
         batches = MicroBatches(torch.utils.data.Subset(valid, range(n)), self.plan, self.pad_id,
-                               0, shuffle=False, seed=EVAL_SEED)
+                               0, shuffle=False, seed=EVAL_SEED, pack=False)
         reports = self.run_step([to_device(batches.next(), self.device)
                                  for _ in range(n // per_rank)], forward_only=True)
         self.model.train()

@@ -22,12 +22,8 @@ MASK = 255  # never produced by pattern_dataset
 
 
 @pytest.fixture(scope="module")
-def target(tmp_path_factory):
-    return tiny_target_dir(tmp_path_factory.mktemp("target"))
-
-
-@pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    """Fewer conversations than the shared `data` fixture: the cache tests write them twice."""
     d = tmp_path_factory.mktemp("data")
     return pattern_dataset(d / "train", 16, 48, seed=1), pattern_dataset(d / "valid", 4, 48, seed=2)
 
