@@ -29,7 +29,8 @@ a run from it draws exactly the micro-batches an online run draws.
 
 Fingerprint. A cache serves a run only if the target (path and config.json), taps, sequence
 length, hidden size and dtype agree (`check_manifest`); everything else (the draft, anchors,
-block size, batch layout) may change between runs. The teacher's final hidden state is not
+block size, batch layout, --pack-sequences: rows are packed from the cached conversations as
+they are read) may change between runs. The teacher's final hidden state is not
 cached (it would add H*itemsize bytes per token, and distillation would still need the LM
 head's logits per step): a run from a cache refuses --distill-weight > 0.
 """

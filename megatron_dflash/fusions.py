@@ -11,16 +11,21 @@ import torch
 from megatron_dflash.fp8 import FP8Settings
 
 
-def target_fields(backend: str, multi_latent_attention: bool, fp8: FP8Settings) -> dict:
-    """The frozen target's fusion and FP8-cache fields."""
+def target_fields(backend: str, multi_latent_attention: bool, fp8: FP8Settings,
+                  packed_yarn: bool = False) -> dict:
+    """The frozen target's fusion and FP8-cache fields (`packed_yarn`: a YaRN target fed packed
+    sequences, --pack-sequences)."""
     cuda = torch.cuda.is_available()
     return dict(
         # SwiGLU as one fused kernel (megatron's jit-fused bias-SwiGLU) on the GPU; on the CPU
         # the eager ops are as fast and the CPU suite compares bit for bit with HF.
         bias_activation_fusion=cuda,
         # TE's fused RoPE takes the target's [s, b, np, hn] layout; MLA's fused RoPE is
-        # training-only and YaRN-only in megatron-core 0.19, so MLA keeps the unfused one.
-        apply_rope_fusion=backend == "te" and cuda and not multi_latent_attention,
+        # training-only and YaRN-only in megatron-core 0.19, so MLA keeps the unfused one. So
+        # does a packed YaRN target: megatron-core 0.19's fused THD RoPE drops YaRN's
+        # concentration factor (`mscale`; its fused bshd path falls back to the unfused one).
+        apply_rope_fusion=(backend == "te" and cuda and not multi_latent_attention
+                           and not packed_yarn),
         # Frozen: no weight gradient to accumulate.
         gradient_accumulation_fusion=False,
         # FP8 weights re-quantised with the current scale at every forward: megatron resets

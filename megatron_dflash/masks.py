@@ -20,10 +20,10 @@ sees exactly what it would in its conversation alone.
 
 A block is fully described by its context range ([s_j, a_j); empty when unkept) and its index:
 `block_context_lengths`, `block_context_starts` + `block_visible` are that description, from
-which the dense masks are built here and the sparse ones in sparse_attention.py. A draft whose layers differ takes one
-mask per kind of layer (`LayerMasks`, built once per kind, not per layer) and each layer picks
-its own (`layer_mask`). At inference (no packed blocks) the same rule runs on absolute positions
-(`position_masks`), as the reference's `_attention_mask` does.
+which the dense masks are built here and the sparse ones in sparse_attention.py. A draft whose
+layers differ takes one mask per kind of layer (`LayerMasks`, built once per kind, not per layer)
+and each layer picks its own (`layer_mask`). At inference (no packed blocks) the same rule runs
+on absolute positions (`position_masks`), as the reference's `_attention_mask` does.
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 The dense training mask (masks.py) makes every layer score all N*B queries against all S + N*B
 keys, although block j sees only its a_j context keys and its own B block keys: on average about
 half the context and 1/N of the blocks (spec §5.2). Here the mask travels as its per-block
-description, a `DFlashBlockMask` (anchors, keep, context starts in packed rows, S, B), and `DFlashSparseAttention` (a drop-in
-`core_attention` with the interface of megatron's DotProductAttention) computes only that work:
+description, a `DFlashBlockMask` (anchors, keep, S, B; in packed rows each block's context start
+too), and `DFlashSparseAttention` (a drop-in `core_attention` with the interface of megatron's
+DotProductAttention) computes only that work:
 
   * CUDA: torch FlexAttention with a `BlockMask` built once per forward (per kind of layer) and
     shared by the layers (128x128 tiles that no query of theirs may see are skipped);
@@ -45,21 +46,21 @@ NO_WINDOW = 2 ** 40
 @dataclasses.dataclass
 class DFlashBlockMask:
     """The DFlash training mask as its per-block description, passed to the draft in place of the
-    dense [b, 1, N*B, S+N*B] mask. `anchors`/`keep` are [b, N] as from `sample_anchors`,
-    `starts` [b, N] each block's first context position (its document's start in packed rows,
-    else 0: `masks.block_context_starts`); `dims`
+    dense [b, 1, N*B, S+N*B] mask. `anchors`/`keep` are [b, N] as from `sample_anchors`; `dims`
     holds [S, B, N] and `layers` each kind of layer's [causal, window] (`kinds`, in that order)
     as tensors for `build_flex_block_mask`, made once with the mask (on the host, in preparation)
-    and moved with it, not made on the device inside the step. `layer` is the kind this view
-    serves (`for_layer`); every view shares the BlockMasks built so far."""
+    and moved with it, not made on the device inside the step. `starts` [b, N]: in packed rows,
+    each block's first context position (its document's start, `masks.block_context_starts`;
+    None: 0). `layer` is the kind this view serves (`for_layer`); every view shares the
+    BlockMasks built so far."""
 
     anchors: torch.Tensor
     keep: torch.Tensor
-    starts: torch.Tensor
     seq_len: int
     block_size: int
     dims: torch.Tensor
     layers: torch.Tensor
+    starts: torch.Tensor | None = None
     kinds: tuple[LayerAttention, ...] = (FULL,)
     layer: int = 0
     _flex: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
@@ -86,12 +87,14 @@ class DFlashBlockMask:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The tensors the mask carries to the device, by field name."""
-        return {"anchors": self.anchors, "keep": self.keep, "starts": self.starts,
-                "dims": self.dims, "layers": self.layers}
+        starts = {} if self.starts is None else {"starts": self.starts}
+        return {"anchors": self.anchors, "keep": self.keep, "dims": self.dims,
+                "layers": self.layers, **starts}
 
     def _map(self, fn) -> "DFlashBlockMask":
-        return DFlashBlockMask(fn(self.anchors), fn(self.keep), fn(self.starts), self.seq_len,
-                               self.block_size, fn(self.dims), fn(self.layers), self.kinds,
+        return DFlashBlockMask(fn(self.anchors), fn(self.keep), self.seq_len, self.block_size,
+                               fn(self.dims), fn(self.layers),
+                               None if self.starts is None else fn(self.starts), self.kinds,
                                self.layer)
 
     def to(self, device, non_blocking: bool = False) -> "DFlashBlockMask":
@@ -117,13 +120,13 @@ def build_flex_block_mask(mask: DFlashBlockMask, create=create_block_mask) -> Bl
     compiled).
 
     Everything that varies between micro-batches and layers reaches `mask_mod` as tensors (the
-    context lengths and starts, S, B, N in `dims`, the layer's causality and window in `layers`), never as
-    Python constants of a closure, so a compiled `create` is traced once per padded shape
-    (b, N, S) and reused after by every micro-batch and every kind of layer (`prepare_microbatch`
-    fixes N, the data pipeline S), instead of recompiling each micro-batch until dynamo's limit
-    sends it to eager. FlexAttention pads Q_LEN up to its 128-token tiles, so `mask_mod` also sees
-    query indices past N*B: their block index is clamped before the lookup and ANDed with `< N`
-    (SpecForge PR #501/#511).
+    context lengths and starts, S, B, N in `dims`, the layer's causality and window in `layers`),
+    never as Python constants of a closure, so a compiled `create` is traced once per padded
+    shape (b, N, S) and reused after by every micro-batch and every kind of layer
+    (`prepare_microbatch` fixes N, the data pipeline S), instead of recompiling each micro-batch
+    until dynamo's limit sends it to eager. FlexAttention pads Q_LEN up to its 128-token tiles, so
+    `mask_mod` also sees query indices past N*B: their block index is clamped before the lookup
+    and ANDed with `< N` (SpecForge PR #501/#511).
     """
     n, s, bs = mask.num_blocks, mask.seq_len, mask.block_size
     return create(_dflash_mask_mod(mask.context_lengths(), mask.starts, mask.dims,
@@ -132,7 +135,7 @@ def build_flex_block_mask(mask: DFlashBlockMask, create=create_block_mask) -> Bl
                   device=mask.anchors.device)
 
 
-def _dflash_mask_mod(context_lengths: torch.Tensor, context_starts: torch.Tensor,
+def _dflash_mask_mod(context_lengths: torch.Tensor, context_starts: torch.Tensor | None,
                      dims: torch.Tensor, layer: torch.Tensor):
     def mask_mod(b, h, q_idx, kv_idx):
         seq_len, block_size, n = dims.unbind()
@@ -141,7 +144,7 @@ def _dflash_mask_mod(context_lengths: torch.Tensor, context_starts: torch.Tensor
         block = torch.minimum(q_block, n - 1)
         visible = block_visible(context_lengths[b, block], q_block, q_idx % block_size, kv_idx,
                                 seq_len, block_size, causal.bool(), window,
-                                context_starts[b, block])
+                                0 if context_starts is None else context_starts[b, block])
         return visible & (q_block < n)
 
     return mask_mod
@@ -158,10 +161,9 @@ def dflash_block_mask(anchors: torch.Tensor, keep: torch.Tensor, seq_len: int,
     dims = torch.tensor([seq_len, block_size, anchors.shape[1]], device=anchors.device)
     per_kind = torch.tensor([[k.causal, NO_WINDOW if k.window is None else k.window]
                              for k in kinds], device=anchors.device)
-    starts = (torch.zeros_like(anchors) if context_starts is None
-              else torch.where(keep.bool(), context_starts, 0))
-    return DFlashBlockMask(anchors, keep.bool(), starts, int(seq_len), int(block_size), dims,
-                           per_kind, kinds)
+    starts = None if context_starts is None else torch.where(keep.bool(), context_starts, 0)
+    return DFlashBlockMask(anchors, keep.bool(), int(seq_len), int(block_size), dims, per_kind,
+                           starts, kinds)
 
 
 @functools.cache
@@ -219,7 +221,9 @@ def gather_block_attention(query, key, value, mask: DFlashBlockMask, scale: floa
         ctx = ctx.view(b, groups, rep, g, bs, hi - lo)
         seen = ctx_len[:, None, None, blocks, None, None]
         position = torch.arange(lo, hi, device=query.device)
-        hidden = (position >= seen) | (position < mask.starts[:, None, None, blocks, None, None])
+        hidden = position >= seen
+        if mask.starts is not None:
+            hidden = hidden | (position < mask.starts[:, None, None, blocks, None, None])
         if window is not None:
             hidden = hidden | (seen + offset - position >= window)
         ctx = ctx.masked_fill(hidden, float("-inf"))
@@ -248,7 +252,7 @@ def chunk_context_starts(context_lengths: torch.Tensor, per_chunk: int,
     reach); 0 for every chunk with neither."""
     b, n = context_lengths.shape
     chunks = -(-n // per_chunk)
-    if window is None and (starts is None or not starts.any()):
+    if window is None and starts is None:
         return [0] * chunks
     first = torch.zeros_like(context_lengths) if starts is None else starts
     if window is not None:

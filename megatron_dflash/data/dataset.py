@@ -106,10 +106,6 @@ class ConversationDataset(Dataset):
     def __getitem__(self, idx):
         return self.samples[idx]
 
-    def sample_lengths(self) -> np.ndarray:
-        """Every sample's length in tokens (what sequence packing reads)."""
-        return np.array([len(s["tokens"]) for s in self.samples], dtype=np.int64)
-
 
 class IndexedConversationDataset(Dataset):
     """A dataset written by tools/preprocess_data.py (layout: module docstring).

@@ -125,7 +125,8 @@ def resolve_target(run: RunConfig, hf_config: PretrainedConfig | None = None,
             moe_token_dispatcher_type=p.moe_token_dispatcher_type,
             moe_grouped_gemm=p.moe_grouped_gemm, **fp8.fields())
         config = dataclasses.replace(config, **fusions.target_fields(
-            backend, config.multi_latent_attention, fp8))
+            backend, config.multi_latent_attention, fp8, packed_yarn=run.data.pack_sequences
+            and hasattr(config, "yarn_rotary_scaling_factor")))
     except ValueError as e:  # megatron's checks of the target against the parallel layout
         tp = p.tensor_model_parallel_size
         name = f"--tensor-model-parallel-size={tp}" if tp > 1 else "--target"

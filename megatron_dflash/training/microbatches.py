@@ -68,9 +68,9 @@ class MicroBatches:
     def next(self) -> dict:
         s, documents = self.sampler, None
         if self.pack:
-            samples = [pack_samples([self.dataset[i] for i in row]) for row in next(self._it)]
+            rows = [pack_samples([self.dataset[i] for i in row]) for row in next(self._it)]
+            samples, documents = [row for row, _ in rows], [docs for _, docs in rows]
             position = s.position
-            documents = [sample.pop("documents").tolist() for sample in samples]
         else:
             samples = [self.dataset[i] for i in next(self._it)]
             position = s.consumed_samples - s.step + s.rank * s.micro_batch_size

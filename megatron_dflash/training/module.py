@@ -130,7 +130,7 @@ class DFlashTrainingModule(MegatronModule):
             tokens, position_ids = target_inputs(tokens, position_ids, self.cp_group)
         with torch.no_grad(), self._capture:
             hidden = self.target(tokens, position_ids, attention_mask=None,
-                                 packed_seq_params=None, output_processor=_decoder_output)
+                                 packed_seq_params=packed, output_processor=_decoder_output)
         local = self._capture.features()
         if local is not None:
             for slot, tap in zip(self._local_slots, local.chunk(len(self._local_slots), dim=-1)):

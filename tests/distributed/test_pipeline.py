@@ -11,6 +11,9 @@
   fresh single process.
 * A checkpoint saved at TP2xPP2 resumes at TP1xPP1 and DP2 with the uninterrupted run's next
   loss, and checkpoints saved at TP1xPP1 and DP2 resume at TP2xPP2.
+* Packed rows (--pack-sequences) at TP2xPP2 + SP train like one process: the document boundaries
+  reach both stages, the THD payload crosses the stage boundary and its taps come back to the
+  draft's sequence-parallel layout.
 
 The data mixes two sequence lengths, so the pipeline payload's shape changes between micro-batches.
 """
@@ -76,7 +79,7 @@ def shared():
             tied = dict(json.load(f), tie_word_embeddings=True)
         with open(config, "w") as f:
             json.dump(tied, f)
-        for name, count, length in (("long", 24, 48), ("short", 24, 32)):
+        for name, count, length in (("long", 24, 48), ("short", 24, 32), ("tiny", 24, 16)):
             pattern_dataset(os.path.join(path[0], name), count, length, seed=length)
     dist.barrier()
     yield path[0]
@@ -87,6 +90,12 @@ def shared():
 
 def _data(shared):
     return [os.path.join(shared, "long"), os.path.join(shared, "short")]
+
+
+def _packed_flags(shared):
+    """Conversations of 48, 32 and 16 tokens packed into rows of 48; 8 steps."""
+    return flags(os.path.join(shared, "target"), _data(shared) + [os.path.join(shared, "tiny")],
+                 pack_sequences=True, train_iters=8)
 
 
 def _taps01_flags(shared):
@@ -101,6 +110,8 @@ def references(shared):
         wanted["taps01"] = (_taps01_flags(shared), 8)
         wanted["dflash2"] = (flags(os.path.join(shared, "target"), _data(shared), **DFLASH2),
                              STEPS)
+    else:  # test_packed_rows_train_like_one_process
+        wanted["packed"] = (_packed_flags(shared), 8)
     with started_references(shared, wanted) as refs:
         yield refs
 
@@ -132,6 +143,21 @@ def test_stage_past_the_deepest_tap_computes_no_layer(shared, references):
     assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
     for norms in got["grad_norms"]:
         assert max(abs(a - b) for a, b in zip(norms, reference["grad_norms"][0], strict=True)) <= TOL
+
+
+@pytest.mark.world(4)
+def test_packed_rows_train_like_one_process(shared, references):
+    got = trajectory(_packed_flags(shared) + ["--tensor-model-parallel-size", "2",
+                                              "--pipeline-model-parallel-size", "2",
+                                              "--sequence-parallel"], steps=8)
+    reference = references.get("packed")
+    for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"],
+                                           strict=True)):
+        assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step
+    (ref_norms,) = reference["grad_norms"]
+    for norms in got["grad_norms"]:
+        assert max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True)) <= TOL
+    assert got["replicated_agree"]
 
 
 def _gather_sequence(t, group):

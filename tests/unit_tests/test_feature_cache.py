@@ -83,6 +83,17 @@ def test_training_from_the_cache_equals_online_training(target, data, tool_cache
         feature_cache.read_manifest(tool_cache)
 
 
+def test_packed_training_from_the_cache_equals_online_packed_training(target, tmp_path):
+    """--pack-sequences packs the cache's per-conversation taps as it reads them (16-token
+    conversations, three to a row): the same losses and grad norms as packing online."""
+    short = pattern_dataset(tmp_path / "short", 12, 16, seed=3)
+    online = run_in_process(flags(target, short, pack_sequences=True))
+    cached = run_in_process(flags(target, short, pack_sequences=True,
+                                  offline_features=str(tmp_path / "cache")))
+    for key in ("losses", "grad_norms"):
+        assert max(abs(a - b) for a, b in zip(online[key], cached[key], strict=True)) <= 1e-5, key
+
+
 def test_manifest_and_shards_round_trip(target, tmp_path):
     """Two writer ranks, several shards each: the reader gives every sample back in rank order,
     bit for bit, and the shards hold the documented tensors."""

@@ -43,6 +43,8 @@ def test_fusions_on_where_the_shapes_allow(dense):
                     or config.gradient_accumulation_fusion)
     assert fusions.draft_fields("te")["apply_rope_fusion"] is False
     assert fusions.target_fields("te", True, FP8Settings())["apply_rope_fusion"] is False  # MLA
+    assert fusions.target_fields("te", False, FP8Settings(),  # packed YaRN: the unfused THD RoPE
+                                 packed_yarn=True)["apply_rope_fusion"] is False
 
 
 def test_grad_reduce_overlaps_and_prefetch_covers_a_step(dense, utils):

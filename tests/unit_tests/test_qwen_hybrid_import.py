@@ -142,8 +142,10 @@ def test_cpu_gated_delta_rule_and_conv_equal_transformers():
     steps = [hf_next.causal_conv1d_update.__wrapped__(x[:, t, :, None], state, weight, None,
                                                        "silu") for t in range(s)]
     assert (conv - torch.cat(steps, dim=-1).transpose(1, 2)).abs().max() <= TOL
-    with pytest.raises(NotImplementedError, match="takes no cu_seqlens"):
-        cpu.chunk_gated_delta_rule(q, k, v, g=decay, beta=beta, cu_seqlens=torch.tensor([0, s]))
+    # Packed sequences run each segment from a zero state (test_packing.py): no state passed in.
+    with pytest.raises(NotImplementedError, match="takes no initial_state"):
+        cpu.chunk_gated_delta_rule(q, k, v, g=decay, beta=beta, cu_seqlens=torch.tensor([0, s]),
+                                   initial_state=torch.zeros(b, hv, dk, dv))
 
 
 def test_config_draft_and_final_norm(tmp_path):
