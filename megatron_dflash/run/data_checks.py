@@ -85,10 +85,18 @@ def checkpoint_changes(run: RunConfig, cfg: DFlashConfig, flags: dict[str, str])
     load = run.checkpoint.load
     try:
         extra = checkpoint.read_extra(load)
-        return checkpoint.check_compatible(extra.get("dflash_config"), cfg, flags=flags,
-                                           where=f"checkpoint {load}")
+        changes = checkpoint.check_compatible(extra.get("dflash_config"), cfg, flags=flags,
+                                              where=f"checkpoint {load}")
     except (OSError, ValueError) as e:
         raise ValueError(f"--load: {one_line(e)}") from None
+    # The data position counts conversations of one stream: packed rows and single
+    # conversations consume it differently, so a resume keeps the setting it was saved with.
+    packed = bool(extra.get("pack_sequences", False))
+    check(run.checkpoint.finetune or packed == run.data.pack_sequences,
+          f"--pack-sequences: checkpoint {load} was trained {'with' if packed else 'without'} "
+          "packed rows; resume with the same setting, or use --finetune to start the data "
+          "afresh")
+    return changes
 
 
 def check_offline_features(run: RunConfig, data, cfg: DFlashConfig, distill_weight: float):

@@ -225,7 +225,8 @@ class Trainer:
         return {"dflash_config": dataclasses.asdict(self.plan.dflash),
                 "target": {"path": os.path.abspath(target.path),
                            "hf_config": target.hf_config.to_dict()},
-                "world_size": dist.get_world_size(), "consumed_samples": self.consumed}
+                "world_size": dist.get_world_size(), "consumed_samples": self.consumed,
+                "pack_sequences": self.plan.run.data.pack_sequences}
 
     def save(self, root: str) -> str:
         """A checkpoint of this iteration under `root` (collective); returns its path."""

@@ -218,6 +218,11 @@ def test_load_with_other_settings(target, data, saved, capsys):
     result = run_in_process(flags(target, data[0], train_iters=4, load=str(saved), num_anchors=2))
     assert f"--load {saved}: --num-anchors: 4 in the checkpoint, 2 now" in capsys.readouterr().out
     assert len(result["losses"]) == 2  # iterations 3 and 4
+    # The data position counts one stream: a resume keeps packing as it was (--finetune may not).
+    line = _parse_error(flags(target, data[0], load=str(saved), pack_sequences=True), capsys)
+    assert "--pack-sequences: checkpoint" in line and "trained without packed rows" in line, line
+    assert parse_plan(flags(target, data[0], load=str(saved), pack_sequences=True,
+                            finetune=True)).run.data.pack_sequences
 
 
 def test_transformer_engine_impl_needs_transformer_engine(capsys):
