@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import torch
@@ -14,6 +15,7 @@ from megatron_dflash.model import target_head
 from megatron_dflash.synthetic import (HIDDEN, ROPE_THETA, VOCAB, dflash_config,  # noqa: F401
                                        draft_inputs, head_only_target, pattern_dataset,
                                        randomize_, target_config, tiny_target_dir)
+from tests.families_testing import perturbed_model
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -92,22 +94,10 @@ def tiny_moe_config(vocab=VOCAB, layers=4, hidden=HIDDEN, experts=8, top_k=2, de
         initializer_range=0.1, **kw)
 
 
-def tiny_moe_model(config, seed=0):
-    """A random HF Qwen3-MoE model (the same on every rank), norms perturbed away from 1."""
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn_like(p))
-    return model
-
-
 def tiny_moe_target_dir(path, seed=0, **kw) -> str:
-    """`tiny_moe_model` saved as config.json + safetensors (one tensor per expert, as on disk)."""
-    tiny_moe_model(tiny_moe_config(**kw), seed).save_pretrained(path)
+    """A random `tiny_moe_config` model (norms perturbed: `perturbed_model`) saved as config.json
+    + safetensors (one tensor per expert, as on disk)."""
+    perturbed_model(tiny_moe_config(**kw), seed).save_pretrained(path)
     return str(path)
 
 
@@ -186,6 +176,12 @@ def save_deepseek_checkpoint(model, path) -> str:
 
 def tiny_deepseek_dir(path, seed=0, **kw) -> str:
     return save_deepseek_checkpoint(tiny_deepseek_model(seed, **kw), path)
+
+
+def edit_config(path, **changes) -> None:
+    """Set `changes` in the config.json of the HF checkpoint directory `path`."""
+    file = Path(path) / "config.json"
+    file.write_text(json.dumps(json.loads(file.read_text()) | changes))
 
 
 def record_checkpoint_reads(monkeypatch) -> list:

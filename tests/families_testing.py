@@ -1,10 +1,13 @@
 """Tiny random HF models of the target families beside Llama / Qwen / DeepSeek (GLM-4.5, gpt-oss,
 Kimi-K2.5, Mistral, Qwen2-MoE, Mixtral), built from configs with the installed transformers, and
-the one comparison every family's import test makes (logits and taps equal HF's)."""
+the two checks every family's import test makes (logits and taps equal HF's; a config it cannot
+reproduce is refused naming the field)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
@@ -109,6 +112,18 @@ def assert_matches_hf(model, hf_model, taps, seq=24):
         assert (feature.transpose(0, 1) - layers[tap]).abs().max() <= TOL, tap
 
 
+def assert_config_refused(source, changes: dict, directory, field: str) -> str:
+    """`source`'s config.json with `changes`, alone in `directory` (no tensors: never read), fails
+    in `load_hf_config` with one line naming `field` as not supported; returns that line."""
+    config = json.loads((Path(source) / "config.json").read_text())
+    (Path(directory) / "config.json").write_text(json.dumps(config | changes))
+    with pytest.raises(ValueError) as error:
+        load_hf_config(directory)
+    message = str(error.value)
+    assert field in message and "not supported" in message and "\n" not in message, message
+    return message
+
+
 def gpt_oss_config(**kw):
     """gpt-oss's shape, small: 4 layers sliding / full alternately (window 8), sinks, biases,
     8 experts (FFN 64) top-4 with the clamped SwiGLU, YaRN past an original context of 8."""
@@ -128,8 +143,6 @@ def save_mxfp4(model, path, seed=0) -> str:
     """`model` saved as gpt-oss is released: its experts replaced by random MXFP4 weights (the
     model's own expert tensors set to transformers' de-quantisation of them) stored as
     `{gate_up,down}_proj_{blocks,scales}`, `quantization_config` quant_method mxfp4."""
-    import json
-
     from safetensors.torch import save_file
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
@@ -162,83 +175,12 @@ def save_mxfp4(model, path, seed=0) -> str:
     return str(path)
 
 
-# The message rendering of openai/gpt-oss's chat template (harmony; its tool definitions left out):
-# a system message, the first system/developer message as developer instructions, earlier
-# assistant turns' final channel closed by <|end|>, the last turn's analysis channel (`thinking`)
-# and final channel closed by <|return|>, and the generation prompt `<|start|>assistant`.
-HARMONY = r"""
-{{- "<|start|>system<|message|>You are ChatGPT, a large language model trained by OpenAI.\n" }}
-{{- "Knowledge cutoff: 2024-06\nCurrent date: " + strftime_now("%Y-%m-%d") + "\n\n" }}
-{{- "Reasoning: " + (reasoning_effort or "medium") + "\n\n" }}
-{{- "# Valid channels: analysis, commentary, final. Channel must be included for every message." }}
-{{- "<|end|>" }}
-{%- if messages[0].role == "developer" or messages[0].role == "system" %}
-    {%- set developer_message = messages[0].content %}{%- set loop_messages = messages[1:] %}
-{%- else %}
-    {%- set developer_message = "" %}{%- set loop_messages = messages %}
-{%- endif %}
-{%- if developer_message %}
-    {{- "<|start|>developer<|message|># Instructions\n\n" + developer_message + "\n\n<|end|>" }}
-{%- endif %}
-{%- for message in loop_messages -%}
-    {%- if message.role == 'assistant' -%}
-        {%- if "<|channel|>" in message.content %}
-            {{- raise_exception("You have passed a message containing <|channel|> tags") }}
-        {%- endif %}
-        {%- if loop.last and not add_generation_prompt %}
-            {%- if "thinking" in message %}
-                {{- "<|start|>assistant<|channel|>analysis<|message|>" + message.thinking }}
-                {{- "<|end|>" }}
-            {%- endif %}
-            {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|return|>" }}
-        {%- else %}
-            {{- "<|start|>assistant<|channel|>final<|message|>" + message.content + "<|end|>" }}
-        {%- endif %}
-    {%- elif message.role == 'user' -%}
-        {{- "<|start|>user<|message|>" + message.content + "<|end|>" }}
-    {%- endif -%}
-{%- endfor -%}
-{%- if add_generation_prompt -%}
-<|start|>assistant
-{%- endif -%}"""
-HARMONY_TOKENS = ["<|start|>", "<|message|>", "<|channel|>", "<|end|>", "<|return|>",
-                  "<|endoftext|>"]
-
-# Kimi-K2's chat template shape: role markers, <|im_middle|>, turns closed by <|im_end|>.
-KIMI = (r"{%- for m in messages -%}"
-        r"{%- if m.role == 'system' -%}{{ '<|im_system|>system<|im_middle|>' }}"
-        r"{%- elif m.role == 'user' -%}{{ '<|im_user|>user<|im_middle|>' }}"
-        r"{%- else -%}{{ '<|im_assistant|>assistant<|im_middle|>' }}{%- endif -%}"
-        r"{{ m.content }}{{ '<|im_end|>' }}{%- endfor -%}"
-        r"{%- if add_generation_prompt -%}{{ '<|im_assistant|>assistant<|im_middle|>' }}"
-        r"{%- endif -%}")
-KIMI_TOKENS = ["<|im_system|>", "<|im_user|>", "<|im_assistant|>", "<|im_middle|>",
-               "<|im_end|>", "[EOS]", "<|reserved_token_0|>"]
-
-
-def chat_tokenizer(template: str, specials: list[str], corpus: list[str], **kw):
-    """A byte-level BPE trained on `corpus` with `specials` as special tokens and `template`."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(
-        vocab_size=300, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
-                                   clean_up_tokenization_spaces=False, **kw)
-
-
 def save_kimi_k25(text_model, path, *, tied_on_disk=False) -> str:
     """A tiny stand-in for a Kimi-K2.5 checkpoint around `text_model` (a DeepseekV3ForCausalLM):
     the VLM wrapper's config.json (model_type kimi_k25, a `text_config` of model_type kimi_k2,
     a vision config, top-level tie_word_embeddings True as released), the text weights under
     `language_model.model.*` / `language_model.lm_head.weight` (none when `tied_on_disk`), and
     vision tower / projector tensors."""
-    import json
-
     from safetensors.torch import save_file
     from transformers.models.kimi_k25 import Kimi_K25Config
 

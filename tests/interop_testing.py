@@ -1,5 +1,6 @@
 """Helpers for the export/import/evaluation tests: tiny random HF targets, reference-format drafts
-and draft checkpoints, all built from configs on the CPU."""
+and draft checkpoints, all built from configs on the CPU, and the checks that compare a draft's
+decoding with the reference's (cached forward, `dflash_generate`)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,18 +9,26 @@ import json
 import os
 import shutil
 import tempfile
+import time
 
+import dflash.model
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from dflash.model import DFlashDraftModel as ReferenceDraft
+from dflash.model import _crop_to, _make_cache, dflash_generate
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, LlamaConfig, Qwen3Config
 
 from tests.dflash_testing import load_script, randomize_
+from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.checkpoint import save_model_checkpoint
 from megatron_dflash.config import DFlashConfig
+from megatron_dflash.draft_export import export_checkpoint
+from megatron_dflash.evaluate import build_decoder, tau
 from megatron_dflash.reference_format import reference_config
+from megatron_dflash.training.module import DFlashTrainingModule
+from megatron_dflash.training.step import make_forward_step, prepare_microbatch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, HIDDEN, TARGET_LAYERS = 256, 64, 6
@@ -136,3 +145,77 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Bit-identical: same dtype, shape and bytes (NaN-safe, -0.0 != 0.0)."""
     return (a.dtype == b.dtype and a.shape == b.shape
             and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
+def random_prompts(n, length=6, seed=0, generator=None) -> list[list[int]]:
+    """`n` prompts of `length` random ids past the special ones, from `generator` when given (a
+    test that draws on from it after the prompts), else from a fresh one seeded `seed`."""
+    g = torch.Generator().manual_seed(seed) if generator is None else generator
+    return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
+
+
+def assert_cached_decoding_equals_reference(draft, ref: ReferenceDraft, head: dict, features,
+                                            chunks, generator, block_size: int) -> None:
+    """Context `features` [S, 1, 2H] arriving in `chunks`: each step's block logits with the draft
+    KV cache equal a recompute over the whole context and the reference's DynamicCache path
+    (cropped back to the context: the reference drops the block's K/V)."""
+    cache, ref_cache, start = DFlashKVCache(), _make_cache(ref.config), 0
+    with torch.no_grad():
+        for chunk in chunks:
+            new = slice(start, start + chunk)
+            start += chunk
+            block = torch.randint(0, VOCAB, (1, block_size), generator=generator)
+            positions = torch.arange(new.start, start + block_size)[None]
+            cached = draft(block, features[new], None, positions, kv_cache=cache)
+            full = draft(block, features[:start], None, torch.arange(start + block_size)[None])
+            assert len(cache) == start
+            assert (cached - full).abs().max() < 1e-5
+            hidden = ref(position_ids=positions, past_key_values=ref_cache, use_cache=True,
+                         noise_embedding=F.embedding(block, head["embedding"]),
+                         target_hidden=features[new].transpose(0, 1))
+            _crop_to(ref_cache, start)
+            assert (cached[:, 0] - (hidden @ head["output"].t())[0]).abs().max() < 1e-5
+
+
+def assert_trained_export_decodes_like_reference(tmp_path, monkeypatch, target: str, decoder,
+                                                 prompts, generator, reference_class):
+    """Train `decoder`'s draft 30 steps with the training step's own loss on the target's greedy
+    continuations of `prompts` (anchors drawn from `generator`), save and export it: the export
+    loads in `reference_class` with strict keys; our speculative decoding with it equals
+    target-only greedy decoding, and every request's acceptance lengths (so τ) equal the
+    reference loop's (`dflash_generate`, HF target). Returns the loaded reference draft."""
+    draft = decoder.draft
+    greedy = [decoder.generate(p, 36, block_size=1).tokens for p in prompts]
+    tokens = torch.tensor([p + g for p, g in zip(prompts, greedy)])
+    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
+    loss_mask[:, 6:] = True
+    module = DFlashTrainingModule(decoder.target, draft)
+    forward_step = make_forward_step(draft.dflash_config, 0.0)
+    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3, weight_decay=0.0)
+    draft.train()
+    for _ in range(30):
+        mb = prepare_microbatch(tokens, loss_mask, draft.dflash_config, generator)
+        output, loss_func = forward_step(iter([mb]), module)
+        loss, _ = loss_func(output)
+        optimizer.zero_grad()
+        (loss / mb["weights"].sum()).backward()
+        optimizer.step()
+    write_draft_checkpoint(tmp_path / "ckpt", draft, draft.dflash_config)
+    out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
+    reference, info = reference_class.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    exported = build_decoder(target, out)
+    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
+    monkeypatch.setattr(dflash.model, "_cuda_time", time.perf_counter)  # CPU: no CUDA clock
+    lengths = []
+    for prompt, expected in zip(prompts, greedy):
+        ours = exported.generate(prompt, 30)
+        assert ours.tokens == expected[:30]  # lossless
+        stats = dflash_generate(reference.eval(), hf_target, torch.tensor([prompt]), 30, None,
+                                return_stats=True)
+        assert stats.output_ids[0, len(prompt):].tolist() == ours.tokens
+        assert stats.acceptance_lengths == ours.acceptance_lengths
+        lengths.append(ours.acceptance_lengths)
+    assert tau(lengths) > 2.0, lengths  # the drafts were really accepted
+    return reference

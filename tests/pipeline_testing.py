@@ -1,7 +1,8 @@
 """The pipeline, context-parallel and MoE layout tests' driver: a training trajectory at any
-layout through the `Trainer`'s own pieces, and single-process reference trajectories computed by
-a fresh process that starts with the module (tests/distributed/test_pipeline.py,
-test_context_parallel.py, test_moe_ep.py)."""
+layout through the `Trainer`'s own pieces, single-process reference trajectories computed by
+a fresh process that starts with the module, and the checks that a layout's trajectory, or a
+target's logits and taps, equal one process's (tests/distributed/test_pipeline.py,
+test_context_parallel.py, test_moe_ep.py, test_qwen_hybrid_layouts.py)."""
 import contextlib
 import json
 import os
@@ -13,10 +14,12 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from megatron_dflash.distributed import launcher_free_env
+from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.training.microbatches import MicroBatches
 from megatron_dflash.training.pretrain import parse_plan
 from megatron_dflash.training.trainer import Trainer
 from tests.conftest import Utils
+from tests.dflash_testing import all_gather
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MASK, TAPS, STEPS, TOL = 255, [0, 2, 3], 20, 1e-5
@@ -153,3 +156,50 @@ def started_references(shared, wanted: dict):
         yield refs
     finally:
         refs.close()
+
+
+def assert_same_trajectory(got: dict, reference: dict) -> None:
+    """A layout's `trajectory` equals the single-process one: every micro-batch's loss, each
+    step's loss and every rank's grad norms (each rank's optimizer reports the global norm) to
+    TOL, and the parameters every TP rank holds whole agree bitwise."""
+    for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"],
+                                           strict=True)):
+        assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step
+    assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
+    (ref_norms,) = reference["grad_norms"]
+    for norms in got["grad_norms"]:
+        assert max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True)) <= TOL
+    assert got["replicated_agree"]
+
+
+def assert_layout_equals(model, spec: dict, taps: list[int], tokens, ref_logits, ref_features,
+                         first_stage_taps: int) -> None:
+    """This rank's logits (last stage) and captured taps of `tokens` = (ids, position ids or
+    None) equal the one-process import's, the pipeline stages passing the hidden state on; at
+    PP2 (`spec["pp"]`) the first stage captures `taps[:first_stage_taps]`, the last the rest.
+    Under sequence parallelism (`spec["sp"]`) the taps are gathered back over TP first."""
+    ids, pos = tokens
+    first, last = parallel_state.is_pipeline_first_stage(), parallel_state.is_pipeline_last_stage()
+    with FeatureCapture(model, taps) as capture:
+        if not last:
+            with torch.no_grad():
+                hidden = model(ids, pos, None)
+            dist.send(hidden, dst=parallel_state.get_pipeline_model_parallel_next_rank())
+            logits, features = None, capture.features()
+        else:
+            if not first:
+                hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
+                dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
+                model.set_input_tensor(hidden)
+            logits, features = target_forward(model, ids, pos, capture)
+    tp_group = parallel_state.get_tensor_model_parallel_group()
+    if logits is not None:
+        assert (torch.cat(all_gather(logits, tp_group), -1) - ref_logits).abs().max() <= TOL
+    if spec["sp"]:
+        features = torch.cat(all_gather(features, tp_group), 0)
+    split = first_stage_taps
+    assert capture.local_ids == (taps if spec["pp"] == 1 else taps[:split] if first
+                                 else taps[split:])
+    expected = torch.cat([ref_features.chunk(len(taps), -1)[taps.index(i)]
+                          for i in capture.local_ids], -1)
+    assert (features - expected).abs().max() <= TOL

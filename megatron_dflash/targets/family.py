@@ -264,6 +264,26 @@ class TargetFamily:
         return {}
 
 
+class VisionLanguageWrapper(TargetFamily):
+    """A vision-language checkpoint whose text model is the target (a base listed before the text
+    model's family): its `text_config` carries the wrapper's architectures and path, so that it is
+    found and named as the checkpoint, and the skipped vision weights are said once."""
+
+    vision_weights = ""  # what of the checkpoint is not read, e.g. "the vision encoder (...)"
+
+    def text_config(self, hf_config: PretrainedConfig) -> PretrainedConfig:
+        text = hf_config.get_text_config()
+        if text is not hf_config:
+            text.architectures = hf_config.architectures
+            text._name_or_path = hf_config.name_or_path
+        return text
+
+    def skip_notice(self, hf: PretrainedConfig) -> str | None:
+        vision = f"skipping {self.vision_weights}: not part of the target"
+        mtp = super().skip_notice(hf)
+        return f"{vision}; {mtp}" if mtp else vision
+
+
 def common_problems(hf: PretrainedConfig,
                     layer_types_supported: tuple[str, ...] = ("full_attention",), *,
                     supported: tuple[str, ...] = ()) -> list[str]:

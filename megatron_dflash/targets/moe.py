@@ -65,6 +65,14 @@ def is_moe_layer(config: TransformerConfig, layer_id: int) -> bool:
     return bool(freq[layer_id])
 
 
+def expert_parameter(config: TransformerConfig, j: int, fc: int, kind: str = "weight") -> str:
+    """megatron's name of local expert j's linear_fc{fc} `kind` (weight or bias) in an MoE layer:
+    SequentialMLP's `local_experts.j.linear_fcN.weight`, TEGroupedMLP's `linear_fcN.weightj`."""
+    if config.moe_grouped_gemm:
+        return f"mlp.experts.linear_fc{fc}.{kind}{j}"
+    return f"mlp.experts.local_experts.{j}.linear_fc{fc}.{kind}"
+
+
 def local_experts(config: TransformerConfig, ep_rank: int, ep_size: int) -> range:
     """The global ids of the experts expert-parallel rank `ep_rank` holds (megatron's
     contiguous `local_expert_indices`)."""
@@ -173,8 +181,7 @@ class MoEFamily(TargetFamily):
 
     def moe_rows(self, config: TransformerConfig, experts: range) -> list[Row]:
         """One MoE layer's router (and its expert bias), shared experts, and per local expert j
-        the merged `[gate; up]` fc1 and the down fc2 (SequentialMLP
-        `local_experts.j.linear_fcN.weight`, TEGroupedMLP `linear_fcN.weightj`)."""
+        the merged `[gate; up]` fc1 and the down fc2 (`expert_parameter`)."""
         rows = [("mlp.router.weight", ("mlp.gate.weight",), "replicated")]
         if config.moe_router_enable_expert_bias:
             rows.append(("mlp.router.expert_bias", ("mlp.gate.e_score_correction_bias",),
@@ -186,9 +193,7 @@ class MoEFamily(TargetFamily):
                      ("mlp.shared_experts.linear_fc2.weight",
                       ("mlp.shared_experts.down_proj.weight",), "rows")]
         for j, e in enumerate(experts):
-            fc1, fc2 = ((f"mlp.experts.linear_fc{n}.weight{j}" for n in (1, 2))
-                        if config.moe_grouped_gemm else
-                        (f"mlp.experts.local_experts.{j}.linear_fc{n}.weight" for n in (1, 2)))
+            fc1, fc2 = (expert_parameter(config, j, n) for n in (1, 2))
             expert = f"mlp.experts.{e}"
             rows += [(fc1, (f"{expert}.gate_proj.weight", f"{expert}.up_proj.weight"),
                       "expert_fc1"),
@@ -213,6 +218,26 @@ class MoEFamily(TargetFamily):
 
     def tensor_views(self, shapes: dict[str, tuple[int, ...]]) -> dict[str, View]:
         return fused_expert_views(shapes)
+
+
+class EveryLayerMoEFamily(MoEFamily):
+    """MoE in every layer, experts `intermediate_size` wide, the softmax router always
+    renormalised over the top-k (Mixtral, gpt-oss: their configs have no `norm_topk_prob`)."""
+
+    def moe_layer_pattern(self, hf: PretrainedConfig) -> list[int]:
+        return [1] * hf.num_hidden_layers
+
+    def expert_ffn_hidden_size(self, hf: PretrainedConfig) -> int:
+        return hf.intermediate_size
+
+    def router_fields(self, hf: PretrainedConfig) -> dict:
+        return dict(moe_router_score_function="softmax", moe_router_pre_softmax=False,
+                    moe_router_topk_scaling_factor=None, moe_shared_expert_intermediate_size=None)
+
+    def router_problems(self, hf: PretrainedConfig) -> list[str]:
+        if hf.num_experts_per_tok == 1:  # softmax over one logit; megatron refuses it
+            return ["num_experts_per_tok=1"]
+        return []
 
 
 def expert_converters(rank: int, size: int) -> dict:

@@ -10,8 +10,10 @@ from __future__ import annotations
 LAYER_TYPES = ("full_attention", "sliding_attention")
 
 
-def window_fields(sliding_window: int | None, sliding: list[bool]) -> dict:
-    """TransformerConfig fields of a window of `sliding_window` keys on the layers `sliding`."""
+def window_fields(hf) -> dict:
+    """TransformerConfig fields of the config's window of `sliding_window` keys on its sliding
+    layers (`sliding_layers`)."""
+    sliding_window, sliding = hf.sliding_window, sliding_layers(hf)
     if not sliding_window or not any(sliding):
         return dict(window_size=None, window_attn_skip_freq=None)
     return dict(window_size=(sliding_window - 1, 0),

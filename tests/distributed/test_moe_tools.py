@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from tests.dflash_testing import (pattern_dataset, tiny_moe_config, tiny_moe_model,
-                                  tiny_moe_target_dir)
+from tests.dflash_testing import pattern_dataset, tiny_moe_config, tiny_moe_target_dir
+from tests.families_testing import perturbed_model
 from tests.interop_testing import reference_tensors, same_bytes, shared_tmp_dir, tool
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.draft_reader import read_checkpoint
@@ -88,7 +88,7 @@ def test_train_export_import_evaluate(world, shared, utils):
     prompts = [torch.randint(4, 250, (6,), generator=g).tolist() for _ in range(2)]
     report, pairs = evaluate(build_decoder(target, imported), prompts, 12, warmup=False)
     assert report.lossless and report.block_size == 4 and 1 <= report.tau <= 4
-    hf = tiny_moe_model(tiny_moe_config(), SEED)
+    hf = perturbed_model(tiny_moe_config(), SEED)
     for prompt, (dflash, baseline) in zip(prompts, pairs, strict=True):
         assert dflash.tokens == baseline.tokens == _hf_greedy(hf, prompt, 12)
 
@@ -103,7 +103,7 @@ def test_measure_memory_accounting(world, shared, utils):
                                    distill_weight=0.5))
     init_distributed(plan.run.parallel, plan.run.training.seed)
     row = tool("measure_memory").measure(plan)
-    hf = dict(tiny_moe_model(tiny_moe_config(), SEED).named_parameters())
+    hf = dict(perturbed_model(tiny_moe_config(), SEED).named_parameters())
     experts = sum(p.numel() * 4 for n, p in hf.items() if ".experts." in n)
     assert row["experts"] * world == experts
     assert row["target"] == sum(p.numel() * 4 for n, p in hf.items() if ".experts." not in n)

@@ -22,7 +22,8 @@ from megatron.core import parallel_state
 
 from tests.conftest import Utils
 from tests.dflash_testing import pattern_dataset
-from tests.pipeline_testing import STEPS, TAPS, flags, started_references, trajectory
+from tests.pipeline_testing import (STEPS, TAPS, assert_layout_equals, assert_same_trajectory,
+                                    flags, started_references, trajectory)
 from tests.qwen_hybrid_testing import hybrid_target_dir
 from megatron_dflash.generation import BatchGenerator
 from megatron_dflash.synthetic import VOCAB
@@ -109,12 +110,6 @@ def references(shared):
     return out
 
 
-def _gather(t, dim, group):
-    parts = [torch.empty_like(t) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(parts, t.contiguous(), group=group)
-    return torch.cat(parts, dim=dim)
-
-
 @pytest.mark.parametrize("layout", [pytest.param(name, marks=pytest.mark.world(world))
                                     for name, (world, _) in LAYOUTS.items()])
 @pytest.mark.parametrize("kind", TARGETS)
@@ -125,31 +120,10 @@ def test_layout_equals_one_process(kind, layout, shared, references):
                     sequence_parallel=spec["sp"], pipeline_parallel_size=spec["pp"],
                     expert_model_parallel_size=spec["ep"],
                     expert_tensor_parallel_size=spec["etp"])
-    ref_logits, ref_taps = references[kind, parallel_state.get_data_parallel_rank()]
-    ids = _tokens(parallel_state.get_data_parallel_rank())
-    first = parallel_state.is_pipeline_first_stage()
-    last = parallel_state.is_pipeline_last_stage()
-    with FeatureCapture(model, TAPS) as capture:
-        if not last:  # stage 0 of PP2: [linear, full]; its output goes to stage 1
-            with torch.no_grad():
-                dist.send(model(ids, None, None),
-                          dst=parallel_state.get_pipeline_model_parallel_next_rank())
-            logits, taps = None, capture.features()
-        else:
-            if not first:
-                hidden = torch.empty(ids.shape[1], ids.shape[0], model.config.hidden_size)
-                dist.recv(hidden, src=parallel_state.get_pipeline_model_parallel_prev_rank())
-                model.set_input_tensor(hidden)
-            logits, taps = target_forward(model, ids, None, capture)
-    tp_group = parallel_state.get_tensor_model_parallel_group()
-    if logits is not None:
-        assert (_gather(logits, -1, tp_group) - ref_logits).abs().max() <= TOL
-    if spec["sp"]:
-        taps = _gather(taps, 0, tp_group)
-    mine = [TAPS.index(i) for i in capture.local_ids]
-    assert len(mine) == (len(TAPS) if spec["pp"] == 1 else 1 if first else 2)
-    expected = torch.cat([ref_taps.chunk(len(TAPS), -1)[i] for i in mine], -1)
-    assert (taps - expected).abs().max() <= TOL
+    dp = parallel_state.get_data_parallel_rank()
+    # At PP2 stage 0 holds [linear, full] (tap 0), stage 1 the other two (taps 2, 3).
+    assert_layout_equals(model, spec, TAPS, (_tokens(dp), None), *references[kind, dp],
+                         first_stage_taps=1)
     Utils.destroy_model_parallel()
 
 
@@ -167,11 +141,5 @@ def test_decoding_at_tp2_equals_one_process(shared, references):
 def test_training_at_tp2_equals_one_process(shared, train_reference):
     got = trajectory(_train_flags(shared, **TRAINING))
     reference = train_reference.get("one")
-    for step, (mine, ref) in enumerate(zip(got["microbatch"], reference["microbatch"],
-                                           strict=True)):
-        assert max(abs(a - b) for a, b in zip(mine, ref, strict=True)) <= TOL, step
-    assert max(abs(a - b) for a, b in zip(got["loss"], reference["loss"], strict=True)) <= TOL
-    (ref_norms,) = reference["grad_norms"]
-    for norms in got["grad_norms"]:
-        assert max(abs(a - b) for a, b in zip(norms, ref_norms, strict=True)) <= TOL
-    assert got["replicated_agree"] and reference["loss"][-1] < 0.95 * reference["loss"][0]
+    assert_same_trajectory(got, reference)
+    assert reference["loss"][-1] < 0.95 * reference["loss"][0]

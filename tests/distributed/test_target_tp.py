@@ -10,7 +10,8 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from tests.dflash_testing import (record_checkpoint_reads, save_fused_experts, tiny_moe_config,
-                                  tiny_moe_model, tiny_target_dir)
+                                  tiny_target_dir)
+from tests.families_testing import perturbed_model
 from transformers import AutoModelForCausalLM, LlamaConfig, MinistralConfig, Qwen3Config
 
 from megatron_dflash.targets import hf_import
@@ -178,7 +179,7 @@ def test_fused_experts_on_disk_read_only_the_ranks_slices(layout, utils, tmp_pat
     and the logits equal the one-process import of the same model saved one tensor per expert."""
     paths = [None, None]
     if dist.get_rank() == 0:
-        hf = tiny_moe_model(tiny_moe_config())
+        hf = perturbed_model(tiny_moe_config())
         hf.save_pretrained(tmp_path / "per_expert")
         paths = [str(tmp_path / "per_expert"), save_fused_experts(hf, tmp_path / "fused")]
     dist.broadcast_object_list(paths, src=0)

@@ -4,11 +4,11 @@ tokenizer, a `{% generation %}` template, and a conversation that cannot be alig
 import json
 
 import pytest
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from megatron_dflash.data import ConversationDataset, HFChatTokenizer
 from megatron_dflash.data.conversations import TEMPLATE
+from tests.chat_testing import chat_tokenizer, supervised_text
 
 CHATML = (r"{% for m in messages %}"
           r"{{ '<|im_start|>' + m.role + '\n' + m.content + '<|im_end|>\n' }}{% endfor %}"
@@ -69,16 +69,8 @@ CORPUS = [m["content"] for chat in (SINGLE, MULTI, REASONED) for m in chat]
 
 
 def _hf_tokenizer(template: str, specials: list[str], **kw) -> PreTrainedTokenizerFast:
-    """A byte-level BPE trained here on the test conversations (exact decode, multi-character
-    tokens), with the family's markers as special tokens."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS * 4, trainers.BpeTrainer(
-        vocab_size=400, special_tokens=specials, show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=template,
-                                   clean_up_tokenization_spaces=False, **kw)
+    """A chat tokenizer trained here on the test conversations."""
+    return chat_tokenizer(template, specials, CORPUS, vocab_size=400, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -93,21 +85,6 @@ def families():
     }
 
 
-def _supervised_text(chat: HFChatTokenizer, messages, **template_kwargs) -> list[str]:
-    """The decoded runs of loss-mask-1 tokens; the tokens must be the template's own."""
-    tokens, mask = chat.encode_messages(messages)
-    hf = chat.tokenizer
-    assert tokens == list(hf.apply_chat_template(messages, **template_kwargs)["input_ids"])
-    assert len(mask) == len(tokens) and set(mask) <= {0, 1}
-    runs, run = [], []
-    for t, m in zip(tokens + [None], mask + [0]):
-        if m:
-            run.append(t)
-        elif run:
-            runs, run = runs + [hf.decode(run)], []
-    return runs
-
-
 def _answers(messages, end):
     return [m["content"] + end for m in messages if m["role"] == "assistant"]
 
@@ -116,7 +93,7 @@ def _answers(messages, end):
                                         ("generation", "<|im_end|>")])
 @pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
 def test_mask_is_each_assistant_turn_and_its_end_token(families, family, end, messages):
-    assert _supervised_text(families[family], messages) == _answers(messages, end)
+    assert supervised_text(families[family], messages) == _answers(messages, end)
 
 
 def test_generation_tags_give_the_mask(families, monkeypatch):
@@ -125,21 +102,21 @@ def test_generation_tags_give_the_mask(families, monkeypatch):
     monkeypatch.setattr(chat.tokenizer, "chat_template",
                         GENERATION.replace("m.content + '<|im_end|>' }}{% endgeneration %}",
                                            "m.content }}{% endgeneration %}{{ '<|im_end|>' }}"))
-    assert _supervised_text(chat, MULTI) == _answers(MULTI, "")
+    assert supervised_text(chat, MULTI) == _answers(MULTI, "")
     # tags that wrap nothing: the turns are located in the rendering instead
     monkeypatch.setattr(chat.tokenizer, "chat_template",
                         GENERATION.replace("m.role == 'assistant'", "m.role == 'nobody'"))
-    assert _supervised_text(chat, MULTI) == _answers(MULTI, "<|im_end|>")
+    assert supervised_text(chat, MULTI) == _answers(MULTI, "<|im_end|>")
 
 
 def test_llama3_trims_content(families):
     padded = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "  Paris.\n"}]
-    assert _supervised_text(families["llama3"], padded) == ["Paris.<|eot_id|>"]
+    assert supervised_text(families["llama3"], padded) == ["Paris.<|eot_id|>"]
 
 
 @pytest.mark.parametrize("messages", [SINGLE, MULTI], ids=["single", "multi"])
 def test_smollm2_real_tokenizer(smol, messages):
-    assert _supervised_text(smol, messages) == _answers(messages, "<|im_end|>")
+    assert supervised_text(smol, messages) == _answers(messages, "<|im_end|>")
 
 
 THINK = "<think>\n\n</think>\n\n"
@@ -156,7 +133,7 @@ THINK = "<think>\n\n</think>\n\n"
                 "<think>\nThree and three make six.\n</think>\n\nSix.<|im_end|>"]),
 ], ids=["single", "multi", "reasoning"])
 def test_qwen3_supervises_what_each_turn_renders(families, messages, expected):
-    assert _supervised_text(families["qwen3"], messages) == expected
+    assert supervised_text(families["qwen3"], messages) == expected
 
 
 def test_qwen3_without_thinking_leaves_the_prompted_think_block_out(families):
@@ -164,9 +141,9 @@ def test_qwen3_without_thinking_leaves_the_prompted_think_block_out(families):
     feeds it, so the last turn supervises only its answer."""
     chat = HFChatTokenizer(families["qwen3"].tokenizer, template_kwargs={"enable_thinking": False})
     kw = {"enable_thinking": False}
-    assert _supervised_text(chat, SINGLE, **kw) == ["Paris.<|im_end|>"]
-    assert _supervised_text(chat, MULTI, **kw) == _answers(MULTI, "<|im_end|>")
-    assert _supervised_text(chat, REASONED, **kw) == [
+    assert supervised_text(chat, SINGLE, **kw) == ["Paris.<|im_end|>"]
+    assert supervised_text(chat, MULTI, **kw) == _answers(MULTI, "<|im_end|>")
+    assert supervised_text(chat, REASONED, **kw) == [
         "Four.<|im_end|>", "<think>\nThree and three make six.\n</think>\n\nSix.<|im_end|>"]
 
 

@@ -3,28 +3,23 @@ weight conversion), a fresh one equal to its DFlash backbone, the selector objec
 hand computation on whole logits, and the reference format (strict keys, bit-exact round trip,
 lossless speculative decoding with the same τ as the reference loop)."""
 import json
-import time
 
-import dflash.model
 import pytest
 import torch
 import torch.nn.functional as F
-from dflash.model import DFlash2DraftModel, dflash_generate
-from transformers import AutoModelForCausalLM
+from dflash.model import DFlash2DraftModel
 
 from megatron_dflash import state_dict_adapter
 from megatron_dflash.draft_export import export_checkpoint
 from megatron_dflash.draft_import import import_reference
-from megatron_dflash.evaluate import build_decoder, tau
+from megatron_dflash.evaluate import build_decoder
 from megatron_dflash.head_loss import vocab_head_loss
-from megatron_dflash.training.module import DFlashTrainingModule
-from megatron_dflash.training.step import make_forward_step, prepare_microbatch
 from tests.dflash2_testing import (DFLASH2, SCALES, dflash2_config, file_tensors,
                                    load_file_tensors, reference_dflash2)
 from tests.dflash_testing import (build_draft, dflash_config, draft_inputs, head_only_target,
                                   head_state, load_params, params, randomize_, target_config)
-from tests.interop_testing import (VOCAB, reference_tensors, same_bytes, target_dir,
-                                   write_draft_checkpoint, write_reference_dir)
+from tests.interop_testing import (assert_trained_export_decodes_like_reference, random_prompts,
+                                   reference_tensors, same_bytes, target_dir, write_reference_dir)
 
 
 def _block(inputs, j, block_size, seq_len):
@@ -206,11 +201,6 @@ def test_reference_written_dflash2_round_trips_bit_exactly(utils, tmp_path):
     assert all(torch.equal(v, after[k]) for k, v in file_tensors(loaded).items())
 
 
-def _prompts(n, length=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
-
-
 def test_trained_dflash2_export_decodes_losslessly_with_the_reference_tau(utils, tmp_path,
                                                                           monkeypatch):
     """A DFlash2 draft trained 30 steps with the training step's own loss (selector included) on
@@ -223,38 +213,6 @@ def test_trained_dflash2_export_decodes_losslessly_with_the_reference_tau(utils,
     target = target_dir(tmp_path / "target", seed=3)
     decoder = build_decoder(target, write_reference_dir(
         tmp_path / "draft", cfg, file_tensors(reference_dflash2(cfg, seed=4))))
-    draft, prompts = decoder.draft, _prompts(4, seed=5)
-    greedy = [decoder.generate(p, 36, block_size=1).tokens for p in prompts]
-    tokens = torch.tensor([p + g for p, g in zip(prompts, greedy)])
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    loss_mask[:, 6:] = True
-    module = DFlashTrainingModule(decoder.target, draft)
-    forward_step = make_forward_step(draft.dflash_config, 0.0)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3, weight_decay=0.0)
-    g = torch.Generator().manual_seed(6)
-    draft.train()
-    for _ in range(30):
-        mb = prepare_microbatch(tokens, loss_mask, draft.dflash_config, g)
-        output, loss_func = forward_step(iter([mb]), module)
-        loss, _ = loss_func(output)
-        optimizer.zero_grad()
-        (loss / mb["weights"].sum()).backward()
-        optimizer.step()
-    write_draft_checkpoint(tmp_path / "ckpt", draft, draft.dflash_config)
-    out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
-    reference, info = DFlash2DraftModel.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
-
-    exported = build_decoder(target, out)
-    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    monkeypatch.setattr(dflash.model, "_cuda_time", time.perf_counter)  # CPU: no CUDA clock
-    lengths = []
-    for prompt, expected in zip(prompts, greedy):
-        ours = exported.generate(prompt, 30)
-        assert ours.tokens == expected[:30]  # lossless
-        stats = dflash_generate(reference.eval(), hf_target, torch.tensor([prompt]), 30, None,
-                                return_stats=True)
-        assert stats.output_ids[0, len(prompt):].tolist() == ours.tokens
-        assert stats.acceptance_lengths == ours.acceptance_lengths
-        lengths.append(ours.acceptance_lengths)
-    assert tau(lengths) > 2.0, lengths  # the drafts were really accepted
+    assert_trained_export_decodes_like_reference(
+        tmp_path, monkeypatch, target, decoder, random_prompts(4, seed=5),
+        torch.Generator().manual_seed(6), DFlash2DraftModel)

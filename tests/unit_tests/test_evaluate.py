@@ -11,26 +11,20 @@ import types
 
 import pytest
 import torch
-from dflash.model import _crop_to, _make_cache
 
 from tests.dflash_testing import (build_draft, head_only_target, head_state, randomize_,
                                   target_config)
 from tests.dflash_testing import dflash_config as resolved_config
-from tests.interop_testing import (REPO, VOCAB, draft_config, reference_model, target_dir, tool,
-                                   write_reference_dir)
+from tests.interop_testing import (REPO, VOCAB, assert_cached_decoding_equals_reference,
+                                   draft_config, random_prompts, reference_model, target_dir,
+                                   tool, write_reference_dir)
 from megatron_dflash import state_dict_adapter
-from megatron_dflash.attention import DFlashKVCache
 from megatron_dflash.evaluate import (Generation, SpeculativeDecoder, build_decoder, evaluate,
                                       plot_position_acceptance, position_acceptance, tau)
 from tests.loss_testing import dflash_loss
 from megatron_dflash.model import target_head
 from megatron_dflash.training.module import DFlashTrainingModule
 from megatron_dflash.training.step import prepare_microbatch
-
-
-def _prompts(n, length=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(4, VOCAB, (length,), generator=g).tolist() for _ in range(n)]
 
 
 @pytest.fixture
@@ -56,22 +50,7 @@ def test_draft_kv_cache_equals_recompute_and_reference(utils):
     head = head_state(target)
     g = torch.Generator().manual_seed(6)
     features = torch.randn(19, 1, 2 * cfg.hidden_size, generator=g)
-    cache, ref_cache, start, B = DFlashKVCache(), _make_cache(ref.config), 0, 8
-    with torch.no_grad():
-        for chunk in (10, 3, 1, 5):
-            new = slice(start, start + chunk)
-            start += chunk
-            block = torch.randint(0, VOCAB, (1, B), generator=g)
-            positions = torch.arange(new.start, start + B)[None]
-            cached = draft(block, features[new], None, positions, kv_cache=cache)
-            full = draft(block, features[:start], None, torch.arange(start + B)[None])
-            assert len(cache) == start
-            assert (cached - full).abs().max() < 1e-5
-            hidden = ref(position_ids=positions, past_key_values=ref_cache, use_cache=True,
-                         noise_embedding=torch.nn.functional.embedding(block, head["embedding"]),
-                         target_hidden=features[new].transpose(0, 1))
-            _crop_to(ref_cache, start)  # the reference drops the block's K/V
-            assert (cached[:, 0] - (hidden @ head["output"].t())[0]).abs().max() < 1e-5
+    assert_cached_decoding_equals_reference(draft, ref, head, features, (10, 3, 1, 5), g, 8)
 
 
 @pytest.mark.parametrize("kind", ["qwen3", "llama"])
@@ -81,7 +60,7 @@ def test_lossless_with_random_draft(utils, tmp_path, kind):
     target = target_dir(tmp_path / "target", kind=kind, seed=7)
     draft = write_reference_dir(tmp_path / "draft", cfg, reference_model(cfg, 8).state_dict())
     decoder = build_decoder(target, draft)
-    prompts = _prompts(3, seed=9)
+    prompts = random_prompts(3, seed=9)
     report, pairs = evaluate(decoder, prompts, max_new_tokens=20, warmup=False)
     assert report.lossless and report.num_requests == 3
     assert all(len(b.tokens) == 20 for _, b in pairs)
@@ -100,7 +79,7 @@ def trained(utils, models):
     utils.initialize_model_parallel(1)
     decoder = build_decoder(*models)
     target, draft = decoder.target, decoder.draft
-    prompts = _prompts(8, seed=10)
+    prompts = random_prompts(8, seed=10)
     sequences = [p + decoder.generate(p, 42, block_size=1).tokens for p in prompts]
     tokens = torch.tensor(sequences)
     loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
@@ -158,7 +137,7 @@ def test_random_draft_equals_hf_transformers_generate(utils, tmp_path, kind):
     path = target_dir(tmp_path / "target", kind=kind, seed=21)
     decoder = build_decoder(path, write_reference_dir(tmp_path / "draft", cfg,
                                                       reference_model(cfg, 22).state_dict()))
-    _assert_equals_hf_generate(decoder, path, _prompts(3, seed=23))
+    _assert_equals_hf_generate(decoder, path, random_prompts(3, seed=23))
 
 
 def test_lossless_with_trained_draft(trained, models):
@@ -200,7 +179,7 @@ def test_tau_and_position_acceptance_on_a_scripted_case(utils, tmp_path, models)
     pooled mean would be 32/12)."""
     utils.initialize_model_parallel(1)
     target = build_decoder(*models).target
-    prompts = _prompts(2, seed=12)
+    prompts = random_prompts(2, seed=12)
     baseline = SpeculativeDecoder(target)
     greedy = [torch.tensor(p + baseline.generate(p, 17, block_size=1).tokens) for p in prompts]
     scripts = [[2, 7, 0, 3], [1] * 8]
@@ -234,7 +213,7 @@ def test_plot_is_a_png(tmp_path):
 def test_evaluate_tool(utils, tmp_path, models, capsys):
     utils.initialize_model_parallel(1)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"input_ids": p}) for p in _prompts(2, seed=13)))
+    prompts.write_text("\n".join(json.dumps({"input_ids": p}) for p in random_prompts(2, seed=13)))
     args = ["--target", models[0], "--draft", models[1], "--prompts", str(prompts),
             "--max-new-tokens", "12", "--plot", str(tmp_path / "acc.png"),
             "--output", str(tmp_path / "report.json")]
@@ -256,7 +235,7 @@ def test_evaluate_tool_runs_with_plain_python_on_cpu(tmp_path, models):
     usage = tool("evaluate_dflash").build_parser().format_help()  # what --help prints
     assert "Runs on CPU or GPU as is" in " ".join(usage.split())
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"input_ids": p}) for p in _prompts(2, seed=14)))
+    prompts.write_text("\n".join(json.dumps({"input_ids": p}) for p in random_prompts(2, seed=14)))
     result = subprocess.run(
         [sys.executable, script, "--target", models[0], "--draft", models[1], "--prompts",
          str(prompts), "--max-new-tokens", "12", "--output", str(tmp_path / "report.json")],
@@ -288,7 +267,7 @@ def test_evaluate_rejects_a_draft_for_another_target(utils, tmp_path, models, ca
     utils.initialize_model_parallel(1)
     other = target_dir(tmp_path / "other", hidden_size=32, head_dim=8)
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text(json.dumps({"input_ids": _prompts(1, seed=15)[0]}))
+    prompts.write_text(json.dumps({"input_ids": random_prompts(1, seed=15)[0]}))
     capsys.readouterr()
     rc = tool("evaluate_dflash").main(["--target", other, "--draft", models[1],
                                        "--prompts", str(prompts)])

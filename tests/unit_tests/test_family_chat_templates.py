@@ -6,8 +6,8 @@ first reserved special token."""
 from megatron_dflash.data import HFChatTokenizer
 from megatron_dflash.data.mask_token import resolve_mask_token_id
 from megatron_dflash.regeneration.turns import ChatPrompts
-from tests.families_testing import (HARMONY, HARMONY_TOKENS, KIMI, KIMI_TOKENS,
-                                    chat_tokenizer)
+from tests.chat_testing import (HARMONY, HARMONY_TOKENS, KIMI, KIMI_TOKENS, chat_tokenizer,
+                                supervised_text)
 
 CHAT = [{"role": "system", "content": "Be brief."},
         {"role": "user", "content": "What is two plus two?"},
@@ -17,26 +17,12 @@ CHAT = [{"role": "system", "content": "Be brief."},
 CORPUS = [m["content"] for m in CHAT] + ["Three and three.", "assistant final analysis"]
 
 
-def supervised(chat: HFChatTokenizer, messages) -> list[str]:
-    """The decoded runs of loss-mask-1 tokens (the tokens are the template's own)."""
-    tokens, mask = chat.encode_messages(messages)
-    hf = chat.tokenizer
-    assert tokens == list(hf.apply_chat_template(messages)["input_ids"])
-    runs, run = [], []
-    for t, m in zip(tokens + [None], mask + [0]):
-        if m:
-            run.append(t)
-        elif run:
-            runs, run = runs + [hf.decode(run)], []
-    return runs
-
-
 def test_harmony_supervises_each_final_channel():
     chat = HFChatTokenizer(chat_tokenizer(HARMONY, HARMONY_TOKENS, CORPUS,
                                           eos_token="<|return|>", pad_token="<|endoftext|>"))
     text = chat.tokenizer.apply_chat_template(CHAT, tokenize=False)
     assert "<|channel|>analysis<|message|>Three and three.<|end|>" in text
-    assert supervised(chat, CHAT) == ["<|channel|>final<|message|>Four.<|end|>",
+    assert supervised_text(chat, CHAT) == ["<|channel|>final<|message|>Four.<|end|>",
                                       "<|channel|>final<|message|>Six, of course.<|return|>"]
 
 
@@ -52,13 +38,13 @@ def test_a_regenerated_harmony_answer_is_split_into_its_channels():
     assert ChatPrompts.message("Plain.") == {"role": "assistant", "content": "Plain."}
     chat = HFChatTokenizer(chat_tokenizer(HARMONY, HARMONY_TOKENS, CORPUS,
                                           eos_token="<|return|>", pad_token="<|endoftext|>"))
-    assert supervised(chat, CHAT[:-1] + [message])[-1] == (
+    assert supervised_text(chat, CHAT[:-1] + [message])[-1] == (
         "<|channel|>final<|message|>Six, of course.<|return|>")
 
 
 def test_kimi_supervises_each_turn_and_picks_a_reserved_mask_token():
     tokenizer = chat_tokenizer(KIMI, KIMI_TOKENS, CORPUS, eos_token="[EOS]")
     chat = HFChatTokenizer(tokenizer)
-    assert supervised(chat, CHAT) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
+    assert supervised_text(chat, CHAT) == ["Four.<|im_end|>", "Six, of course.<|im_end|>"]
     mask_id, how = resolve_mask_token_id(tokenizer, len(tokenizer))
     assert tokenizer.convert_ids_to_tokens(mask_id) == "<|reserved_token_0|>", how

@@ -2,12 +2,12 @@
 captured features equal transformers' `Qwen3MoeForCausalLM`; the router and expert settings are
 the inference ones; the draft stays dense; bad MoE checkpoints and expert-parallel flags fail up
 front with one message each. Expert-parallel layouts: tests/distributed/test_moe_ep.py."""
-import json
 
 import pytest
 import torch
-from tests.dflash_testing import (save_fused_experts, tiny_moe_config, tiny_moe_model,
+from tests.dflash_testing import (edit_config, save_fused_experts, tiny_moe_config,
                                   tiny_moe_target_dir)
+from tests.families_testing import perturbed_model
 from megatron.core.transformer.mlp import MLP
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from safetensors.torch import load_file, save_file
@@ -52,7 +52,7 @@ def test_import_matches_hf(variant, source, utils, tmp_path):
     logits equal transformers' Qwen3MoeForCausalLM; from the safetensors (one tensor per expert)
     or from transformers 5's in-memory state dict (experts fused)."""
     utils.initialize_model_parallel(1, 1)
-    hf = tiny_moe_model(tiny_moe_config(**VARIANTS[variant]))
+    hf = perturbed_model(tiny_moe_config(**VARIANTS[variant]))
     hf.save_pretrained(tmp_path)
     keys = load_file(tmp_path / "model.safetensors").keys()
     assert "model.layers.3.mlp.experts.7.down_proj.weight" in keys  # one tensor per expert
@@ -88,7 +88,7 @@ def test_import_matches_hf(variant, source, utils, tmp_path):
 @pytest.fixture
 def per_expert_and_fused(tmp_path):
     """(HF model, its checkpoint with one tensor per expert, the same with experts fused)."""
-    hf = tiny_moe_model(tiny_moe_config())
+    hf = perturbed_model(tiny_moe_config())
     hf.save_pretrained(tmp_path / "per_expert")
     fused = save_fused_experts(hf, tmp_path / "fused")
     keys = load_file(f"{fused}/model.safetensors").keys()
@@ -195,15 +195,6 @@ def test_each_expert_parallel_rank_maps_only_its_experts(tmp_path):
 @pytest.fixture
 def moe_dir(tmp_path):
     return tiny_moe_target_dir(tmp_path / "moe")
-
-
-def edit_config(path, **changes):
-    file = f"{path}/config.json"
-    with open(file) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(file, "w") as f:
-        json.dump(cfg, f)
 
 
 def test_missing_expert_tensor(moe_dir):

@@ -5,7 +5,6 @@ alone; the CPU gated-delta-rule and causal conv equal transformers' own torch pa
 without a KV cache (regeneration's batches, speculative verification) equals HF greedy
 `generate`; unsupported fields fail up front naming the field. Layouts (TP, SP, PP, EP,
 training): tests/distributed/test_qwen_hybrid_layouts.py."""
-import json
 
 import pytest
 import torch
@@ -13,7 +12,8 @@ from megatron.core.ssm.gated_delta_net import GatedDeltaNet
 from megatron.core.transformer.moe.moe_layer import MoELayer
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
-from tests.dflash_testing import build_draft, record_checkpoint_reads, save_fused_experts
+from tests.dflash_testing import (build_draft, edit_config, record_checkpoint_reads,
+                                  save_fused_experts)
 from tests.qwen_hybrid_testing import (HIDDEN, LINEAR_THEN_FULL, hf_taps, hybrid_config,
                                        hybrid_model, hybrid_target_dir, save_hybrid)
 from megatron_dflash import cpu
@@ -170,15 +170,6 @@ def test_config_draft_and_final_norm(tmp_path):
     assert not (draft.attention_output_gate or draft.layernorm_zero_centered_gamma)
     assert draft.experimental_attention_variant is None and draft.linear_attention_freq is None
     assert torch.equal(family.final_norm_weight(path), hf_tensor(path, "model.norm.weight") + 1)
-
-
-def edit_config(path, **changes):
-    file = f"{path}/config.json"
-    with open(file) as f:
-        cfg = json.load(f)
-    cfg.update(changes)
-    with open(file, "w") as f:
-        json.dump(cfg, f)
 
 
 @pytest.mark.parametrize("changes,layout,message", [

@@ -16,6 +16,7 @@ from megatron_dflash.targets.hf_import import (build_target, load_hf_config, loa
                                               target_family, target_transformer_config)
 from tests.dflash_testing import (build_draft, draft_inputs, head_only_target, head_state,
                                   load_params, target_config)
+from tests.families_testing import assert_config_refused
 from tests.interop_testing import TARGET_FIELDS, reference_block_logits, reference_model
 
 VOCAB, HIDDEN, LAYERS, SEQ, BATCH, TOL = 128, 64, 2, 40, 2, 1e-5
@@ -126,12 +127,8 @@ def test_unsupported_scaling_is_refused_naming_the_field(rope_parameters, field,
     Qwen3Config(architectures=["Qwen3ForCausalLM"], vocab_size=VOCAB, hidden_size=HIDDEN,
                 num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=64).save_pretrained(tmp_path)
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps(cfg | {"rope_parameters": rope_parameters}))
-    with pytest.raises(ValueError) as error:
-        load_hf_config(tmp_path)  # no tensors: never read
-    message = str(error.value)
-    assert field in message and "not supported" in message and "\n" not in message, message
+    message = assert_config_refused(tmp_path, {"rope_parameters": rope_parameters}, tmp_path,
+                                    field)
     assert message.startswith(f"{tmp_path / 'config.json'}: ")
 
 

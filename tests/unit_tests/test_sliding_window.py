@@ -6,31 +6,27 @@ draft KV cache equals the reference's cached forward; the export loads strictly,
 reads the same per-layer attention from it, and it decodes losslessly with the reference loop's
 τ; what the loaders would read differently is refused."""
 import json
-import time
 
-import dflash.model
 import pytest
 import torch
 import torch.nn.functional as F
-from dflash.model import DFlashDraftModel, _attention_mask, _crop_to, _make_cache, dflash_generate
+from dflash.model import DFlashDraftModel, _attention_mask
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoModelForCausalLM, Qwen3Config
+from transformers import Qwen3Config
 
 from megatron_dflash import state_dict_adapter
-from megatron_dflash.attention import DFlashKVCache
-from megatron_dflash.draft_export import export_checkpoint
-from megatron_dflash.evaluate import build_decoder, tau
+from megatron_dflash.evaluate import build_decoder
 from megatron_dflash.masks import FULL, LayerAttention, dflash_attention_mask
 from megatron_dflash.reference_format import config_from_reference, reference_config
 from megatron_dflash.sparse_attention import (dflash_block_mask, flex_block_attention,
                                               gather_block_attention)
-from megatron_dflash.training.module import DFlashTrainingModule
-from megatron_dflash.training.step import make_forward_step, prepare_microbatch
 from tests.dflash2_testing import DFLASH2, file_tensors, reference_dflash2
 from tests.dflash_testing import (build_draft, dflash_config, draft_inputs, head_only_target,
                                   head_state, load_params, params, target_config)
-from tests.interop_testing import (TARGET_FIELDS, VOCAB, draft_config, reference_model,
-                                   target_dir, write_draft_checkpoint, write_reference_dir)
+from tests.interop_testing import (TARGET_FIELDS, assert_cached_decoding_equals_reference,
+                                   assert_trained_export_decodes_like_reference, draft_config,
+                                   random_prompts, reference_model, target_dir,
+                                   write_reference_dir)
 
 S, B, W = 48, 8, 12  # the window is shorter than most blocks' context
 SLIDING, FULL_TYPE = "sliding_attention", "full_attention"
@@ -173,21 +169,7 @@ def test_kv_cache_decoding_equals_reference_cached_forward(utils):
     load_params(draft, state_dict_adapter.hf_to_megatron(ref.state_dict(), cfg))
     g = torch.Generator().manual_seed(5)
     features = torch.randn(28, 1, 2 * cfg.hidden_size, generator=g)
-    cache, ref_cache, start = DFlashKVCache(), _make_cache(ref.config), 0
-    with torch.no_grad():
-        for chunk in (10, 3, 1, 9, 5):
-            new = slice(start, start + chunk)
-            start += chunk
-            block = torch.randint(0, VOCAB, (1, B), generator=g)
-            positions = torch.arange(new.start, start + B)[None]
-            cached = draft(block, features[new], None, positions, kv_cache=cache)
-            full = draft(block, features[:start], None, torch.arange(start + B)[None])
-            assert (cached - full).abs().max() < 1e-5
-            hidden = ref(position_ids=positions, past_key_values=ref_cache, use_cache=True,
-                         noise_embedding=F.embedding(block, head["embedding"]),
-                         target_hidden=features[new].transpose(0, 1))
-            _crop_to(ref_cache, start)
-            assert (cached[:, 0] - (hidden @ head["output"].t())[0]).abs().max() < 1e-5
+    assert_cached_decoding_equals_reference(draft, ref, head, features, (10, 3, 1, 9, 5), g, B)
 
 
 def _vllm_layer(config: dict, i: int) -> tuple[bool, int | None]:
@@ -288,41 +270,9 @@ def test_trained_sliding_draft_exports_and_decodes_losslessly_with_the_reference
     target = target_dir(tmp_path / "target", seed=3)
     decoder = build_decoder(target, write_reference_dir(
         tmp_path / "draft", cfg, reference_model(cfg, 4, **_reference_keys("mixed")).state_dict()))
-    draft = decoder.draft
     g = torch.Generator().manual_seed(5)
-    prompts = [torch.randint(4, VOCAB, (6,), generator=g).tolist() for _ in range(4)]
-    greedy = [decoder.generate(p, 36, block_size=1).tokens for p in prompts]
-    tokens = torch.tensor([p + x for p, x in zip(prompts, greedy)])
-    loss_mask = torch.zeros_like(tokens, dtype=torch.bool)
-    loss_mask[:, 6:] = True
-    module = DFlashTrainingModule(decoder.target, draft)
-    forward_step = make_forward_step(draft.dflash_config, 0.0)
-    optimizer = torch.optim.AdamW(draft.parameters(), lr=3e-3, weight_decay=0.0)
-    draft.train()
-    for _ in range(30):
-        mb = prepare_microbatch(tokens, loss_mask, draft.dflash_config, g)
-        output, loss_func = forward_step(iter([mb]), module)
-        loss, _ = loss_func(output)
-        optimizer.zero_grad()
-        (loss / mb["weights"].sum()).backward()
-        optimizer.step()
-    write_draft_checkpoint(tmp_path / "ckpt", draft, draft.dflash_config)
-    out = export_checkpoint(str(tmp_path / "ckpt"), str(tmp_path / "out"))
-    reference, info = DFlashDraftModel.from_pretrained(out, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    reference = assert_trained_export_decodes_like_reference(
+        tmp_path, monkeypatch, target, decoder, random_prompts(4, generator=g), g,
+        DFlashDraftModel)
     assert [(layer.self_attn.is_causal, layer.self_attn.sliding_window)
             for layer in reference.layers] == [(True, W), (False, None)]
-
-    exported = build_decoder(target, out)
-    hf_target = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32).eval()
-    monkeypatch.setattr(dflash.model, "_cuda_time", time.perf_counter)  # CPU: no CUDA clock
-    lengths = []
-    for prompt, expected in zip(prompts, greedy):
-        ours = exported.generate(prompt, 30)
-        assert ours.tokens == expected[:30]  # lossless
-        stats = dflash_generate(reference.eval(), hf_target, torch.tensor([prompt]), 30, None,
-                                return_stats=True)
-        assert stats.output_ids[0, len(prompt):].tolist() == ours.tokens
-        assert stats.acceptance_lengths == ours.acceptance_lengths
-        lengths.append(ours.acceptance_lengths)
-    assert tau(lengths) > 2.0, lengths  # the drafts were really accepted

@@ -1,6 +1,5 @@
 """HF Llama / Qwen2 / Qwen3 -> megatron GPTModel import (TP=1): logits and captured features equal
 transformers' own forward; weight-layout round trips; one clear error per bad checkpoint."""
-import json
 
 import pytest
 import torch
@@ -9,6 +8,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Co
 
 from megatron_dflash import weights
 from tests import weights_testing
+from tests.dflash_testing import edit_config
 from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.targets.families import by_architecture
 from megatron_dflash.targets.family import tp_converters
@@ -243,12 +243,6 @@ def test_every_family_module_is_discovered():
 @pytest.fixture
 def checkpoint(tmp_path):
     return save(hf_model(hf_config("llama")), tmp_path)
-
-
-def edit_config(path, **changes):
-    cfg = json.loads((path / "config.json").read_text())
-    cfg.update(changes)
-    (path / "config.json").write_text(json.dumps(cfg))
 
 
 def test_missing_config(checkpoint):

@@ -22,15 +22,15 @@ from megatron.core.fusions.fused_bias_geglu import quick_gelu
 from megatron_dflash.targets import mxfp4
 from megatron_dflash.targets.family import quant_method
 from megatron_dflash.targets.hf_checkpoint import Decoded
-from megatron_dflash.targets.moe import MoEFamily, local_experts
-from megatron_dflash.targets.sliding_window import sliding_layers, window_fields, window_problems
+from megatron_dflash.targets.moe import EveryLayerMoEFamily, expert_parameter, local_experts
+from megatron_dflash.targets.sliding_window import window_fields, window_problems
 
 SCOPE = ("by the gpt-oss import (megatron's sinks, sliding window, biased router and clamped "
          "quick-GELU GLU experts; MXFP4 or unquantized experts)")
 QUICK_GELU_ALPHA = 1.702
 
 
-class GptOss(MoEFamily):
+class GptOss(EveryLayerMoEFamily):
     architectures = ("GptOssForCausalLM",)
     supported_features = ("attention_bias", "layer_types", "quantization_config")
 
@@ -46,11 +46,6 @@ class GptOss(MoEFamily):
             found.append("attention_bias=False")
         return [*super().refusals(hf), (found, SCOPE)]
 
-    def router_problems(self, hf):
-        if hf.num_experts_per_tok == 1:  # softmax over one logit; megatron refuses it
-            return ["num_experts_per_tok=1"]
-        return []
-
     def transformer_fields(self, hf):
         return super().transformer_fields(hf) | dict(
             add_bias_linear=True,
@@ -59,7 +54,7 @@ class GptOss(MoEFamily):
             activation_func=quick_gelu,
             glu_linear_offset=1.0,
             activation_func_clamp_value=float(hf.swiglu_limit),
-            **window_fields(hf.sliding_window, sliding_layers(hf)),
+            **window_fields(hf),
         )
 
     def moe_fields(self, hf, *, tensor_parallel_size, expert_model_parallel_size,
@@ -76,16 +71,6 @@ class GptOss(MoEFamily):
             expert_tensor_parallel_size=1, token_dispatcher=token_dispatcher,
             grouped_gemm=grouped_gemm)
 
-    def moe_layer_pattern(self, hf):
-        return [1] * hf.num_hidden_layers
-
-    def expert_ffn_hidden_size(self, hf):
-        return hf.intermediate_size
-
-    def router_fields(self, hf):
-        return dict(moe_router_score_function="softmax", moe_router_pre_softmax=False,
-                    moe_router_topk_scaling_factor=None, moe_shared_expert_intermediate_size=None)
-
     def attention_rows(self, config, fused_norms):
         return super().attention_rows(config, fused_norms) + [
             ("self_attention.linear_proj.bias", ("self_attn.o_proj.bias",), "replicated"),
@@ -98,14 +83,14 @@ class GptOss(MoEFamily):
                 ("mlp.router.weight", ("mlp.router.weight",), "replicated"),
                 ("mlp.router.bias", ("mlp.router.bias",), "replicated")]
         for j, e in enumerate(local_experts(config, *expert_parallel)):
-            name = ((lambda n, kind: f"mlp.experts.linear_fc{n}.{kind}{j}")
-                    if config.moe_grouped_gemm else
-                    (lambda n, kind: f"mlp.experts.local_experts.{j}.linear_fc{n}.{kind}"))
             expert = f"mlp.experts.{e}."
-            rows += [(name(1, "weight"), (expert + "gate_up_proj",), "interleaved_fc1"),
-                     (name(1, "bias"), (expert + "gate_up_proj_bias",), "interleaved_fc1"),
-                     (name(2, "weight"), (expert + "down_proj",), "expert_rows"),
-                     (name(2, "bias"), (expert + "down_proj_bias",), "replicated")]
+            rows += [(expert_parameter(config, j, 1), (expert + "gate_up_proj",),
+                      "interleaved_fc1"),
+                     (expert_parameter(config, j, 1, "bias"), (expert + "gate_up_proj_bias",),
+                      "interleaved_fc1"),
+                     (expert_parameter(config, j, 2), (expert + "down_proj",), "expert_rows"),
+                     (expert_parameter(config, j, 2, "bias"), (expert + "down_proj_bias",),
+                      "replicated")]
         return rows
 
     def hf_shape(self, name, config, vocab_size):

@@ -10,32 +10,25 @@ Kimi-K2 itself (text only, `DeepseekV3ForCausalLM` with model_type kimi_k2) is t
 import's. Checkpoints as released are INT4 (compressed-tensors): refused, dequantize first.
 """
 from megatron_dflash.targets.families.deepseek_v3 import DeepseekV3
+from megatron_dflash.targets.family import VisionLanguageWrapper
 
 
-class KimiK25(DeepseekV3):
+class KimiK25(VisionLanguageWrapper, DeepseekV3):
     architectures = ("KimiK25ForConditionalGeneration", "Kimi_K25ForConditionalGeneration")
     hf_prefix = "language_model.model."
     lm_head = "language_model.lm_head.weight"
+    vision_weights = "the vision tower and projector (vision_tower.*, mm_projector.*)"
 
     def text_config(self, hf_config):
-        """The `text_config`, carrying the wrapper's architectures, path and quantization."""
-        text = hf_config.get_text_config()
-        if text is not hf_config:
-            text.architectures = hf_config.architectures
-            text._name_or_path = hf_config.name_or_path
-            quantization = getattr(hf_config, "quantization_config", None)
-            if quantization and not getattr(text, "quantization_config", None):
-                text.quantization_config = quantization
+        """The wrapper's quantization too (the released checkpoints' INT4 is refused)."""
+        text = super().text_config(hf_config)
+        quantization = getattr(hf_config, "quantization_config", None)
+        if quantization and not getattr(text, "quantization_config", None):
+            text.quantization_config = quantization
         return text
 
     def tied(self, hf, shapes):
         return self.lm_head not in shapes
-
-    def skip_notice(self, hf):
-        vision = ("skipping the vision tower and projector (vision_tower.*, mm_projector.*): "
-                  "not part of the target")
-        mtp = super().skip_notice(hf)
-        return f"{vision}; {mtp}" if mtp else vision
 
 
 FAMILY = KimiK25()

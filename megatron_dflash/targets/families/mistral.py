@@ -4,7 +4,7 @@ config sets `sliding_window` (Mistral), or on the layers `layer_types` marks (Mi
 megatron's `window_size` / `window_attn_skip_freq` (`sliding_window`).
 """
 from megatron_dflash.targets.family import TargetFamily
-from megatron_dflash.targets.sliding_window import sliding_layers, window_fields, window_problems
+from megatron_dflash.targets.sliding_window import window_fields, window_problems
 
 SCOPE = "by the Mistral import (megatron's sliding-window attention)"
 
@@ -17,8 +17,7 @@ class Mistral(TargetFamily):
         return [*super().refusals(hf), (window_problems(hf), SCOPE)]
 
     def transformer_fields(self, hf):
-        return super().transformer_fields(hf) | window_fields(hf.sliding_window,
-                                                              sliding_layers(hf))
+        return super().transformer_fields(hf) | window_fields(hf)
 
 
 FAMILY = Mistral()

@@ -7,35 +7,21 @@ softmax of the top-k logits (`moe_router_pre_softmax=False`); no shared expert. 
 `.w2` (down), the router as `block_sparse_moe.gate`; transformers 5 holds them fused in memory
 (`mlp.experts.gate_up_proj` [E, 2F, H], `mlp.experts.down_proj`, `mlp.gate`), read through views.
 """
-from megatron_dflash.targets.moe import MoEFamily
-from megatron_dflash.targets.sliding_window import sliding_layers, window_fields, window_problems
+from megatron_dflash.targets.moe import EveryLayerMoEFamily
+from megatron_dflash.targets.sliding_window import window_fields, window_problems
 
 SCOPE = "by the Mixtral import (megatron's sliding-window attention and MoE layer)"
 MOE = "block_sparse_moe."
 
 
-class Mixtral(MoEFamily):
+class Mixtral(EveryLayerMoEFamily):
     architectures = ("MixtralForCausalLM",)
 
     def refusals(self, hf):
         return [*super().refusals(hf), (window_problems(hf), SCOPE)]
 
-    def router_problems(self, hf):
-        return ["num_experts_per_tok=1"] if hf.num_experts_per_tok == 1 else []
-
     def transformer_fields(self, hf):
-        return super().transformer_fields(hf) | window_fields(hf.sliding_window,
-                                                              sliding_layers(hf))
-
-    def moe_layer_pattern(self, hf):
-        return [1] * hf.num_hidden_layers
-
-    def expert_ffn_hidden_size(self, hf):
-        return hf.intermediate_size
-
-    def router_fields(self, hf):
-        return dict(moe_router_score_function="softmax", moe_router_pre_softmax=False,
-                    moe_router_topk_scaling_factor=None, moe_shared_expert_intermediate_size=None)
+        return super().transformer_fields(hf) | window_fields(hf)
 
     def moe_rows(self, config, experts):
         names = {"mlp.gate.weight": MOE + "gate.weight"}
