@@ -54,14 +54,14 @@ CONFIGURATIONS (`configuration(name, device)`), SpecForge's own knobs only:
 Both run the harness's target forward (below) with `logits_to_keep=1`.
 
 SpecForge 0.2.0 has no in-process target: the trainer consumes `hidden_states` captured by an
-external SGLang server (online) or from disk (offline). Here the target is a random-initialised
-HF `AutoModelForCausalLM` built from the same config, run under `torch.no_grad()` with
+external SGLang server (online) or from disk (offline). Here the target is a random-initialised HF
+`AutoModelForCausalLM` built from the same config, run under `torch.no_grad()` with
 `output_hidden_states=True` at the start of every step on that step's new random tokens, and the
-features are cut with
-SpecForge's own `modeling.draft.dflash.extract_context_feature(hidden_states, target_layer_ids)`
-(layer i -> HF hidden_states[i + 1], SGLang's DFlash capture convention). FlexAttention uses a
-BlockMask from SpecForge's `create_dflash_block_mask` through transformers' compiled flex
-attention; sdpa/eager a dense boolean [b, 1, N*B, S+N*B] mask (`create_dflash_sdpa_mask`).
+features are cut with SpecForge's own `modeling.draft.dflash.extract_context_feature(hidden_states,
+target_layer_ids)` (layer i -> HF hidden_states[i + 1], SGLang's DFlash capture convention).
+FlexAttention uses a BlockMask from SpecForge's `create_dflash_block_mask` through transformers'
+compiled flex attention; sdpa/eager a dense boolean [b, 1, N*B, S+N*B] mask
+(`create_dflash_sdpa_mask`).
 """
 from __future__ import annotations
 
@@ -75,9 +75,11 @@ import torch
 import torch.distributed as dist
 from transformers import AutoConfig
 
+from megatron_dflash.distributed import init_distributed, shutdown_distributed
 from megatron_dflash.step_cost import measure_step
 
 SPECFORGE_VERSION = "0.2.0"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 CONFIGURATION_NAMES = ("fastest", "default")
 
 
@@ -115,14 +117,6 @@ def configuration(name: str, device: torch.device) -> dict:
         return dict(wrap="none", attention_backend=attention, objective_chunk_blocks=0,
                     target_logits_to_keep=1)
     raise ValueError(f"configuration {name!r} must be one of {CONFIGURATION_NAMES}")
-
-
-def _ensure_process_group() -> bool:
-    """A world-of-one default group for FSDP/DDP when the caller has none (the project's one
-    start-up, `distributed.init_distributed`); True if created here."""
-    from megatron_dflash.distributed import init_distributed
-
-    return init_distributed()
 
 
 class SpecForgeStep:
@@ -177,8 +171,6 @@ class SpecForgeStep:
     def close(self) -> None:
         """Destroy the process group if `build_specforge_step` created it."""
         if self.own_process_group and dist.is_initialized():
-            from megatron_dflash.distributed import shutdown_distributed
-
             shutdown_distributed()
         self.own_process_group = False
 
@@ -190,7 +182,8 @@ def build_specforge_step(hf_target_config, *, seq_length: int, num_anchors: int,
                          attention_backend: str | None = None,
                          mask_token_id: int | None = None,
                          response_start: int | None = None,
-                         wrap: str | None = None, fresh_tokens: bool = True, objective_chunk_blocks: int | None = None,
+                         wrap: str | None = None, fresh_tokens: bool = True,
+                         objective_chunk_blocks: int | None = None,
                          target_logits_to_keep: int = 0, total_steps: int = 1000,
                          ) -> SpecForgeStep:
     """Build SpecForge's DFlash training (target, draft, OnlineDFlashModel, FSDP backend,
@@ -299,7 +292,8 @@ def build_specforge_step(hf_target_config, *, seq_length: int, num_anchors: int,
         dpace_alpha=t.dpace_alpha,
     ).to(device=device, dtype=dtype)
 
-    own_group = wrap != "none" and _ensure_process_group()
+    # A world-of-one group for FSDP/DDP when the caller has none (the project's one start-up).
+    own_group = wrap != "none" and init_distributed()
     parallel = ParallelConfig.from_distributed(sharding_strategy=t.fsdp_sharding,
                                                param_dtype=dtype)
     optimizer_factory = _ConfiguredOptimizerFactory(cfg)
@@ -325,9 +319,6 @@ def build_specforge_step(hf_target_config, *, seq_length: int, num_anchors: int,
         logits_to_keep=int(target_logits_to_keep), own_process_group=own_group,
         device=device, dtype=dtype)
     return step
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def build_parser() -> argparse.ArgumentParser:
