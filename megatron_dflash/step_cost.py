@@ -32,6 +32,8 @@ mode). A failure comes back as its reason, never raised.
 """
 from __future__ import annotations
 
+import argparse
+import json
 import resource
 import time
 from typing import Callable
@@ -188,3 +190,31 @@ def measure_step(step: Callable[[], object], warmup: int, steps: int,
         result.update(count_flops(count_with))
         record(result)
     return result
+
+
+def add_case_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags both sides' one-case scripts share (`tools/benchmark_step.py`,
+    `tools/specforge_baseline.py`), so the benchmark hands them one shape the same way."""
+    p.add_argument("--target-config", required=True,
+                   help="directory of the target's HF config.json (weights are random)")
+    p.add_argument("--seq-length", type=int, default=3072)
+    p.add_argument("--num-anchors", type=int, default=512)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--num-draft-layers", type=int, default=5)
+    p.add_argument("--micro-batch-size", type=int, default=1)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--json", default=None, help="write the result here (before counting, after)")
+    p.add_argument("--break-flop-counter", action="store_true", help=argparse.SUPPRESS)  # tests
+
+
+def json_recorder(path: str | None, result: dict) -> Callable[[dict], None]:
+    """A `measure_step` record function: merges into `result` and rewrites `path` whole each
+    time (None: nowhere), so a case stopped later keeps what it measured."""
+    def record(update: dict) -> None:
+        result.update(update)
+        if path:
+            with open(path, "w") as f:
+                json.dump(result, f, indent=1)
+    return record

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import json
 
 import torch
 from megatron.core import tensor_parallel
@@ -34,7 +33,7 @@ from megatron_dflash.fp8 import FP8_RECIPES, FP8Settings, sequence_multiple
 from megatron_dflash.head_loss import DEFAULT_CHUNK_ROWS
 from megatron_dflash.run.config import OptimizerArgs, ParallelArgs
 from megatron_dflash.specs import build_draft
-from megatron_dflash.step_cost import measure_step
+from megatron_dflash.step_cost import add_case_arguments, json_recorder, measure_step
 from megatron_dflash.targets import build_target, target_transformer_config
 from megatron_dflash.training.builders import build_optimizer, wrap_training_chunk
 from megatron_dflash.training.module import DFlashTrainingModule
@@ -142,23 +141,12 @@ def run(args, device: torch.device, record) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target-config", required=True,
-                   help="directory of the target's HF config.json (weights are random)")
-    p.add_argument("--seq-length", type=int, default=3072)
-    p.add_argument("--num-anchors", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-draft-layers", type=int, default=5)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    add_case_arguments(p)
     p.add_argument("--precision", choices=PRECISIONS, default="bf16")
     p.add_argument("--fp8-format", choices=("e4m3", "hybrid"), default="hybrid")
     p.add_argument("--attention", choices=("sparse", "dense"), default="sparse")
     p.add_argument("--backend", choices=("local", "te"), default="local")
     p.add_argument("--loss-chunk-size", type=int, default=DEFAULT_CHUNK_ROWS)
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--json", default=None, help="write the result here (before counting, after)")
-    p.add_argument("--break-flop-counter", action="store_true", help=argparse.SUPPRESS)  # tests
     return p
 
 
@@ -166,13 +154,7 @@ def main(argv=None) -> dict:
     """One case in its own world of one; the result also goes to --json."""
     args = build_parser().parse_args(argv)
     result = {}
-
-    def record(case: dict) -> None:
-        result.update(case)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(result, f, indent=1)
-
+    record = json_recorder(args.json, result)
     with distributed(ParallelArgs(), seed=args.seed):
         run(args, training_device(), record)
     return result

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import tempfile
 from typing import Any
 
@@ -76,7 +75,7 @@ import torch.distributed as dist
 from transformers import AutoConfig
 
 from megatron_dflash.distributed import init_distributed, shutdown_distributed
-from megatron_dflash.step_cost import measure_step
+from megatron_dflash.step_cost import add_case_arguments, json_recorder, measure_step
 
 SPECFORGE_VERSION = "0.2.0"
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -324,20 +323,9 @@ def build_specforge_step(hf_target_config, *, seq_length: int, num_anchors: int,
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--target-config", required=True,
-                   help="directory of the target's HF config.json (weights are random)")
-    p.add_argument("--seq-length", type=int, default=3072)
-    p.add_argument("--num-anchors", type=int, default=512)
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-draft-layers", type=int, default=5)
-    p.add_argument("--micro-batch-size", type=int, default=1)
+    add_case_arguments(p)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
     p.add_argument("--configuration", choices=CONFIGURATION_NAMES, default="fastest")
-    p.add_argument("--steps", type=int, default=5)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--json", default=None, help="write the result here (before counting, after)")
-    p.add_argument("--break-flop-counter", action="store_true", help=argparse.SUPPRESS)  # tests
     return p
 
 
@@ -346,10 +334,8 @@ def main(argv=None) -> dict:
     args = build_parser().parse_args(argv)
     reason = specforge_unavailable_reason()
     if reason is not None:
-        case = {"skipped": reason}
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(case, f)
+        case = {}
+        json_recorder(args.json, case)({"skipped": reason})
         return case
     device = (torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available()
               else torch.device("cpu"))
@@ -368,12 +354,11 @@ def main(argv=None) -> dict:
             "tokens": args.micro_batch_size * args.seq_length,
             "block_tokens": args.micro_batch_size * args.num_anchors * args.block_size}
 
+    write = json_recorder(args.json, case)
+
     def record(result: dict) -> None:
-        case.update(result, batches=len(step.batch_digests),
-                    distinct_batches=len(set(step.batch_digests)))
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(case, f, indent=1)
+        write({**result, "batches": len(step.batch_digests),
+               "distinct_batches": len(set(step.batch_digests))})
 
     def broken():  # --break-flop-counter: a step that fails under the counter
         raise TypeError("flop counter failure forced by --break-flop-counter")

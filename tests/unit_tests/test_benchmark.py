@@ -17,12 +17,12 @@ bench = load_script("tools/benchmark_dflash.py")
 ours = load_script("tools/benchmark_step.py")
 TINY = ["--shape", "tiny", "--seq-length", "64", "--num-anchors", "4", "--block-size", "8",
         "--num-draft-layers", "2", "--steps", "2", "--warmup", "1"]
-on_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine "
+cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU machine "
                             "tools/gpu_check.sh runs it for real, on NCCL (the test session's "
                             "world is gloo)")
 
 
-@on_gpu
+@cpu_only
 def test_tiny_benchmark_writes_every_field_for_both_sides(tmp_path):
     """Every case in its own process (ours: sparse and dense; SpecForge's own step in its fastest
     configuration), with the derived figures and the ours/SpecForge ratios."""
@@ -62,7 +62,7 @@ def test_tiny_benchmark_writes_every_field_for_both_sides(tmp_path):
         {("fp32", "sparse"), ("fp32", "dense")}
 
 
-@on_gpu
+@cpu_only
 def test_a_failed_count_keeps_the_measured_step(tmp_path):
     """A counter that fails (forced here) leaves its reason; the case keeps ms/step, peak memory
     and loss, and its executed FLOPs come from the analytic count."""
