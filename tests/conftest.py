@@ -20,6 +20,8 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from tests.layout_testing import Utils, destroy_model_parallel_and_groups  # noqa: E402
+
 torch.set_num_threads(1)
 
 
@@ -29,8 +31,8 @@ def pytest_configure(config):
 
 def pytest_collection_finish(session):
     """Every module is imported now (torch, megatron, transformers: ~0.4M objects): freeze them out
-    of the cyclic collector, so each gc.collect() (one per layout teardown, below, and Python's own
-    full collections) costs microseconds instead of ~1 s."""
+    of the cyclic collector, so each gc.collect() (one per layout teardown in `layout_testing`,
+    and Python's own full collections) costs microseconds instead of ~1 s."""
     gc.collect()
     gc.freeze()
 
@@ -65,42 +67,6 @@ def gloo_world():
     dist.barrier()
     destroy_model_parallel_and_groups()
     dist.destroy_process_group()
-
-
-def destroy_model_parallel_and_groups():
-    """destroy_model_parallel() drops megatron's references but gloo groups stay registered in c10d
-    (~60 threads each); destroy every non-WORLD group so repeated layouts stay fast."""
-    from megatron.core import parallel_state
-    from torch.distributed import distributed_c10d as c10d
-
-    parallel_state.destroy_model_parallel()
-    if dist.is_initialized():
-        for pg in list(c10d._world.pg_map.keys()):
-            if pg is not c10d.GroupMember.WORLD:
-                dist.destroy_process_group(pg)
-    gc.collect()
-
-
-class Utils:
-    """Set up and tear down model-parallel state (megatron's tests/unit_tests Utils, on gloo)."""
-
-    @staticmethod
-    def initialize_model_parallel(tp=1, pp=1, seed=123, ep=1, etp=None, cp=1):
-        from megatron_dflash.distributed import set_parallel_layout
-        from megatron_dflash.run.config import ParallelArgs
-
-        destroy_model_parallel_and_groups()
-        set_parallel_layout(ParallelArgs(tensor_model_parallel_size=tp,
-                                         pipeline_model_parallel_size=pp,
-                                         context_parallel_size=cp,
-                                         expert_model_parallel_size=ep,
-                                         expert_tensor_parallel_size=etp), seed)
-
-    @staticmethod
-    def destroy_model_parallel():
-        if dist.is_initialized():
-            dist.barrier()
-        destroy_model_parallel_and_groups()
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ from megatron_dflash.targets.capture import FeatureCapture, target_forward
 from megatron_dflash.training.microbatches import MicroBatches
 from megatron_dflash.training.pretrain import parse_plan
 from megatron_dflash.training.trainer import Trainer
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import all_gather
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

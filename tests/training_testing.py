@@ -46,7 +46,7 @@ def flags(target, train, valid=None, **kw) -> list[str]:
 
 def run_in_process(argv: list[str]) -> dict:
     """`train` between two clean model-parallel states."""
-    from tests.conftest import Utils
+    from tests.layout_testing import Utils
 
     Utils.destroy_model_parallel()
     try:

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.moe.moe_layer import MoELayer
 
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import (pattern_dataset, record_checkpoint_reads, tiny_deepseek_dir,
                                   tiny_moe_target_dir)
 from tests.families_testing import (glm4_moe_config, gpt_oss_config, perturbed_model,

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
 
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import pattern_dataset
 from tests.pipeline_testing import (STEPS, TAPS, assert_layout_equals, assert_same_trajectory,
                                     flags, started_references, trajectory)

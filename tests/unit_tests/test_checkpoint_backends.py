@@ -19,7 +19,7 @@ from megatron.core.extensions.transformer_engine import (TEColumnParallelLinear,
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.spec_utils import ModuleSpec
 
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import dflash_config, params, pattern_dataset, randomize_, target_config
 from tests.dflash_testing import tiny_target_dir
 from megatron_dflash import checkpoint

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import load_script, pattern_dataset, tiny_target_dir
 from megatron_dflash import feature_cache
 from megatron_dflash.data.dataset import IndexedConversationDataset

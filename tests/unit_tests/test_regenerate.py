@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import load_script
 from tests.regenerate_testing import (CHATML, STOP, TAPS, VOCAB, chat_target_dir,
                                       conversations_jsonl)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from tests.conftest import Utils
+from tests.layout_testing import Utils
 from tests.dflash_testing import pattern_dataset, tiny_target_dir
 from megatron_dflash.training.trainer import Trainer, TrainingError
 from tests.training_testing import train
