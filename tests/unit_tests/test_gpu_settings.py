@@ -14,9 +14,6 @@ from megatron_dflash.training.pretrain import parse_plan
 from megatron_dflash.training.trainer import Trainer
 from tests.dflash_testing import pattern_dataset, tiny_deepseek_dir, tiny_target_dir
 
-pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU resolution")
-
-
 @pytest.fixture(scope="module")
 def dense(tmp_path_factory):
     root = tmp_path_factory.mktemp("dense")
@@ -33,10 +30,11 @@ def test_target_fp8_weights_are_requantised_at_every_forward(dense):
     assert not resolve_target(run).config.disable_parameter_transpose_cache
 
 
-def test_fusions_on_where_the_shapes_allow(dense):
+def test_fusions_on_where_the_shapes_allow(dense, monkeypatch):
     """On the CPU no fusion (megatron's fused kernels are GPU ones); the draft's RoPE fusion is
     pinned off everywhere (its per-batch frequencies are not a shape TE's kernel takes), never
     inherited from the target."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU resolution, anywhere
     plan = parse_plan(["--target", dense[0], "--mask-token-id", "255", "--train-data", dense[1]])
     for config in (plan.target.config, plan.draft_config):
         assert not (config.bias_activation_fusion or config.apply_rope_fusion
